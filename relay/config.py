@@ -1,0 +1,378 @@
+"""config.toml → frozen dataclasses, with errors that name the key and say what is wrong.
+
+One generic converter (`build`) walks a dataclass's type hints, so every section, including
+each upstream type's own settings, is validated the same way: unknown keys, wrong types,
+bad sizes, durations and addresses are all reported as `ConfigError("smtp.listen[0].tls:
+...")`. Secrets are never literal in the file: `env:NAME` and `file:PATH` are resolved here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the operator: `key: what is wrong`."""
+
+
+# -- value types -------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Size(int):
+    """A byte count written as 25MB, 512KiB or a plain integer."""
+
+
+class Duration(float):
+    """Seconds written as 30s, 2m, 1h, 3d, 250ms or a plain number."""
+
+
+class Secret(str):
+    """A value given as `env:NAME`, `file:PATH`, or literally (discouraged, but allowed for
+    non-production files such as test configs)."""
+
+
+class Address(str):
+    """host:port, validated at load time so a typo fails `check-config`, not startup."""
+
+    @property
+    def host(self) -> str:
+        return self.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.rpartition(":")[2])
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).upper() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    raise ValueError(f"expected a size such as 25MB or 512KiB, got {value!r}")
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    raise ValueError(f"expected a duration such as 30s, 2m, 1h or 3d, got {value!r}")
+
+
+def parse_address(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected host:port, got {value!r}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port such as 127.0.0.1:2525, got {value!r}")
+    return value
+
+
+def resolve_secret(value: str, *, base_dir: Path | None = None) -> str:
+    """`env:NAME` → the variable, `file:PATH` → the file's text (stripped); else as is."""
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+    if value.startswith("file:"):
+        path = Path(value[5:])
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return value
+
+
+# -- generic dataclass builder -------------------------------------------------------------
+
+_base_dir_for_secrets: Path | None = None
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, allowed))}, "
+                              f"got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+        _, val_tp = typing.get_args(tp)
+        return {k: _convert(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    try:
+        if tp is Size:
+            return Size(parse_size(value))
+        if tp is Duration:
+            return Duration(parse_duration(value))
+        if tp is Address:
+            return Address(parse_address(value))
+        if tp is Secret:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {type(value).__name__}")
+            return Secret(resolve_secret(value, base_dir=_base_dir_for_secrets))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if dataclasses.is_dataclass(tp):
+        return build(typing.cast(type[Any], tp), value, key)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a path string, got {type(value).__name__}")
+        return Path(value)
+    if isinstance(tp, type) and (not isinstance(value, tp) or
+                                 (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} "
+                          f"{value!r}")
+    return value
+
+
+def build(cls: type[T], data: Any, key: str = "") -> T:
+    """Make `cls` from a TOML table, rejecting unknown keys and missing required ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    prefix = f"{key}." if key else ""
+    for name in data:
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{prefix}{name}: unknown key (known keys: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing")
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as exc:
+            raise ConfigError(f"{key or 'config'}: {exc}") from None
+    return obj
+
+
+# -- the sections ----------------------------------------------------------------------------
+
+TLSMode = Literal["none", "starttls", "implicit"]
+AuthMode = Literal["required", "optional", "none"]
+TLSVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "relay.localdomain"
+    queue: str = "var/queue"
+    # Refuse new mail (452 4.3.1) when the queue's file system has less than this free.
+    min_free_disk: Size = Size(100 * 1000**2)
+    # How long a dispatcher may hold a message before another process may take it.
+    lease_time: Duration = Duration(300.0)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    address: Address
+    tls: TLSMode = "starttls"
+    auth: AuthMode = "optional"
+    # AUTH over cleartext exposes passwords; only a listener that says so allows it.
+    auth_require_tls: bool = True
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str
+    password_hash: str
+    allowed_senders: tuple[str, ...] = ("*",)
+
+    def validate(self) -> None:
+        if not self.password_hash.startswith("scrypt$"):
+            raise ValueError(f"user {self.name!r}: password_hash must come from "
+                             "`relay user add` (scrypt$...)")
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    listen: tuple[ListenConfig, ...] = (ListenConfig(Address("127.0.0.1:2525")),)
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_message_size: Size = Size(25 * 1000**2)
+    max_recipients: int = 100
+    tls_min_version: TLSVersion = "TLSv1.2"
+    tls_cert: str = ""          # PEM; empty: a self-signed one under var/tls/ is made
+    tls_key: str = ""
+    users: tuple[UserConfig, ...] = ()
+    # Failed AUTH attempts one session may make before it is disconnected.
+    max_auth_failures: int = 3
+    timeout: Duration = Duration(300.0)
+
+    def validate(self) -> None:
+        for net in self.trusted_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_networks: {net!r} is not a network "
+                                 "such as 10.0.0.0/8") from None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+        for path in (self.tls_cert, self.tls_key):
+            if path and not Path(path).is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    schedule: tuple[Duration, ...] = tuple(
+        Duration(parse_duration(s)) for s in ("30s", "2m", "10m", "30m", "1h", "2h"))
+    max_age: Duration = Duration(3 * 86400.0)
+    concurrency: int = 32
+    # Send RFC 3464 bounces to the sender when a message fails for good.
+    bounces: bool = True
+
+    def validate(self) -> None:
+        if not self.schedule:
+            raise ValueError("retry.schedule must list at least one delay")
+        if self.concurrency < 1:
+            raise ValueError("retry.concurrency must be at least 1")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Settings every upstream has; the type's own keys are checked by its Settings class."""
+
+    name: str
+    type: str
+    priority: int = 1
+    weight: int = 1
+    max_rate: float = 0.0        # messages per second; 0 = unlimited
+    max_concurrency: int = 16
+    timeout: Duration = Duration(30.0)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+COMMON_UPSTREAM_KEYS = {f.name for f in dataclasses.fields(UpstreamConfig)} - {"options"}
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    domain: str
+    selector: str
+    private_key: Secret
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    listen: Address = Address("127.0.0.1:8025")
+    admin_token: Secret | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    smtp: SMTPConfig = SMTPConfig()
+    retry: RetryConfig = RetryConfig()
+    upstream: tuple[UpstreamConfig, ...] = ()
+    dkim: tuple[DKIMConfig, ...] = ()
+    web: WebConfig = WebConfig()
+    inbound: dict[str, Any] = field(default_factory=dict)
+    path: Path = Path("config.toml")
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, relative: str | Path) -> Path:
+        """Paths in the file are relative to the file, not to the working directory."""
+        p = Path(relative)
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.resolve(self.server.queue)
+
+
+def _split_upstreams(raw: Any) -> Any:
+    """Move each upstream's type-specific keys under `options` for the common builder."""
+    if not isinstance(raw, list):
+        return raw
+    out = []
+    for item in raw:
+        if isinstance(item, dict):
+            common = {k: v for k, v in item.items() if k in COMMON_UPSTREAM_KEYS}
+            common["options"] = {k: v for k, v in item.items() if k not in COMMON_UPSTREAM_KEYS}
+            out.append(common)
+        else:
+            out.append(item)
+    return out
+
+
+def parse(data: dict[str, Any], path: Path) -> Config:
+    global _base_dir_for_secrets
+    data = dict(data)
+    if "upstream" in data:
+        data["upstream"] = _split_upstreams(data["upstream"])
+    data["path"] = str(path)
+    _base_dir_for_secrets = path.parent
+    try:
+        cfg = build(Config, data)
+    finally:
+        _base_dir_for_secrets = None
+    names = [u.name for u in cfg.upstream]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"upstream: the name {name!r} is used twice")
+    # Each upstream type checks its own keys now, so `check-config` catches them.
+    from relay.upstreams.registry import validate_upstream
+
+    for i, up in enumerate(cfg.upstream):
+        validate_upstream(up, f"upstream[{i}]", cfg)
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(data, path.resolve())

@@ -1,0 +1,96 @@
+"""The vocabulary every stage shares: message ids, the envelope, states and event types.
+
+Kept free of I/O so that the SMTP layer, the spool, the dispatcher and the upstreams can
+all import it without importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
+
+
+def new_message_id(now: float | None = None) -> str:
+    """A 20-character id that sorts by arrival time (48-bit ms clock + 50 random bits).
+
+    Sortable ids make `queue list` chronological for free and keep index inserts at the
+    right-hand edge of the B-tree.
+    """
+    ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    value = (ms << 52) | int.from_bytes(os.urandom(7), "big") >> 4
+    chars = []
+    for _ in range(20):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+class Status(StrEnum):
+    """Where a unit of work is in its life. `sending` means leased by a dispatcher."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    FAILED = "failed"
+    HELD = "held"
+
+    @property
+    def final(self) -> bool:
+        return self in (Status.SENT, Status.FAILED)
+
+
+class Kind(StrEnum):
+    """The queue carries both directions; each kind has its own worker."""
+
+    OUTBOUND = "outbound"
+    INBOUND = "inbound"
+
+
+class EventType(StrEnum):
+    """Timeline vocabulary (DESIGN.md invariant 5)."""
+
+    RECEIVED = "received"
+    ATTEMPT = "attempt"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    FAILED = "failed"
+    RECOVERED = "recovered"
+    HELD = "held"
+    RELEASED = "released"
+    RETRY = "retry"
+    FLUSHED = "flushed"
+    DELETED = "deleted"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    DSN = "dsn"
+    NOTE = "note"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """SMTP envelope: the only truth about who gets a message (headers may lie or omit Bcc).
+
+    `mail_from` is "" for the null reverse-path (bounces).
+    """
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+    def with_recipients(self, rcpts: tuple[str, ...]) -> Envelope:
+        return Envelope(self.mail_from, rcpts, self.smtputf8, self.body_8bit)
+
+
+@dataclass(slots=True)
+class Event:
+    """One entry of a message's timeline."""
+
+    type: EventType
+    at: float
+    detail: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,94 @@
+"""The contract between the dispatcher and every upstream (provider, smarthost, maildir).
+
+An upstream knows nothing of the queue: it gets an envelope and the exact bytes to hand
+over, and either returns `Accepted` or raises one of the two typed errors below. The
+dispatcher turns those into queue state; routing turns `upstream_wide` errors into breaker
+trips. New providers plug in by subclassing `Upstream` and registering in `registry.py`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from relay.message import Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientRefusal:
+    """One recipient the upstream would not take while it took the others."""
+
+    permanent: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The upstream took the message for every recipient not listed in `refused`."""
+
+    provider_id: str | None = None
+    refused: dict[str, RecipientRefusal] = field(default_factory=dict)
+    detail: str = ""
+
+
+class UpstreamError(Exception):
+    """Base of the two outcomes an upstream may raise. `reason` is what operators read."""
+
+    def __init__(self, reason: str, *, upstream_wide: bool = False, ambiguous: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        # True when the fault is the provider's or our account's (auth, quota, outage),
+        # not this message's: routing opens the breaker instead of blaming the message.
+        self.upstream_wide = upstream_wide
+        # True when the request left us and no answer came back: the provider may have
+        # accepted it, so a retry elsewhere may duplicate. Recorded as such on the timeline.
+        self.ambiguous = ambiguous
+
+
+class TransientError(UpstreamError):
+    """Try again: another upstream now, or this one after `retry_after` seconds."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        upstream_wide: bool = False,
+        ambiguous: bool = False,
+    ):
+        super().__init__(reason, upstream_wide=upstream_wide, ambiguous=ambiguous)
+        self.retry_after = retry_after
+
+
+class PermanentError(UpstreamError):
+    """This message can't be delivered by any upstream: no retry, a DSN to the sender.
+
+    With `upstream_wide=True` it means the upstream itself is unusable (bad API key, account
+    suspended): routing opens the breaker and the dispatcher treats it like a transient
+    error for the message, which may still go out through another upstream.
+    """
+
+
+class Upstream(abc.ABC):
+    """One place a message can be handed to. Instances are created from config by name."""
+
+    #: Config `type` value this class implements.
+    type_name: str = ""
+    #: False for providers that take JSON, not MIME: routing skips them for messages that
+    #: cannot be converted faithfully (signed MIME, header recipients outside the envelope).
+    accepts_raw_mime: bool = True
+    #: Whether DKIM signing before the handoff makes sense (the bytes arrive unchanged).
+    wants_dkim: bool = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open sessions or connections; called once before the first send."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what start() opened; called once at shutdown."""
+
+    @abc.abstractmethod
+    async def send(self, envelope: Envelope, data: bytes) -> Accepted:
+        """Hand the message over. Raise TransientError or PermanentError on failure."""
