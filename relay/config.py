@@ -28,8 +28,16 @@ class ConfigError(ValueError):
 
 # -- value types -------------------------------------------------------------------------
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
-               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+}
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -120,8 +128,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, allowed))}, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{key}: must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+            )
         return value
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -156,10 +165,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a path string, got {type(value).__name__}")
         return Path(value)
-    if isinstance(tp, type) and (not isinstance(value, tp) or
-                                 (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} "
-                          f"{value!r}")
+    if isinstance(tp, type) and (
+        not isinstance(value, tp) or (tp is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -224,8 +233,9 @@ class UserConfig:
 
     def validate(self) -> None:
         if not self.password_hash.startswith("scrypt$"):
-            raise ValueError(f"user {self.name!r}: password_hash must come from "
-                             "`relay user add` (scrypt$...)")
+            raise ValueError(
+                f"user {self.name!r}: password_hash must come from `relay user add` (scrypt$...)"
+            )
 
 
 @dataclass(frozen=True)
@@ -235,7 +245,7 @@ class SMTPConfig:
     max_message_size: Size = Size(25 * 1000**2)
     max_recipients: int = 100
     tls_min_version: TLSVersion = "TLSv1.2"
-    tls_cert: str = ""          # PEM; empty: a self-signed one under var/tls/ is made
+    tls_cert: str = ""  # PEM; empty: a self-signed one under var/tls/ is made
     tls_key: str = ""
     users: tuple[UserConfig, ...] = ()
     # Failed AUTH attempts one session may make before it is disconnected.
@@ -247,8 +257,9 @@ class SMTPConfig:
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
-                raise ValueError(f"trusted_networks: {net!r} is not a network "
-                                 "such as 10.0.0.0/8") from None
+                raise ValueError(
+                    f"trusted_networks: {net!r} is not a network such as 10.0.0.0/8"
+                ) from None
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
         for path in (self.tls_cert, self.tls_key):
@@ -259,7 +270,8 @@ class SMTPConfig:
 @dataclass(frozen=True)
 class RetryConfig:
     schedule: tuple[Duration, ...] = tuple(
-        Duration(parse_duration(s)) for s in ("30s", "2m", "10m", "30m", "1h", "2h"))
+        Duration(parse_duration(s)) for s in ("30s", "2m", "10m", "30m", "1h", "2h")
+    )
     max_age: Duration = Duration(3 * 86400.0)
     concurrency: int = 32
     # Send RFC 3464 bounces to the sender when a message fails for good.
@@ -280,7 +292,7 @@ class UpstreamConfig:
     type: str
     priority: int = 1
     weight: int = 1
-    max_rate: float = 0.0        # messages per second; 0 = unlimited
+    max_rate: float = 0.0  # messages per second; 0 = unlimited
     max_concurrency: int = 16
     timeout: Duration = Duration(30.0)
     options: dict[str, Any] = field(default_factory=dict)

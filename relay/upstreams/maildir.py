@@ -41,10 +41,14 @@ class MaildirUpstream(Upstream):
         self._counter = 0
 
     @classmethod
-    def from_config(cls, common: UpstreamConfig, settings: MaildirSettings,
-                    relay_config: Config) -> MaildirUpstream:
-        return cls(common.name, relay_config.resolve(settings.path),
-                   envelope_headers=settings.envelope_headers)
+    def from_config(
+        cls, common: UpstreamConfig, settings: MaildirSettings, relay_config: Config
+    ) -> MaildirUpstream:
+        return cls(
+            common.name,
+            relay_config.resolve(settings.path),
+            envelope_headers=settings.envelope_headers,
+        )
 
     async def start(self) -> None:
         for sub in ("tmp", "new", "cur"):
@@ -55,13 +59,15 @@ class MaildirUpstream(Upstream):
         unique = f"{time.time_ns()}.P{os.getpid()}Q{self._counter}.{self._host}"
         if self.envelope_headers:
             head = f"X-Relay-Envelope-From: <{envelope.mail_from}>\r\n" + "".join(
-                f"X-Relay-Envelope-To: <{r}>\r\n" for r in envelope.rcpt_tos)
+                f"X-Relay-Envelope-To: <{r}>\r\n" for r in envelope.rcpt_tos
+            )
             data = head.encode() + data
         try:
             await asyncio.to_thread(self._deliver, unique, data)
         except OSError as exc:
-            raise TransientError(f"maildir {self.path}: {exc.strerror or exc}",
-                                 upstream_wide=True) from exc
+            raise TransientError(
+                f"maildir {self.path}: {exc.strerror or exc}", upstream_wide=True
+            ) from exc
         return Accepted(provider_id=unique)
 
     def _deliver(self, unique: str, data: bytes) -> None:
@@ -70,7 +76,7 @@ class MaildirUpstream(Upstream):
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -24,15 +24,21 @@ class MotoEndpoint:
     def client(self, service: str):  # type: ignore[no-untyped-def]
         import boto3
 
-        return boto3.client(service, region_name=self.region, endpoint_url=self.url,
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return boto3.client(
+            service,
+            region_name=self.region,
+            endpoint_url=self.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
     def reset(self) -> None:
         """Forget every resource, so tests sharing the server don't see each other's."""
         import urllib.request
 
-        urllib.request.urlopen(  # noqa: S310 - loopback only
-            urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")).read()
+        urllib.request.urlopen(
+            urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        ).read()
 
 
 def _aws_test_env() -> None:

@@ -1,0 +1,219 @@
+"""Wires the stages into one event loop: queue → SMTP listeners → dispatcher → web.
+
+Start order matters for invariant 1: the queue opens and recovers abandoned leases before
+any listener accepts a connection; at shutdown the listeners close first, then in-flight
+attempts get a grace period, and the queue closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import time
+from typing import Any
+
+from aiohttp import web
+
+from relay.config import Config
+from relay.dispatch.outbound import OutboundWorker
+from relay.dispatch.retry import RetryPolicy
+from relay.dispatch.routing import Router
+from relay.dispatch.scheduler import Scheduler
+from relay.message import Kind
+from relay.smtp.listener import start_listeners
+from relay.spool import queries
+from relay.spool.queries import NewMessage
+from relay.spool.store import Spool
+from relay.upstreams.base import Upstream
+from relay.upstreams.registry import create_upstream
+from relay.web.app import create_app
+
+log = logging.getLogger("relay.app")
+
+HISTORY_RETENTION = 7 * 86400.0
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time() * 1000)}"
+
+
+def process_alive(owner: str) -> bool:
+    """Is the process named in a lease owner id still running? Other hosts: assume so,
+    and let the lease's expiry decide."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    if int(pid_text) == os.getpid():
+        return False  # an earlier process that had our pid; our own leases match exactly
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Relay:
+    """One relay process. `start()` and `stop()` are what `relay serve` and tests call."""
+
+    def __init__(self, config: Config, *, clock: Any = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.owner = owner_id()
+        self.spool = Spool(config.queue_dir, min_free_disk=config.server.min_free_disk)
+        self.router = Router()
+        self.upstreams: list[Upstream] = []
+        self.smtp_servers: list[asyncio.Server] = []
+        self.web_runner: web.AppRunner | None = None
+        self.web_port: int | None = None
+        self.outbound: Scheduler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._progress = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(
+        self, *, smtp: bool = True, web_server: bool = True, dispatch: bool = True
+    ) -> None:
+        cfg = self.config
+        self.spool.start()
+        recovered = await self.spool.write(self._recover)
+        if recovered:
+            log.warning(
+                "recovered %d message(s) left in flight by a stopped process", len(recovered)
+            )
+        for i, up_cfg in enumerate(cfg.upstream):
+            upstream = create_upstream(up_cfg, f"upstream[{i}]", cfg)
+            await upstream.start()
+            self.upstreams.append(upstream)
+            self.router.add(
+                upstream,
+                priority=up_cfg.priority,
+                weight=up_cfg.weight,
+                max_rate=up_cfg.max_rate,
+                max_concurrency=up_cfg.max_concurrency,
+            )
+        policy = RetryPolicy(schedule=tuple(cfg.retry.schedule), max_age=cfg.retry.max_age)
+        worker = OutboundWorker(
+            spool=self.spool,
+            router=self.router,
+            policy=policy,
+            owner=self.owner,
+            clock=self.clock,
+            on_finish=self._progress.set,
+        )
+        self.outbound = Scheduler(
+            self.spool,
+            worker,
+            kind=Kind.OUTBOUND,
+            owner=self.owner,
+            concurrency=cfg.retry.concurrency,
+            lease_time=cfg.server.lease_time,
+            clock=self.clock,
+        )
+        if dispatch:
+            self._tasks.append(asyncio.create_task(self.outbound.run(), name="dispatch"))
+            self._tasks.append(asyncio.create_task(self._maintenance(), name="maintenance"))
+        if web_server:
+            await self._start_web()
+        if smtp:
+            self.smtp_servers = await start_listeners(cfg, self.submit)
+
+    async def _start_web(self) -> None:
+        listen = self.config.web.listen
+        self.web_runner = web.AppRunner(create_app(self), access_log=None)
+        await self.web_runner.setup()
+        site = web.TCPSite(self.web_runner, listen.host, listen.port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.web_port = server.sockets[0].getsockname()[1]
+        log.info("web listening on %s:%s", listen.host, self.web_port)
+
+    async def stop(self) -> None:
+        for server in self.smtp_servers:
+            server.close()
+        for server in self.smtp_servers:
+            await server.wait_closed()
+        if self.outbound is not None:
+            await self.outbound.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.web_runner is not None:
+            await self.web_runner.cleanup()
+        for upstream in self.upstreams:
+            await upstream.close()
+        await self.spool.close()
+
+    async def _maintenance(self) -> None:
+        """Recover leases of processes that died while we run; forget old history."""
+        interval = max(min(self.config.server.lease_time / 2, 60.0), 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            recovered = await self.spool.write(self._recover)
+            if recovered and self.outbound is not None:
+                self.outbound.wake()
+            await self.spool.write(
+                functools.partial(
+                    queries.purge_history, older_than=self.clock() - HISTORY_RETENTION
+                )
+            )
+
+    def _alive(self, owner: str) -> bool:
+        return owner == self.owner or process_alive(owner)
+
+    def _recover(self, conn: sqlite3.Connection) -> list[str]:
+        return queries.recover(conn, now=self.clock(), alive=self._alive)
+
+    # -- the SMTP layer's entry point ---------------------------------------------------
+
+    async def submit(self, message: NewMessage) -> None:
+        """Make the message durable (raises StoreFull / StoreError), then wake dispatch."""
+        self.spool.check_free_space()
+        await self.spool.write(lambda c: queries.insert(c, message))
+        if self.outbound is not None:
+            self.outbound.wake()
+
+    async def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
+        """Wait until `await predicate()` is true, re-checking after every delivery round."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._progress.clear()
+                if await predicate():
+                    return
+                await self._progress.wait()
+
+    def smtp_ports(self) -> list[int]:
+        return [s.sockets[0].getsockname()[1] for s in self.smtp_servers]
+
+    def readiness_problems(self) -> list[str]:
+        problems = []
+        try:
+            self.spool.check_free_space()
+        except Exception as exc:
+            problems.append(str(exc))
+        if not self.smtp_servers:
+            problems.append("no SMTP listener is running")
+        return problems
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT."""
+    relay = Relay(config)
+    await relay.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("relay ready: SMTP %s", ", ".join(str(p) for p in relay.smtp_ports()))
+    await stop.wait()
+    log.info("shutting down")
+    await relay.stop()

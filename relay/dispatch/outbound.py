@@ -1,0 +1,270 @@
+"""One delivery round for an outbound message: failover across upstreams, then the outcome.
+
+A round tries upstreams in routing order until every recipient is either accepted or
+refused for good. A transient failure moves the remaining recipients to the next usable
+upstream at once (never back to the one that just failed them); only when no usable
+upstream is left is the message deferred, by the retry schedule. Permanent refusals are
+not retried and produce a bounce (when a `bouncer` is configured).
+
+Everything the round did is written to the timeline in the same transaction as the new
+state, so the timeline never disagrees with the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from relay.dispatch.retry import RetryPolicy
+from relay.dispatch.routing import Router
+from relay.message import Envelope, EventType
+from relay.spool import queries
+from relay.spool.queries import Claimed
+from relay.spool.store import Spool
+from relay.upstreams.base import Accepted, PermanentError, TransientError, UpstreamError
+
+log = logging.getLogger("relay.dispatch")
+
+
+class Signer(Protocol):
+    def sign(self, data: bytes) -> bytes: ...
+
+
+#: Called with the message and {recipient: reason} of recipients that failed for good.
+Bouncer = Callable[[Claimed, dict[str, str]], Awaitable[None]]
+#: Says whether a JSON-only provider can carry this message faithfully.
+Representable = Callable[[Envelope, bytes], bool]
+
+
+class OutboundWorker:
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        router: Router,
+        policy: RetryPolicy,
+        owner: str,
+        clock: Callable[[], float] = time.time,
+        signer: Signer | None = None,
+        bouncer: Bouncer | None = None,
+        representable: Representable | None = None,
+        on_finish: Callable[[], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.router = router
+        self.policy = policy
+        self.owner = owner
+        self.clock = clock
+        self.signer = signer
+        self.bouncer = bouncer
+        self.representable = representable
+        # Tests and the web page await this instead of polling the queue.
+        self.on_finish = on_finish
+
+    async def process(self, item: Claimed) -> None:
+        pending = list(item.envelope.rcpt_tos)
+        failed: dict[str, str] = {}
+        delivered: list[dict[str, Any]] = []
+        events: list[tuple[EventType, float, dict[str, Any]]] = []
+        tried: set[str] = set()
+        last_error: UpstreamError | None = None
+        signed: bytes | None = None
+        raw_only = bool(self.representable and not self.representable(item.envelope, item.data))
+
+        while pending:
+            group = self.router.candidates(exclude=tried, raw_only=raw_only)
+            if not group:
+                break
+            async with self.router.slot(group) as state:
+                upstream = state.upstream
+                tried.add(upstream.name)
+                data = item.data
+                if self.signer is not None and upstream.wants_dkim:
+                    if signed is None:
+                        signed = self.signer.sign(item.data)
+                    data = signed
+                envelope = item.envelope.with_recipients(tuple(pending))
+                started = time.monotonic()
+                try:
+                    result: Accepted | UpstreamError = await upstream.send(envelope, data)
+                except UpstreamError as exc:
+                    result = exc
+                except Exception as exc:  # a bug in an upstream must not lose the message
+                    log.exception("upstream %s raised unexpectedly", upstream.name)
+                    result = TransientError(
+                        f"internal error in upstream {upstream.name}: {type(exc).__name__}: {exc}"
+                    )
+                latency = time.monotonic() - started
+
+            attempt: dict[str, Any] = {
+                "upstream": upstream.name,
+                "duration_ms": round(latency * 1000, 1),
+                "recipients": list(pending),
+            }
+            if isinstance(result, Accepted):
+                self.router.record_success(state, latency)
+                accepted = [r for r in pending if r not in result.refused]
+                attempt.update(
+                    outcome="accepted" if accepted else "refused", provider_id=result.provider_id
+                )
+                if result.refused:
+                    attempt["refused"] = {r: x.reason for r, x in result.refused.items()}
+                if accepted:
+                    delivered.append(
+                        {
+                            "upstream": upstream.name,
+                            "provider_id": result.provider_id,
+                            "recipients": accepted,
+                        }
+                    )
+                for rcpt, refusal in result.refused.items():
+                    if refusal.permanent:
+                        failed[rcpt] = refusal.reason
+                pending = [
+                    r for r in pending if r in result.refused and not result.refused[r].permanent
+                ]
+                if pending:
+                    last_error = TransientError(
+                        "; ".join(f"{r}: {result.refused[r].reason}" for r in pending)
+                    )
+            else:
+                message_fault = isinstance(result, PermanentError) and not result.upstream_wide
+                self.router.record_failure(state, result, latency, message_fault=message_fault)
+                attempt.update(
+                    outcome="permanent" if message_fault else "transient", reason=result.reason
+                )
+                if result.ambiguous:
+                    attempt["ambiguous"] = True
+                if result.upstream_wide:
+                    attempt["upstream_wide"] = True
+                if message_fault:
+                    failed.update(dict.fromkeys(pending, result.reason))
+                    pending = []
+                else:
+                    last_error = result
+            events.append((EventType.ATTEMPT, self.clock(), attempt))
+
+        await self._finish(
+            item,
+            pending=pending,
+            failed=failed,
+            delivered=delivered,
+            events=events,
+            tried=tried,
+            last_error=last_error,
+        )
+
+    async def _finish(
+        self,
+        item: Claimed,
+        *,
+        pending: list[str],
+        failed: dict[str, str],
+        delivered: list[dict[str, Any]],
+        events: list[tuple[EventType, float, dict[str, Any]]],
+        tried: set[str],
+        last_error: UpstreamError | None,
+    ) -> None:
+        now = self.clock()
+        rounds = item.attempts + 1
+        all_rcpts = item.meta.get("rcpts_original") or list(item.envelope.rcpt_tos)
+        next_at: float | None = None
+        if pending:
+            reason = (
+                last_error.reason
+                if last_error
+                else ("no upstream is available (all breakers open or none configured)")
+            )
+            retry_after = last_error.retry_after if isinstance(last_error, TransientError) else None
+            next_at = self.policy.next_attempt(
+                now=now, created=item.created, deferrals=rounds - 1, retry_after=retry_after
+            )
+            if next_at is None:
+                age_reason = (
+                    f"gave up after {rounds} rounds over "
+                    f"{_human(now - item.created)} (retry.max_age); last error: "
+                    f"{reason}"
+                )
+                failed.update(dict.fromkeys(pending, age_reason))
+                pending = []
+
+        def write(conn: Any) -> None:
+            for type_, at, detail in events:
+                queries.add_event(conn, item.id, at, type_, detail)
+            if delivered and (pending or failed):
+                queries.add_event(
+                    conn, item.id, now, EventType.NOTE, {"partial": True, "delivered": delivered}
+                )
+            if failed:
+                conn.execute(
+                    "UPDATE messages SET meta = json_set(meta, '$.rcpts_failed',"
+                    " json(?)) WHERE id = ?",
+                    (json.dumps(sorted(failed)), item.id),
+                )
+            if pending:
+                queries.defer(
+                    conn,
+                    item.id,
+                    owner=self.owner,
+                    now=now,
+                    attempts=rounds,
+                    next_attempt=next_at or now,
+                    rcpts=tuple(pending),
+                    reason=reason,
+                    detail={"tried": sorted(tried)},
+                )
+            elif failed:
+                summary = "; ".join(f"{r}: {why}" for r, why in failed.items())
+                if len(failed) < len(all_rcpts):
+                    summary = (
+                        f"{len(all_rcpts) - len(failed)} of {len(all_rcpts)} "
+                        f"recipients delivered; failed: {summary}"
+                    )
+                queries.fail(
+                    conn,
+                    item.id,
+                    owner=self.owner,
+                    now=now,
+                    attempts=rounds,
+                    reason=summary,
+                    detail={"recipients": failed},
+                )
+            else:
+                queries.complete(
+                    conn,
+                    item.id,
+                    owner=self.owner,
+                    now=now,
+                    attempts=rounds,
+                    detail={"deliveries": delivered},
+                )
+
+        await self.spool.write(write)
+        if self.on_finish is not None:
+            self.on_finish()
+        if pending:
+            log.info("%s deferred until %s: %s", item.id, _iso(next_at or now), reason)
+        elif failed:
+            log.warning("%s failed: %s", item.id, "; ".join(failed.values()))
+        else:
+            log.info(
+                "%s sent via %s",
+                item.id,
+                ", ".join(f"{d['upstream']} ({d['provider_id']})" for d in delivered),
+            )
+        if failed and self.bouncer is not None:
+            await self.bouncer(item, failed)
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

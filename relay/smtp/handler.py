@@ -1,0 +1,179 @@
+"""Relay policy for one listener (who may send, from which address, to how many), and the
+hand-off of each accepted message to the queue.
+
+The SMTP layer knows nothing of upstreams: it calls `submit(message)` and answers 250 only
+when that returns, i.e. when the queue has fsynced the message (DESIGN.md invariant 1).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import Any
+
+from relay.config import ListenConfig, SMTPConfig
+from relay.message import Envelope, Kind, new_message_id
+from relay.smtp import replies
+from relay.smtp.auth import Authenticator, sender_allowed
+from relay.spool.queries import NewMessage
+from relay.spool.store import StoreError, StoreFull
+
+log = logging.getLogger("relay.smtp")
+
+Submit = Callable[[NewMessage], Awaitable[None]]
+
+
+class RelayHandler:
+    def __init__(
+        self,
+        *,
+        listener: ListenConfig,
+        smtp: SMTPConfig,
+        hostname: str,
+        authenticator: Authenticator,
+        submit: Submit,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.listener = listener
+        self.smtp = smtp
+        self.hostname = hostname
+        self.authenticator = authenticator
+        self.submit = submit
+        self.clock = clock
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in smtp.trusted_networks]
+
+    def _is_trusted(self, session: Any) -> bool:
+        if not self.trusted or not session.peer:
+            return False
+        try:
+            ip = ipaddress.ip_address(session.peer[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.trusted)
+
+    def _user(self, session: Any) -> Any:
+        if not session.authenticated or session.login_data is None:
+            return None
+        return self.authenticator.users.get(session.login_data.decode("utf-8", "replace"))
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        out = [
+            r
+            for r in responses[:-1]
+            if not (self.listener.auth == "none" and r.startswith("250-AUTH"))
+        ]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+        return out
+
+    async def handle_AUTH(self, server: Any, session: Any, envelope: Any, args: list[str]) -> Any:
+        if self.listener.auth == "none":
+            return replies.AUTH_NOT_OFFERED
+        from aiosmtpd.smtp import MISSING
+
+        return MISSING
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        user = self._user(session)
+        if user is None:
+            if self.listener.auth == "required":
+                return replies.AUTH_REQUIRED
+            if not self._is_trusted(session):
+                return replies.RELAY_DENIED.format(ip=session.peer[0])
+        sender = "" if address == "<>" else address
+        if user is not None and sender and not sender_allowed(user, sender):
+            return replies.SENDER_NOT_ALLOWED.format(
+                sender=sender, user=user.name, allowed=", ".join(user.allowed_senders)
+            )
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address == "<>" or "@" not in address or address.endswith("@"):
+            return replies.RECIPIENT_NO_DOMAIN
+        if len(envelope.rcpt_tos) >= self.smtp.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS.format(limit=self.smtp.max_recipients)
+        envelope.rcpt_tos.append(address)
+        return replies.RECIPIENT_OK
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        now = self.clock()
+        msg_id = new_message_id(now)
+        user = self._user(session)
+        tls = server.uses_tls
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if tls:
+            protocol += "S"
+        if user is not None:
+            protocol += "A"
+        peer_ip = session.peer[0] if session.peer else "unknown"
+        rcpts = tuple(envelope.rcpt_tos)
+        # "for" names the recipient only when there is one: listing several would reveal
+        # Bcc recipients to everyone.
+        for_clause = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+        received = (
+            f"Received: from {session.host_name or 'unknown'} ([{peer_ip}])\r\n"
+            f"\tby {self.hostname} (relay) with {protocol} id {msg_id}{for_clause};"
+            f"\r\n\t{formatdate(now)}\r\n"
+        ).encode("utf-8", "replace")
+        opts = [o.upper() for o in envelope.mail_options]
+        env = Envelope(
+            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from,
+            rcpt_tos=rcpts,
+            smtputf8=bool(envelope.smtp_utf8),
+            body_8bit="BODY=8BITMIME" in opts,
+        )
+        detail: dict[str, Any] = {
+            "client": peer_ip,
+            "helo": session.host_name,
+            "tls": tls,
+            "protocol": protocol,
+            "listener": self.listener.address,
+            "size": len(envelope.content),
+            "from": env.mail_from,
+            "to": list(rcpts),
+        }
+        if tls:
+            ssl_object = server.transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                detail["tls_version"] = ssl_object.version()
+        if user is not None:
+            detail["user"] = user.name
+        message = NewMessage(
+            id=msg_id,
+            kind=Kind.OUTBOUND,
+            envelope=env,
+            data=received + envelope.content,
+            received_at=now,
+            received=detail,
+        )
+        try:
+            await self.submit(message)
+        except StoreFull as exc:
+            log.error("refusing mail from %s: %s", peer_ip, exc)
+            return replies.QUEUE_FULL
+        except StoreError as exc:
+            log.error("refusing mail from %s: %s", peer_ip, exc)
+            return replies.QUEUE_ERROR
+        log.info(
+            "%s queued from %s%s: <%s> -> %d recipient(s), %d bytes",
+            msg_id,
+            peer_ip,
+            f" as {user.name}" if user else "",
+            env.mail_from,
+            len(rcpts),
+            len(message.data),
+        )
+        return replies.QUEUED.format(id=msg_id)

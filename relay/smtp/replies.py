@@ -1,0 +1,53 @@
+"""SMTP replies the relay sends, with enhanced status codes (RFC 3463), in one place.
+
+Each says what went wrong and what the client (or its operator) can do about it.
+"""
+
+QUEUED = "250 2.0.0 Ok: queued as {id}"
+SENDER_OK = "250 2.1.0 Sender ok"
+RECIPIENT_OK = "250 2.1.5 Recipient ok"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+RELAY_DENIED = (
+    "554 5.7.1 Relay access denied: {ip} is not in a trusted network; authenticate with AUTH first"
+)
+AUTH_NOT_OFFERED = "502 5.5.1 AUTH is not offered on this port"
+AUTH_TOO_MANY = "421 4.7.0 Too many failed authentication attempts; closing connection"
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+SENDER_NOT_ALLOWED = (
+    "553 5.7.1 Sender address <{sender}> is not allowed for user {user}; use one of: {allowed}"
+)
+RECIPIENT_NO_DOMAIN = "553 5.1.3 Recipient address must be a full address such as user@domain"
+TOO_MANY_RECIPIENTS = (
+    "452 4.5.3 Too many recipients (at most {limit} per message); send the rest in another message"
+)
+MESSAGE_TOO_BIG = "552 5.3.4 Message too big: at most {limit} bytes are accepted"
+BARE_LINE_ENDING = (
+    "550 5.6.11 Message rejected: it contains a bare CR or LF; lines must "
+    "end with CRLF (RFC 5321 section 2.3.8). Fix the sending software"
+)
+QUEUE_FULL = (
+    "452 4.3.1 Insufficient system storage: the relay's queue is nearly full; try again later"
+)
+QUEUE_ERROR = "451 4.3.0 Could not store the message (queue write failed); try again later"
+NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
+DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"
+
+#: Enhanced codes added to the library's plain replies that lack one.
+ENHANCED_DEFAULTS = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "421": "4.7.0",
+    "451": "4.3.0",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.5.0",
+    "555": "5.5.4",
+}

@@ -1,0 +1,460 @@
+"""Queue operations as plain functions of a sqlite3 connection.
+
+The server runs them through `Spool.write`/`Spool.read` (group-committed, off the event
+loop); the CLI runs the same functions in its own transactions while the server is up.
+Every state change writes its timeline event in the same transaction, so the timeline can
+never disagree with the state.
+
+Leases: a dispatcher claims a message by setting state=sending, lease_owner and
+lease_until. Completing it checks the owner, so an operator's hold/delete or a recovery by
+another process is never overwritten by a late result.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.message import Envelope, EventType, Kind, Status
+
+
+@dataclass(slots=True)
+class NewMessage:
+    id: str
+    kind: Kind
+    envelope: Envelope
+    data: bytes
+    received_at: float
+    received: dict[str, Any]  # the detail of the `received` event
+    dedupe: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A leased unit of work, with everything a worker needs to process it."""
+
+    id: str
+    kind: Kind
+    envelope: Envelope
+    data: bytes
+    created: float
+    attempts: int
+    meta: dict[str, Any]
+
+
+@dataclass(slots=True)
+class MessageRow:
+    id: str
+    kind: str
+    state: str
+    mail_from: str
+    rcpts: list[str]
+    size: int
+    created: float
+    updated: float
+    next_attempt: float
+    attempts: int
+    last_error: str | None
+    meta: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class QueueActionError(ValueError):
+    """An operator action that does not apply (unknown id, wrong state): said plainly."""
+
+
+def _event(
+    conn: sqlite3.Connection, msg_id: str, at: float, type_: EventType, detail: dict[str, Any]
+) -> None:
+    conn.execute(
+        "INSERT INTO events (msg_id, at, type, detail) VALUES (?, ?, ?, ?)",
+        (msg_id, at, type_.value, json.dumps(detail, separators=(",", ":"))),
+    )
+
+
+add_event = _event
+
+
+def insert(conn: sqlite3.Connection, msg: NewMessage) -> bool:
+    """Store a new message and its `received` event. False when `dedupe` was seen before."""
+    env = msg.envelope
+    meta = dict(msg.meta)
+    meta["rcpts_original"] = list(env.rcpt_tos)
+    if env.smtputf8:
+        meta["smtputf8"] = True
+    if env.body_8bit:
+        meta["8bit"] = True
+    cur = conn.execute(
+        "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
+        " next_attempt, dedupe, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT DO NOTHING",
+        (
+            msg.id,
+            msg.kind.value,
+            Status.QUEUED.value,
+            env.mail_from,
+            json.dumps(list(env.rcpt_tos)),
+            len(msg.data),
+            msg.received_at,
+            msg.received_at,
+            msg.received_at,
+            msg.dedupe,
+            json.dumps(meta),
+        ),
+    )
+    if cur.rowcount == 0:
+        return False
+    conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (msg.id, msg.data))
+    _event(conn, msg.id, msg.received_at, EventType.RECEIVED, msg.received)
+    return True
+
+
+def claim(
+    conn: sqlite3.Connection, *, kind: Kind, owner: str, now: float, lease_time: float, limit: int
+) -> list[Claimed]:
+    """Lease up to `limit` due messages of one kind, oldest due first."""
+    rows = conn.execute(
+        "UPDATE messages SET state = 'sending', lease_owner = ?, lease_until = ?"
+        " WHERE id IN (SELECT id FROM messages WHERE kind = ? AND state IN"
+        " ('queued', 'deferred') AND next_attempt <= ? ORDER BY next_attempt LIMIT ?)"
+        " RETURNING id, mail_from, rcpts, created, attempts, meta",
+        (owner, now + lease_time, kind.value, now, limit),
+    ).fetchall()
+    claimed = []
+    for msg_id, mail_from, rcpts, created, attempts, meta_json in rows:
+        body = conn.execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
+        meta = json.loads(meta_json)
+        env = Envelope(
+            mail_from,
+            tuple(json.loads(rcpts)),
+            smtputf8=bool(meta.get("smtputf8")),
+            body_8bit=bool(meta.get("8bit")),
+        )
+        claimed.append(
+            Claimed(msg_id, kind, env, bytes(body[0]) if body else b"", created, attempts, meta)
+        )
+    return claimed
+
+
+def next_due(conn: sqlite3.Connection, kind: Kind) -> float | None:
+    row = conn.execute(
+        "SELECT MIN(next_attempt) FROM messages WHERE kind = ? AND state IN ('queued', 'deferred')",
+        (kind.value,),
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+def _finish(
+    conn: sqlite3.Connection, msg_id: str, owner: str, sql_set: str, params: tuple[Any, ...]
+) -> bool:
+    cur = conn.execute(
+        f"UPDATE messages SET {sql_set}, lease_owner = NULL, lease_until = NULL"
+        " WHERE id = ? AND state = 'sending' AND lease_owner = ?",
+        (*params, msg_id, owner),
+    )
+    return cur.rowcount == 1
+
+
+def complete(
+    conn: sqlite3.Connection,
+    msg_id: str,
+    *,
+    owner: str,
+    now: float,
+    attempts: int,
+    detail: dict[str, Any],
+) -> bool:
+    """Every recipient is done: state sent, the body is no longer needed."""
+    if not _finish(
+        conn,
+        msg_id,
+        owner,
+        "state = 'sent', rcpts = '[]', updated = ?, attempts = ?, last_error = NULL",
+        (now, attempts),
+    ):
+        return False
+    conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+    _event(conn, msg_id, now, EventType.SENT, detail)
+    return True
+
+
+def defer(
+    conn: sqlite3.Connection,
+    msg_id: str,
+    *,
+    owner: str,
+    now: float,
+    attempts: int,
+    next_attempt: float,
+    rcpts: tuple[str, ...],
+    reason: str,
+    detail: dict[str, Any],
+) -> bool:
+    if not _finish(
+        conn,
+        msg_id,
+        owner,
+        "state = 'deferred', rcpts = ?, updated = ?, attempts = ?,"
+        " next_attempt = ?, last_error = ?",
+        (json.dumps(list(rcpts)), now, attempts, next_attempt, reason),
+    ):
+        return False
+    _event(
+        conn,
+        msg_id,
+        now,
+        EventType.DEFERRED,
+        {"reason": reason, "next_attempt": next_attempt, **detail},
+    )
+    return True
+
+
+def fail(
+    conn: sqlite3.Connection,
+    msg_id: str,
+    *,
+    owner: str,
+    now: float,
+    attempts: int,
+    reason: str,
+    detail: dict[str, Any],
+) -> bool:
+    """Permanent failure. The body is kept so an operator can inspect or retry it."""
+    if not _finish(
+        conn,
+        msg_id,
+        owner,
+        "state = 'failed', updated = ?, attempts = ?, last_error = ?",
+        (now, attempts, reason),
+    ):
+        return False
+    _event(conn, msg_id, now, EventType.FAILED, {"reason": reason, **detail})
+    return True
+
+
+def release_lease(conn: sqlite3.Connection, msg_id: str, *, owner: str, now: float) -> bool:
+    """Give a claimed message back untouched (shutdown while it waited for an upstream)."""
+    return _finish(conn, msg_id, owner, "state = 'queued', updated = ?", (now,))
+
+
+def recover(
+    conn: sqlite3.Connection, *, now: float, alive: Callable[[str], bool] = lambda owner: False
+) -> list[str]:
+    """Make messages leased by dead processes due again. Returns their ids.
+
+    A lease is dead when it expired, or when `alive(owner)` says its process is gone (a
+    restart on the same queue knows at once that its previous incarnation died, without
+    waiting for the lease to run out).
+    """
+    rows = conn.execute(
+        "SELECT id, lease_owner, lease_until FROM messages WHERE state = 'sending'"
+    ).fetchall()
+    recovered = []
+    for msg_id, owner, until in rows:
+        if (until or 0) > now and alive(owner or ""):
+            continue
+        conn.execute(
+            "UPDATE messages SET state = 'queued', next_attempt = ?, updated = ?,"
+            " lease_owner = NULL, lease_until = NULL WHERE id = ?",
+            (now, now, msg_id),
+        )
+        _event(
+            conn,
+            msg_id,
+            now,
+            EventType.RECOVERED,
+            {"reason": f"lease of {owner} was abandoned (process stopped or crashed)"},
+        )
+        recovered.append(msg_id)
+    return recovered
+
+
+def purge_history(conn: sqlite3.Connection, *, older_than: float) -> int:
+    """Forget sent messages (and their timelines) finished before `older_than`."""
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM messages WHERE state = 'sent' AND updated < ? LIMIT 5000", (older_than,)
+        )
+    ]
+    for msg_id in ids:
+        conn.execute("DELETE FROM events WHERE msg_id = ?", (msg_id,))
+        conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+        conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+    return len(ids)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+_COLUMNS = (
+    "id, kind, state, mail_from, rcpts, size, created, updated, next_attempt,"
+    " attempts, last_error, meta"
+)
+
+
+def _row(r: tuple[Any, ...]) -> MessageRow:
+    return MessageRow(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        json.loads(r[4]),
+        r[5],
+        r[6],
+        r[7],
+        r[8],
+        r[9],
+        r[10],
+        json.loads(r[11]),
+    )
+
+
+def list_messages(
+    conn: sqlite3.Connection,
+    *,
+    state: str | None = None,
+    kind: str | None = None,
+    limit: int = 1000,
+) -> list[MessageRow]:
+    where, params = [], []
+    if state:
+        where.append("state = ?")
+        params.append(state)
+    if kind:
+        where.append("kind = ?")
+        params.append(kind)
+    sql = f"SELECT {_COLUMNS} FROM messages"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id LIMIT ?"
+    return [_row(r) for r in conn.execute(sql, (*params, limit))]
+
+
+def get(conn: sqlite3.Connection, msg_id: str) -> MessageRow | None:
+    r = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (msg_id,)).fetchone()
+    return _row(r) if r else None
+
+
+def body(conn: sqlite3.Connection, msg_id: str) -> bytes | None:
+    r = conn.execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
+    return bytes(r[0]) if r else None
+
+
+def timeline(conn: sqlite3.Connection, msg_id: str) -> list[dict[str, Any]]:
+    return [
+        {"at": at, "type": t, **json.loads(d)}
+        for at, t, d in conn.execute(
+            "SELECT at, type, detail FROM events WHERE msg_id = ? ORDER BY seq", (msg_id,)
+        )
+    ]
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    return {
+        state: n for state, n in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state")
+    }
+
+
+# -- operator actions (postsuper / postqueue equivalents) -----------------------------------
+
+
+def _require(conn: sqlite3.Connection, msg_id: str) -> MessageRow:
+    row = get(conn, msg_id)
+    if row is None:
+        raise QueueActionError(f"no message {msg_id} in the queue")
+    return row
+
+
+def _busy(row: MessageRow, action: str) -> QueueActionError:
+    return QueueActionError(
+        f"message {row.id} is being delivered right now; {action} it once the attempt ends"
+    )
+
+
+def retry(conn: sqlite3.Connection, msg_id: str, *, now: float, actor: str) -> None:
+    """Make a failed, held or deferred message due now (postsuper -r)."""
+    row = _require(conn, msg_id)
+    if row.state == Status.SENDING:
+        raise _busy(row, "retry")
+    if row.state == Status.SENT:
+        raise QueueActionError(f"message {msg_id} was already sent; nothing to retry")
+    if body(conn, msg_id) is None:
+        raise QueueActionError(f"message {msg_id} has no stored body left to send")
+    rcpts = row.rcpts
+    if row.state == Status.FAILED and not rcpts:
+        rcpts = row.meta.get("rcpts_failed") or row.meta.get("rcpts_original") or []
+    conn.execute(
+        "UPDATE messages SET state = 'queued', next_attempt = ?, updated = ?,"
+        " rcpts = ?, created = CASE WHEN state = 'failed' THEN ? ELSE created END"
+        " WHERE id = ?",
+        (now, now, json.dumps(rcpts), now, msg_id),
+    )
+    _event(conn, msg_id, now, EventType.RETRY, {"by": actor, "from_state": row.state})
+
+
+def retry_failed(conn: sqlite3.Connection, *, now: float, actor: str) -> list[str]:
+    ids = [r[0] for r in conn.execute("SELECT id FROM messages WHERE state = 'failed'")]
+    done = []
+    for msg_id in ids:
+        try:
+            retry(conn, msg_id, now=now, actor=actor)
+            done.append(msg_id)
+        except QueueActionError:
+            continue
+    return done
+
+
+def hold(conn: sqlite3.Connection, msg_id: str, *, now: float, actor: str) -> None:
+    row = _require(conn, msg_id)
+    if row.state == Status.SENDING:
+        raise _busy(row, "hold")
+    if row.state not in (Status.QUEUED, Status.DEFERRED):
+        raise QueueActionError(
+            f"message {msg_id} is {row.state}; only queued or deferred messages can be held"
+        )
+    conn.execute(
+        "UPDATE messages SET state = 'held', updated = ?,"
+        " meta = json_set(meta, '$.held_from', state) WHERE id = ?",
+        (now, msg_id),
+    )
+    _event(conn, msg_id, now, EventType.HELD, {"by": actor})
+
+
+def release(conn: sqlite3.Connection, msg_id: str, *, now: float, actor: str) -> None:
+    row = _require(conn, msg_id)
+    if row.state != Status.HELD:
+        raise QueueActionError(f"message {msg_id} is {row.state}, not held")
+    conn.execute(
+        "UPDATE messages SET state = 'queued', next_attempt = ?, updated = ? WHERE id = ?",
+        (now, now, msg_id),
+    )
+    _event(conn, msg_id, now, EventType.RELEASED, {"by": actor})
+
+
+def delete(conn: sqlite3.Connection, msg_id: str, *, actor: str) -> None:
+    row = _require(conn, msg_id)
+    if row.state == Status.SENDING:
+        raise _busy(row, "delete")
+    conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+    conn.execute("DELETE FROM events WHERE msg_id = ?", (msg_id,))
+    conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+
+
+def flush(conn: sqlite3.Connection, *, now: float, actor: str) -> list[str]:
+    """Every deferred message is due now (postqueue -f)."""
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM messages WHERE state = 'deferred' AND next_attempt > ?", (now,)
+        )
+    ]
+    for msg_id in ids:
+        conn.execute("UPDATE messages SET next_attempt = ? WHERE id = ?", (now, msg_id))
+        _event(conn, msg_id, now, EventType.FLUSHED, {"by": actor})
+    return ids

@@ -1,0 +1,322 @@
+"""What every HTTP provider upstream shares: one client session, one request path, and one
+reading of HTTP outcomes.
+
+All HTTP upstreams use a single `aiohttp.ClientSession` (reference counted: `start()`
+acquires it, `close()` releases it), so the relay keeps one connection pool and one DNS
+cache however many providers are configured.
+
+Outcomes follow DESIGN.md invariant 3. A status is read the same way for every provider
+unless a subclass knows better from the provider's own error codes:
+
+- 429, 502, 503, 504: transient and upstream-wide (throttled or down), with Retry-After.
+- other 5xx: transient, not upstream-wide (one message may trip a provider bug).
+- 401, 403: the account is unusable (bad key, suspended): permanent, upstream-wide.
+- 408: transient; 413: too large *for this provider*, so transient (another may take it).
+- any other 4xx: the provider refused this message: permanent.
+
+A request that fails without an answer is transient. It is `ambiguous` when the whole
+request (headers and body) had been handed to the connection: the provider may have
+accepted it, so a retry may duplicate. A failure to connect is never ambiguous.
+"""
+
+from __future__ import annotations
+
+import abc
+import email.utils
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from relay.message import Envelope
+from relay.upstreams.base import (
+    Accepted,
+    PermanentError,
+    TransientError,
+    Upstream,
+    UpstreamError,
+)
+
+log = logging.getLogger("relay.upstreams")
+
+#: Statuses meaning the provider as a whole is throttling us or unavailable.
+UPSTREAM_WIDE_TRANSIENT = frozenset({429, 502, 503, 504})
+
+
+# -- the shared session ------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    """Per-request trace state: how much of the request reached the connection."""
+
+    expected: int | None = None
+    sent: int = 0
+    headers_sent: bool = False
+
+    @property
+    def body_sent(self) -> bool:
+        # aiohttp reports each chunk just before writing it to the transport, so once the
+        # declared length has been reported the whole request is in the kernel's hands.
+        if not self.headers_sent:
+            return False
+        return self.expected is None or self.sent >= self.expected
+
+
+async def _on_headers_sent(
+    session: aiohttp.ClientSession,
+    ctx: SimpleNamespace,
+    params: aiohttp.TraceRequestHeadersSentParams,
+) -> None:
+    progress = ctx.trace_request_ctx
+    if isinstance(progress, _Progress):
+        progress.headers_sent = True
+        length = params.headers.get("Content-Length")
+        progress.expected = int(length) if length and length.isdigit() else None
+
+
+async def _on_chunk_sent(
+    session: aiohttp.ClientSession,
+    ctx: SimpleNamespace,
+    params: aiohttp.TraceRequestChunkSentParams,
+) -> None:
+    progress = ctx.trace_request_ctx
+    if isinstance(progress, _Progress):
+        progress.sent += len(params.chunk)
+
+
+class SharedSession:
+    """One ClientSession for all HTTP upstreams, open while at least one of them is."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._users = 0
+
+    async def acquire(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            trace = aiohttp.TraceConfig()
+            trace.on_request_headers_sent.append(_on_headers_sent)
+            trace.on_request_chunk_sent.append(_on_chunk_sent)
+            # No connector-wide cap: the dispatcher bounds concurrency per upstream.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                trace_configs=[trace],
+                headers={"User-Agent": "relay"},
+            )
+        self._users += 1
+        return self._session
+
+    async def release(self) -> None:
+        self._users = max(0, self._users - 1)
+        if self._users == 0 and self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    @property
+    def users(self) -> int:
+        return self._users
+
+
+shared_session = SharedSession()
+
+
+# -- reading answers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A provider's complete answer, read before the connection goes back to the pool."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def json(self) -> Any:
+        """The body as JSON, or None when it is not JSON (proxies answer HTML)."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+    def text(self, limit: int = 300) -> str:
+        return self.body[:limit].decode("utf-8", "replace").strip()
+
+
+def retry_after(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds to wait from Retry-After (delta or HTTP-date) or X-RateLimit-Reset (epoch).
+
+    SendGrid answers 429 with X-RateLimit-Reset (Unix time) rather than Retry-After.
+    """
+    value = headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    if value:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None and when.tzinfo is not None:
+            return max(0.0, when.timestamp() - now)
+    reset = headers.get("X-RateLimit-Reset", "").strip()
+    if reset.isdigit() and int(reset) > 1_000_000_000:
+        return max(0.0, int(reset) - now)
+    return None
+
+
+def classify_status(
+    status: int, detail: str, *, headers: Mapping[str, str], now: float
+) -> UpstreamError:
+    """The default reading of an unsuccessful status (see the module docstring)."""
+    reason = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
+    if status in UPSTREAM_WIDE_TRANSIENT:
+        return TransientError(reason, retry_after=retry_after(headers, now), upstream_wide=True)
+    if status >= 500 or status == 408:
+        return TransientError(reason, retry_after=retry_after(headers, now))
+    if status in (401, 403):
+        return PermanentError(reason, upstream_wide=True)
+    if status == 413:
+        return TransientError(f"too large for this upstream: {reason}")
+    return PermanentError(reason)
+
+
+# -- the base class ----------------------------------------------------------------------
+
+
+class Refused(ValueError):
+    """This upstream cannot take this message (too big, too many recipients, not
+    convertible), though another upstream may: neither the message's nor the provider's
+    fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One POST to a provider, fully serialised so its length is known up front."""
+
+    path: str
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class HTTPUpstream(Upstream):
+    """An upstream reached by one HTTP POST per message. Subclasses say what to post and how
+    to read the answer; sending, timeouts and the generic error reading live here."""
+
+    #: Largest message (bytes as queued) the provider takes; None: no documented limit.
+    max_message_size: int | None = None
+    #: Most envelope recipients one request may carry; None: no documented limit.
+    max_recipients: int | None = None
+
+    def __init__(
+        self, name: str, *, base_url: str, timeout: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        super().__init__(name)
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.clock = clock
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = await shared_session.acquire()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            self._session = None
+            await shared_session.release()
+
+    # -- what subclasses provide --
+
+    @abc.abstractmethod
+    def build(self, envelope: Envelope, data: bytes) -> Request:
+        """The request that hands this message over; raise Refused if it can't be built."""
+
+    @abc.abstractmethod
+    def provider_id(self, reply: Reply) -> str | None:
+        """The provider's id for an accepted message (what its webhooks will quote)."""
+
+    def error_detail(self, reply: Reply) -> str:
+        """The provider's own words about a failure, for the timeline."""
+        return reply.text()
+
+    def classify(self, reply: Reply) -> UpstreamError:
+        """Map an unsuccessful answer; override where the provider has error codes."""
+        return classify_status(
+            reply.status, self.error_detail(reply), headers=reply.headers, now=self.clock()
+        )
+
+    def refusal(self, envelope: Envelope, data: bytes) -> str | None:
+        """Why this upstream cannot take this message at all, or None.
+
+        Routing calls it to skip the upstream before trying (size and recipient limits,
+        and for JSON providers whether the MIME converts faithfully). send() enforces the
+        same rules through `limits()` and `build()` raising `Refused`.
+        """
+        return self.limits(envelope, data)
+
+    def limits(self, envelope: Envelope, data: bytes) -> str | None:
+        if self.max_message_size is not None and len(data) > self.max_message_size:
+            return f"message of {len(data)} bytes exceeds the {self.max_message_size}-byte limit"
+        if self.max_recipients is not None and len(envelope.rcpt_tos) > self.max_recipients:
+            return (
+                f"{len(envelope.rcpt_tos)} recipients exceed the limit of "
+                f"{self.max_recipients} per message"
+            )
+        return None
+
+    # -- the template --
+
+    async def send(self, envelope: Envelope, data: bytes) -> Accepted:
+        try:
+            refused = self.limits(envelope, data)
+            if refused is not None:
+                raise Refused(refused)
+            request = self.build(envelope, data)
+        except Refused as exc:
+            # Not the message's fault and not the provider's: another upstream may take it.
+            raise TransientError(f"{self.name} cannot take this message: {exc}") from None
+        reply = await self.post(request)
+        if reply.ok:
+            return Accepted(provider_id=self.provider_id(reply))
+        error = self.classify(reply)
+        log.info("upstream %s refused a message: %s", self.name, error.reason)
+        raise error
+
+    async def post(self, request: Request) -> Reply:
+        """POST and read the whole answer; network failures become TransientError."""
+        if self._session is None:
+            raise TransientError(f"upstream {self.name} is not started", upstream_wide=True)
+        progress = _Progress()
+        headers = {
+            "Content-Type": request.content_type,
+            "Accept": "application/json",
+            **request.headers,
+        }
+        try:
+            async with self._session.post(
+                self.base_url + request.path,
+                data=request.body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                trace_request_ctx=progress,
+                allow_redirects=False,
+            ) as resp:
+                return Reply(resp.status, resp.headers, await resp.read())
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            ambiguous = progress.body_sent
+            what = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            phase = "after the request was sent" if ambiguous else "before the request was sent"
+            log.info("upstream %s: %s %s", self.name, what, phase)
+            raise TransientError(
+                f"{self.base_url}: {what} {phase}", upstream_wide=True, ambiguous=ambiguous
+            ) from exc

@@ -1,0 +1,280 @@
+"""MIME → the neutral shape JSON-only providers (SendGrid, Postmark) are built from.
+
+Those providers rebuild the message from fields, so a conversion can lose what the fields
+cannot hold. Two losses would be silent and harmful (DESIGN.md, "What we learned"):
+mailing header recipients who were not RCPT TO, and dropping Bcc. So the envelope decides
+who gets the message: header To/Cc recipients keep their place, every other envelope
+recipient becomes Bcc, and a message whose To/Cc name anyone outside the envelope is not
+converted at all. Signed or encrypted MIME, extra body parts and alternatives with no JSON
+field are refused too: `unrepresentable_reason()` lets routing skip JSON providers for
+such messages instead of sending a damaged copy.
+
+Header values are decoded (RFC 2047 encoded words, and raw UTF-8 from SMTPUTF8 clients) for
+the fields that carry text; custom headers are passed on in their encoded wire form.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from dataclasses import dataclass
+from email import policy
+from email.header import Header
+from email.headerregistry import Address
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.utils import formataddr
+
+from relay.message import Envelope
+from relay.upstreams.http import Refused
+
+#: Header carrying the relay's own message id, passed to providers as custom data so their
+#: webhooks can be matched to our timeline.
+RELAY_ID_HEADER = "X-Relay-ID"
+
+#: Headers never passed as custom headers: the JSON fields regenerate them, the provider
+#: owns them (SendGrid rejects its reserved set: x-sg-id, x-sg-eid, received,
+#: dkim-signature, content-type, content-transfer-encoding, to, from, subject, reply-to,
+#: cc, bcc), or they certify the original bytes and would be false after the rebuild.
+DROPPED_HEADERS = frozenset(
+    {
+        "x-sg-id",
+        "x-sg-eid",
+        "received",
+        "dkim-signature",
+        "content-type",
+        "content-transfer-encoding",
+        "to",
+        "from",
+        "subject",
+        "reply-to",
+        "cc",
+        "bcc",
+        "mime-version",
+        "content-disposition",
+        "content-id",
+        "content-description",
+        "date",
+        "return-path",
+        "domainkey-signature",
+        "authentication-results",
+        "received-spf",
+        "arc-seal",
+        "arc-message-signature",
+        "arc-authentication-results",
+    }
+)
+_OPAQUE_TYPES = frozenset(
+    {
+        "multipart/signed",
+        "multipart/encrypted",
+        "application/pkcs7-mime",
+        "application/x-pkcs7-mime",
+    }
+)
+_BODY_TYPES = ("text/plain", "text/html")
+
+
+class NotRepresentable(Refused):
+    """The message cannot go through a JSON-only provider without changing what arrives."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    email: str
+    name: str = ""
+
+    def formatted(self) -> str:
+        """RFC 5322 form; a non-ASCII name is encoded (RFC 2047), as Postmark expects."""
+        return formataddr((self.name, self.email)) if self.name else self.email
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    content_type: str
+    content: bytes
+    content_id: str | None = None  # set for inline parts (referenced as cid: in the HTML)
+
+    @property
+    def inline(self) -> bool:
+        return self.content_id is not None
+
+
+@dataclass(frozen=True, slots=True)
+class JsonMessage:
+    """Everything a JSON provider needs; recipients come from the envelope only."""
+
+    sender: Mailbox
+    to: tuple[Mailbox, ...]
+    cc: tuple[Mailbox, ...]
+    bcc: tuple[Mailbox, ...]
+    reply_to: tuple[Mailbox, ...]
+    subject: str
+    text: str | None
+    html: str | None
+    attachments: tuple[Attachment, ...]
+    headers: tuple[tuple[str, str], ...]  # custom headers, wire form, in message order
+    relay_id: str | None
+
+
+def unrepresentable_reason(envelope: Envelope, data: bytes) -> str | None:
+    """Why a JSON-only provider cannot carry this message faithfully, or None if it can."""
+    try:
+        convert(envelope, data)
+    except NotRepresentable as exc:
+        return str(exc)
+    return None
+
+
+def representable(envelope: Envelope, data: bytes) -> bool:
+    return unrepresentable_reason(envelope, data) is None
+
+
+def convert(envelope: Envelope, data: bytes) -> JsonMessage:
+    """Parse `data` into a JsonMessage for `envelope`; raise NotRepresentable if lossy."""
+    msg = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(msg, EmailMessage)
+    senders = _mailboxes(msg, "From")
+    if len(senders) != 1:
+        raise NotRepresentable(f"From must name exactly one mailbox, found {len(senders)}")
+    to, cc, bcc = _recipients(envelope, msg)
+    parts = _Parts()
+    parts.walk(msg, parent="")
+    return JsonMessage(
+        sender=senders[0],
+        to=to,
+        cc=cc,
+        bcc=bcc,
+        reply_to=tuple(_mailboxes(msg, "Reply-To")),
+        subject=_text(str(msg.get("Subject", ""))),
+        text=parts.text,
+        html=parts.html,
+        attachments=tuple(parts.attachments),
+        headers=tuple(_custom_headers(data)),
+        relay_id=_text(str(msg[RELAY_ID_HEADER])).strip() if RELAY_ID_HEADER in msg else None,
+    )
+
+
+def _text(value: str) -> str:
+    """Undo the surrogate escapes the parser leaves for raw 8-bit (SMTPUTF8) header bytes."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _mailboxes(msg: Message, name: str) -> list[Mailbox]:
+    out: list[Mailbox] = []
+    for header in msg.get_all(name, []):
+        for addr in getattr(header, "addresses", ()):
+            assert isinstance(addr, Address)
+            if addr.addr_spec and addr.addr_spec != "<>":
+                out.append(Mailbox(_text(addr.addr_spec), _text(addr.display_name)))
+    return out
+
+
+def _recipients(
+    envelope: Envelope, msg: Message
+) -> tuple[tuple[Mailbox, ...], tuple[Mailbox, ...], tuple[Mailbox, ...]]:
+    """To and Cc as the headers show them, Bcc for every other envelope recipient."""
+    wanted: dict[str, str] = {}
+    for rcpt in envelope.rcpt_tos:
+        wanted.setdefault(rcpt.lower(), rcpt)
+    placed: set[str] = set()
+    groups: list[tuple[Mailbox, ...]] = []
+    for name in ("To", "Cc"):
+        group: list[Mailbox] = []
+        for box in _mailboxes(msg, name):
+            key = box.email.lower()
+            if key not in wanted:
+                raise NotRepresentable(
+                    f"{name} header names {box.email}, who is not an envelope recipient: "
+                    "a JSON provider would mail them"
+                )
+            if key not in placed:
+                placed.add(key)
+                group.append(box)
+        groups.append(tuple(group))
+    to, cc = groups
+    if not to:
+        raise NotRepresentable(
+            "no envelope recipient is in the To header: a JSON provider would have to invent one"
+        )
+    bcc = tuple(Mailbox(addr) for key, addr in wanted.items() if key not in placed)
+    return to, cc, bcc
+
+
+class _Parts:
+    """Walks the MIME tree: one text body, one HTML body, the rest attachments."""
+
+    def __init__(self) -> None:
+        self.text: str | None = None
+        self.html: str | None = None
+        self.attachments: list[Attachment] = []
+
+    def walk(self, part: Message, parent: str) -> None:
+        ctype = part.get_content_type()
+        if ctype in _OPAQUE_TYPES:
+            raise NotRepresentable(f"{ctype} must reach the recipient byte for byte")
+        if ctype.startswith("multipart/"):
+            payload = part.get_payload()
+            assert isinstance(payload, list)
+            for child in payload:
+                assert isinstance(child, Message)
+                self.walk(child, ctype)
+            return
+        disposition = part.get_content_disposition()
+        filename = part.get_filename()
+        if ctype in _BODY_TYPES and disposition != "attachment" and not filename:
+            self._body(part, ctype)
+        elif parent == "multipart/alternative":
+            raise NotRepresentable(f"alternative body {ctype} has no JSON field")
+        else:
+            self._attachment(part, ctype, disposition, filename, parent)
+
+    def _body(self, part: Message, ctype: str) -> None:
+        attr = "text" if ctype == "text/plain" else "html"
+        if getattr(self, attr) is not None:
+            raise NotRepresentable(f"more than one {ctype} body part")
+        try:
+            content = part.get_content()  # type: ignore[attr-defined]
+        except LookupError as exc:
+            raise NotRepresentable(f"{ctype} body in an unknown charset: {exc}") from None
+        setattr(self, attr, str(content))
+
+    def _attachment(
+        self, part: Message, ctype: str, disposition: str | None, filename: str | None, parent: str
+    ) -> None:
+        if ctype == "message/rfc822":
+            inner = part.get_payload(0)
+            assert isinstance(inner, Message)
+            content = inner.as_bytes()
+        else:
+            raw = part.get_payload(decode=True)
+            content = raw if isinstance(raw, bytes) else b""
+        cid = str(part.get("Content-ID", "")).strip().strip("<>") or None
+        inline = cid is not None and (
+            disposition == "inline" or (disposition is None and parent == "multipart/related")
+        )
+        if not filename:
+            # Both providers require a name; the recipient's client would show none anyway.
+            ext = mimetypes.guess_extension(ctype) or ".bin"
+            filename = f"{'inline' if inline else 'attachment'}-{len(self.attachments) + 1}{ext}"
+        self.attachments.append(
+            Attachment(_text(filename), ctype, content, cid if inline else None)
+        )
+
+
+def _custom_headers(data: bytes) -> list[tuple[str, str]]:
+    """Headers to pass on, unfolded, in wire form (encoded words stay encoded)."""
+    head = re.split(rb"\r?\n\r?\n", data, maxsplit=1)[0]
+    out: list[tuple[str, str]] = []
+    for line in re.sub(rb"\r?\n(?=[ \t])", b"", head).splitlines():
+        name, sep, value = line.decode("utf-8", "replace").partition(":")
+        name = name.strip()
+        if not sep or not name or name.lower() in DROPPED_HEADERS:
+            continue
+        value = value.strip()
+        if not value.isascii():
+            # Raw UTF-8 (SMTPUTF8): providers want header values already encoded.
+            value = Header(value, "utf-8").encode().replace("\n", "")
+        out.append((name, value))
+    return out
