@@ -22,7 +22,7 @@ from aiohttp import web
 from relay.config import Config
 from relay.dispatch.outbound import OutboundWorker
 from relay.dispatch.retry import RetryPolicy
-from relay.dispatch.routing import Router
+from relay.dispatch.routing import BreakerSettings, Router
 from relay.dispatch.scheduler import Scheduler
 from relay.message import Kind
 from relay.smtp.listener import start_listeners
@@ -68,7 +68,15 @@ class Relay:
         self.clock = clock
         self.owner = owner_id()
         self.spool = Spool(config.queue_dir, min_free_disk=config.server.min_free_disk)
-        self.router = Router()
+        r = config.routing
+        self.router = Router(
+            settings=BreakerSettings(
+                failures_to_open=r.failures_to_open,
+                cooldown=r.cooldown,
+                cooldown_max=r.cooldown_max,
+                health_half_life=r.health_half_life,
+            )
+        )
         self.upstreams: list[Upstream] = []
         self.smtp_servers: list[asyncio.Server] = []
         self.web_runner: web.AppRunner | None = None

@@ -285,6 +285,16 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """Breaker and health tuning; the defaults suit providers that fail for minutes."""
+
+    failures_to_open: int = 5  # consecutive failures that open an upstream's breaker
+    cooldown: Duration = Duration(10.0)  # first open period; doubles on each failed probe
+    cooldown_max: Duration = Duration(300.0)
+    health_half_life: Duration = Duration(60.0)  # how fast a failed upstream's score heals
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     """Settings every upstream has; the type's own keys are checked by its Settings class."""
 
@@ -319,6 +329,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     smtp: SMTPConfig = SMTPConfig()
     retry: RetryConfig = RetryConfig()
+    routing: RoutingConfig = RoutingConfig()
     upstream: tuple[UpstreamConfig, ...] = ()
     dkim: tuple[DKIMConfig, ...] = ()
     web: WebConfig = WebConfig()

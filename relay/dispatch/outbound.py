@@ -170,6 +170,7 @@ class OutboundWorker:
     ) -> None:
         now = self.clock()
         rounds = item.attempts + 1
+        new_failures = dict(failed)
         all_rcpts = item.meta.get("rcpts_original") or list(item.envelope.rcpt_tos)
         next_at: float | None = None
         if pending:
@@ -189,7 +190,10 @@ class OutboundWorker:
                     f"{reason}"
                 )
                 failed.update(dict.fromkeys(pending, age_reason))
+                new_failures.update(dict.fromkeys(pending, age_reason))
                 pending = []
+        # Recipients refused for good in earlier rounds keep the message "failed" at the end.
+        failed = {**item.meta.get("rcpts_failed", {}), **failed}
 
         def write(conn: Any) -> None:
             for type_, at, detail in events:
@@ -198,11 +202,11 @@ class OutboundWorker:
                 queries.add_event(
                     conn, item.id, now, EventType.NOTE, {"partial": True, "delivered": delivered}
                 )
-            if failed:
+            if new_failures:
                 conn.execute(
                     "UPDATE messages SET meta = json_set(meta, '$.rcpts_failed',"
                     " json(?)) WHERE id = ?",
-                    (json.dumps(sorted(failed)), item.id),
+                    (json.dumps(failed), item.id),
                 )
             if pending:
                 queries.defer(
@@ -255,8 +259,8 @@ class OutboundWorker:
                 item.id,
                 ", ".join(f"{d['upstream']} ({d['provider_id']})" for d in delivered),
             )
-        if failed and self.bouncer is not None:
-            await self.bouncer(item, failed)
+        if new_failures and self.bouncer is not None:
+            await self.bouncer(item, new_failures)
 
 
 def _human(seconds: float) -> str:

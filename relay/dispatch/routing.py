@@ -6,7 +6,7 @@ UpstreamError) and turns them into a score and a breaker state per upstream.
 - Priority first: a lower number is preferred while any upstream of it is usable.
 - Within a priority, weighted random by `weight * health`, so a flaky peer gets less.
 - Health drops by half on each failure and heals towards 1.0 with time and successes.
-- Breaker: opens after `FAILURES_TO_OPEN` consecutive failures, or at once on an
+- Breaker: opens after `failures_to_open` consecutive failures, or at once on an
   upstream-wide error (bad credentials, suspended account). While open nothing is sent;
   after a cool-down it lets one probe through (half-open); success closes it, failure
   reopens it with a doubled cool-down.
@@ -28,11 +28,15 @@ from enum import StrEnum
 
 from relay.upstreams.base import Upstream, UpstreamError
 
-FAILURES_TO_OPEN = 5
-COOLDOWN_START = 10.0
-COOLDOWN_MAX = 300.0
-HEALTH_HALF_LIFE = 60.0  # seconds for the missing health to halve by itself
 LATENCY_ALPHA = 0.2  # EWMA weight of the newest latency sample
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    failures_to_open: int = 5
+    cooldown: float = 10.0
+    cooldown_max: float = 300.0
+    health_half_life: float = 60.0  # seconds for the missing health to halve by itself
 
 
 class BreakerState(StrEnum):
@@ -79,12 +83,13 @@ class UpstreamState:
     max_concurrency: int
     limiter: RateLimiter
     clock: Callable[[], float]
+    settings: BreakerSettings
     health: float = 1.0
     health_stamp: float = 0.0
     breaker: BreakerState = BreakerState.CLOSED
     consecutive_failures: int = 0
     opened_at: float = 0.0
-    cooldown: float = COOLDOWN_START
+    cooldown: float = 0.0
     probing: bool = False
     in_flight: int = 0
     latency_ewma: float | None = None
@@ -99,10 +104,14 @@ class UpstreamState:
     def name(self) -> str:
         return self.upstream.name
 
+    def __post_init__(self) -> None:
+        self.cooldown = self.settings.cooldown
+
     def current_health(self) -> float:
         now = self.clock()
         elapsed = max(0.0, now - self.health_stamp)
-        missing = (1.0 - self.health) * math.pow(0.5, elapsed / HEALTH_HALF_LIFE)
+        half_life = self.settings.health_half_life
+        missing = (1.0 - self.health) * math.pow(0.5, elapsed / half_life)
         self.health, self.health_stamp = 1.0 - missing, now
         return self.health
 
@@ -139,8 +148,13 @@ class UpstreamState:
 
 class Router:
     def __init__(
-        self, *, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None
+        self,
+        *,
+        settings: BreakerSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
+        self.settings = settings or BreakerSettings()
         self.clock = clock
         self.rng = rng or random.Random()
         self.states: list[UpstreamState] = []
@@ -162,6 +176,7 @@ class Router:
                 max_concurrency=max(max_concurrency, 1),
                 limiter=RateLimiter(max_rate, self.clock),
                 clock=self.clock,
+                settings=self.settings,
                 health_stamp=self.clock(),
             )
         )
@@ -233,7 +248,7 @@ class Router:
         s.consecutive_failures = 0
         s.health = min(1.0, s.current_health() + 0.1)
         s.breaker = BreakerState.CLOSED
-        s.cooldown = COOLDOWN_START
+        s.cooldown = self.settings.cooldown
         self._latency(s, latency)
 
     def record_failure(
@@ -253,10 +268,10 @@ class Router:
         if (
             error.upstream_wide
             or s.breaker is BreakerState.HALF_OPEN
-            or s.consecutive_failures >= FAILURES_TO_OPEN
+            or s.consecutive_failures >= self.settings.failures_to_open
         ):
             if s.breaker is not BreakerState.CLOSED:
-                s.cooldown = min(s.cooldown * 2, COOLDOWN_MAX)
+                s.cooldown = min(s.cooldown * 2, self.settings.cooldown_max)
             s.breaker = BreakerState.OPEN
             s.opened_at = self.clock()
 

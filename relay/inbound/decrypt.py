@@ -78,7 +78,7 @@ class DecryptError(Exception):
         self.permanent = permanent
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CryptoEnvelope:
     """The encryption client's metadata, validated."""
 

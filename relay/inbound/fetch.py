@@ -32,7 +32,7 @@ class FetchError(Exception):
         self.permanent = permanent
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class S3Object:
     """A downloaded object: the stored bytes (maybe ciphertext) and its user metadata.
 

@@ -37,7 +37,7 @@ class NotificationError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InboundWork:
     """One stored message to fetch, decrypt and deliver. JSON-serialisable for the queue."""
 

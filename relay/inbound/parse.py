@@ -19,7 +19,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from email import policy
-from email.message import EmailMessage, MIMEPart
+from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesParser
 from email.utils import getaddresses
 from typing import Any, Final
@@ -88,7 +88,7 @@ def safe_filename(
     return text
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Attachment:
     """One attachment. `filename` is already safe; `original_filename` is as sent."""
 
@@ -116,7 +116,7 @@ class Attachment:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ParsedMessage:
     """The fields of a message that destinations use."""
 
@@ -202,7 +202,8 @@ def _known_charset(name: str | None) -> bool:
 def _bytes_of(part: MIMEPart) -> bytes:
     if part.get_content_type() == "message/rfc822":
         inner = part.get_payload()
-        if isinstance(inner, list) and inner:  # the attached message itself, as an .eml
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            # the attached message itself, as an .eml file
             return bytes(inner[0].as_bytes(policy=policy.default.clone(linesep="\r\n")))
     payload = part.get_payload(decode=True)
     return payload if isinstance(payload, bytes) else b""

@@ -125,7 +125,7 @@ class FetchFailed(Exception):
 Fetcher = Callable[[str], Awaitable[bytes]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SNSMessage:
     """A verified SNS message. `message` is the payload (for SES, the notification JSON)."""
 

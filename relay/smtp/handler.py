@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -22,6 +23,10 @@ from relay.spool.queries import NewMessage
 from relay.spool.store import StoreError, StoreFull
 
 log = logging.getLogger("relay.smtp")
+
+# local@domain with no spaces or angle brackets; quoted local parts are rare enough in
+# relayed mail that the lenient form below (anything but space, @, <, >) covers them.
+ADDRESS = re.compile(r"[^\s@<>]+@[^\s@<>]+")
 
 Submit = Callable[[NewMessage], Awaitable[None]]
 
@@ -90,6 +95,8 @@ class RelayHandler:
             if not self._is_trusted(session):
                 return replies.RELAY_DENIED.format(ip=session.peer[0])
         sender = "" if address == "<>" else address
+        if sender and not ADDRESS.fullmatch(sender):
+            return replies.SENDER_SYNTAX
         if user is not None and sender and not sender_allowed(user, sender):
             return replies.SENDER_NOT_ALLOWED.format(
                 sender=sender, user=user.name, allowed=", ".join(user.allowed_senders)
@@ -101,7 +108,7 @@ class RelayHandler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        if address == "<>" or "@" not in address or address.endswith("@"):
+        if not ADDRESS.fullmatch(address):
             return replies.RECIPIENT_NO_DOMAIN
         if len(envelope.rcpt_tos) >= self.smtp.max_recipients:
             return replies.TOO_MANY_RECIPIENTS.format(limit=self.smtp.max_recipients)

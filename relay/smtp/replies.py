@@ -17,6 +17,9 @@ SENDER_NOT_ALLOWED = (
     "553 5.7.1 Sender address <{sender}> is not allowed for user {user}; use one of: {allowed}"
 )
 RECIPIENT_NO_DOMAIN = "553 5.1.3 Recipient address must be a full address such as user@domain"
+SENDER_SYNTAX = (
+    "553 5.1.7 Sender address must be a full address such as user@domain, or <> for bounces"
+)
 TOO_MANY_RECIPIENTS = (
     "452 4.5.3 Too many recipients (at most {limit} per message); send the rest in another message"
 )

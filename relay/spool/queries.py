@@ -387,12 +387,14 @@ def retry(conn: sqlite3.Connection, msg_id: str, *, now: float, actor: str) -> N
     if body(conn, msg_id) is None:
         raise QueueActionError(f"message {msg_id} has no stored body left to send")
     rcpts = row.rcpts
-    if row.state == Status.FAILED and not rcpts:
-        rcpts = row.meta.get("rcpts_failed") or row.meta.get("rcpts_original") or []
+    if row.state == Status.FAILED:
+        # Only the recipients that failed: the others already have their copy. A failed
+        # message starts a new max_age window, as if it had just arrived.
+        rcpts = list(row.meta.get("rcpts_failed") or {}) or rcpts or row.meta["rcpts_original"]
     conn.execute(
         "UPDATE messages SET state = 'queued', next_attempt = ?, updated = ?,"
-        " rcpts = ?, created = CASE WHEN state = 'failed' THEN ? ELSE created END"
-        " WHERE id = ?",
+        " rcpts = ?, created = CASE WHEN state = 'failed' THEN ? ELSE created END,"
+        " meta = json_remove(meta, '$.rcpts_failed') WHERE id = ?",
         (now, now, json.dumps(rcpts), now, msg_id),
     )
     _event(conn, msg_id, now, EventType.RETRY, {"by": actor, "from_state": row.state})

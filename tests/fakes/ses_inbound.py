@@ -166,8 +166,9 @@ class SESStore:
         message_id = message_id or new_ses_message_id()
         key = self.prefix + message_id
         ctx = dict(context) if context is not None else ses_encryption_context(message_id)
+        meta: dict[str, str] = {}
         if version == 0:
-            body, meta = raw, {}
+            body = raw
         elif version == 1:
             body, meta = encrypt_v1(raw, kms=self.kms, key_id=self.key_id, context=ctx)
         else:

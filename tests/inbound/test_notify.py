@@ -11,15 +11,28 @@ from tests.fakes.ses_inbound import S3_TEST_EVENT, s3_event, ses_received, sns_e
 
 
 def test_ses_received_with_s3_action() -> None:
-    doc = ses_received("bucket-a", "inbound/abc123", message_id="abc123",
-                       recipients=["docs@example.com", "Ops@Example.com"], spam="FAIL",
-                       virus="PASS")
+    doc = ses_received(
+        "bucket-a",
+        "inbound/abc123",
+        message_id="abc123",
+        recipients=["docs@example.com", "Ops@Example.com"],
+        spam="FAIL",
+        virus="PASS",
+    )
     [work] = parse_notification(json.dumps(doc))
     assert work == InboundWork(
-        bucket="bucket-a", key="inbound/abc123", origin="ses",
-        recipients=("docs@example.com", "Ops@Example.com"), message_id="abc123",
-        source="scanner@partner.example", spam_verdict="FAIL", virus_verdict="PASS",
-        spf_verdict="PASS", dkim_verdict="PASS", dmarc_verdict="PASS")
+        bucket="bucket-a",
+        key="inbound/abc123",
+        origin="ses",
+        recipients=("docs@example.com", "Ops@Example.com"),
+        message_id="abc123",
+        source="scanner@partner.example",
+        spam_verdict="FAIL",
+        virus_verdict="PASS",
+        spf_verdict="PASS",
+        dkim_verdict="PASS",
+        dmarc_verdict="PASS",
+    )
     assert work.is_spam and not work.has_virus
     assert work.dedupe_key == "ses:abc123"
 
@@ -33,8 +46,9 @@ def test_sns_wrapped_ses_notification_as_delivered_through_sqs() -> None:
 
 def test_same_message_twice_has_the_same_dedupe_key() -> None:
     a = parse_notification(ses_received("b", "p/m1", message_id="m1"))
-    b = parse_notification(json.dumps(sns_envelope(json.dumps(
-        ses_received("b", "p/m1", message_id="m1")))))
+    b = parse_notification(
+        json.dumps(sns_envelope(json.dumps(ses_received("b", "p/m1", message_id="m1"))))
+    )
     assert a[0].dedupe_key == b[0].dedupe_key
 
 
@@ -67,15 +81,27 @@ def test_work_round_trips_through_json() -> None:
     assert InboundWork.from_dict(json.loads(json.dumps(work.to_dict()))) == work
 
 
-@pytest.mark.parametrize("payload", [
-    "not json",
-    "[]",
-    json.dumps({"hello": "world"}),
-    json.dumps({"notificationType": "Bounce", "mail": {}, "receipt": {}}),
-    json.dumps({"Records": [{"eventSource": "aws:sqs"}]}),
-    json.dumps({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-                             "s3": {"bucket": {"name": "b"}, "object": {}}}]}),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "not json",
+        "[]",
+        json.dumps({"hello": "world"}),
+        json.dumps({"notificationType": "Bounce", "mail": {}, "receipt": {}}),
+        json.dumps({"Records": [{"eventSource": "aws:sqs"}]}),
+        json.dumps(
+            {
+                "Records": [
+                    {
+                        "eventSource": "aws:s3",
+                        "eventName": "ObjectCreated:Put",
+                        "s3": {"bucket": {"name": "b"}, "object": {}},
+                    }
+                ]
+            }
+        ),
+    ],
+)
 def test_unusable_payloads_raise(payload: str) -> None:
     with pytest.raises(NotificationError):
         parse_notification(payload)

@@ -11,8 +11,12 @@ from relay.inbound.parse import parse_message, safe_filename
 from tests.fakes.ses_inbound import SIMPLE_MESSAGE
 
 
-def build(*, attachments: list[tuple[str | None, str, bytes]] = (),  # type: ignore[assignment]
-          html: str | None = "<p>Hello</p>", text: str = "Hello\n") -> bytes:
+def build(
+    *,
+    attachments: list[tuple[str | None, str, bytes]] = (),  # type: ignore[assignment]
+    html: str | None = "<p>Hello</p>",
+    text: str = "Hello\n",
+) -> bytes:
     msg = EmailMessage()
     msg["From"] = "Älice Example <alice@example.com>"
     msg["To"] = "docs@example.com, Bob <bob@example.com>"
@@ -29,21 +33,25 @@ def build(*, attachments: list[tuple[str | None, str, bytes]] = (),  # type: ign
 
 
 def test_fields_bodies_and_attachments() -> None:
-    raw = build(attachments=[("invoice.pdf", "application/pdf", b"%PDF-1.7 data"),
-                             ("photo.jpg", "image/jpeg", b"\xff\xd8\xff\xe0jpeg")])
+    raw = build(
+        attachments=[
+            ("invoice.pdf", "application/pdf", b"%PDF-1.7 data"),
+            ("photo.jpg", "image/jpeg", b"\xff\xd8\xff\xe0jpeg"),
+        ]
+    )
     p = parse_message(raw)
     assert p.subject == "Rechnung März"
     assert p.from_ == ("alice@example.com",)
     assert p.to == ("docs@example.com", "bob@example.com")
     assert p.cc == ("carol@example.com",)
-    assert p.header_recipients() == ("docs@example.com", "bob@example.com",
-                                     "carol@example.com")
+    assert p.header_recipients() == ("docs@example.com", "bob@example.com", "carol@example.com")
     assert p.message_id == "<m1@example.com>"
     assert p.text is not None and p.text.splitlines() == ["Hello"]
     assert p.html is not None and "<p>Hello</p>" in p.html
     assert [(a.filename, a.content_type, a.data) for a in p.attachments] == [
         ("invoice.pdf", "application/pdf", b"%PDF-1.7 data"),
-        ("photo.jpg", "image/jpeg", b"\xff\xd8\xff\xe0jpeg")]
+        ("photo.jpg", "image/jpeg", b"\xff\xd8\xff\xe0jpeg"),
+    ]
     json_view = p.to_json()
     assert json_view["attachments"][0]["size"] == len(b"%PDF-1.7 data")
     assert "data" not in json_view["attachments"][0]
@@ -70,12 +78,14 @@ def test_attachment_without_name_gets_one() -> None:
 
 
 def test_encoded_word_and_rfc2231_filenames() -> None:
-    raw = (b"From: a@example.com\r\nTo: b@example.com\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
-           b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
-           b"--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
-           b"--B\r\nContent-Type: application/octet-stream\r\n"
-           b"Content-Disposition: attachment; filename*=UTF-8''%C3%BCbersicht%2F..%2Fx.xlsx\r\n"
-           b"\r\nDATA\r\n--B--\r\n")
+    raw = (
+        b"From: a@example.com\r\nTo: b@example.com\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+        b"--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+        b"--B\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Disposition: attachment; filename*=UTF-8''%C3%BCbersicht%2F..%2Fx.xlsx\r\n"
+        b"\r\nDATA\r\n--B--\r\n"
+    )
     p = parse_message(raw)
     assert p.subject == "Grüße"
     assert p.attachments[0].filename == "x.xlsx"
@@ -100,41 +110,47 @@ def test_attached_message_is_one_attachment() -> None:
 
 
 def test_malformed_mime_does_not_raise() -> None:
-    raw = (b"From: broken\r\nSubject: =?bogus-charset?q?x?=\r\n"
-           b"Content-Type: multipart/mixed; boundary=NOPE\r\n\r\n"
-           b"no boundary ever appears\r\n")
+    raw = (
+        b"From: broken\r\nSubject: =?bogus-charset?q?x?=\r\n"
+        b"Content-Type: multipart/mixed; boundary=NOPE\r\n\r\n"
+        b"no boundary ever appears\r\n"
+    )
     p = parse_message(raw)
     assert p.from_ == ()
     assert isinstance(p.subject, str)
 
 
 def test_unknown_charset_body_is_still_read() -> None:
-    raw = (b"From: a@example.com\r\nContent-Type: text/plain; charset=x-made-up\r\n\r\n"
-           b"caf\xc3\xa9\r\n")
+    raw = (
+        b"From: a@example.com\r\nContent-Type: text/plain; charset=x-made-up\r\n\r\ncaf\xc3\xa9\r\n"
+    )
     p = parse_message(raw)
     assert p.text is not None and "caf" in p.text
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("../../etc/passwd", "passwd"),
-    ("..\\..\\Windows\\system32\\cmd.exe", "cmd.exe"),
-    ("/absolute/path.txt", "path.txt"),
-    ("..", "attachment"),
-    ("...", "attachment"),
-    ("", "attachment"),
-    (None, "attachment"),
-    (".bashrc", "bashrc"),
-    ("report.pdf.", "report.pdf"),
-    ("  spaced  ", "spaced"),
-    ("a\x00b\x1fc\x7f.txt", "a_b_c_.txt"),
-    ("evil\u202egnp.exe", "evil_gnp.exe"),
-    ('what<>:"|?*.txt', "what_______.txt"),
-    ("CON", "_CON"),
-    ("nul.txt", "_nul.txt"),
-    ("com1.log", "_com1.log"),
-    ("console.txt", "console.txt"),
-    ("Übersicht 2024.xlsx", "Übersicht 2024.xlsx"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("..\\..\\Windows\\system32\\cmd.exe", "cmd.exe"),
+        ("/absolute/path.txt", "path.txt"),
+        ("..", "attachment"),
+        ("...", "attachment"),
+        ("", "attachment"),
+        (None, "attachment"),
+        (".bashrc", "bashrc"),
+        ("report.pdf.", "report.pdf"),
+        ("  spaced  ", "spaced"),
+        ("a\x00b\x1fc\x7f.txt", "a_b_c_.txt"),
+        ("evil\u202egnp.exe", "evil_gnp.exe"),
+        ('what<>:"|?*.txt', "what_______.txt"),
+        ("CON", "_CON"),
+        ("nul.txt", "_nul.txt"),
+        ("com1.log", "_com1.log"),
+        ("console.txt", "console.txt"),
+        ("Übersicht 2024.xlsx", "Übersicht 2024.xlsx"),
+    ],
+)
 def test_safe_filename(name: str | None, expected: str) -> None:
     assert safe_filename(name) == expected
 

@@ -73,25 +73,31 @@ def body(doc: dict[str, Any]) -> bytes:
 
 
 def test_string_to_sign_matches_the_aws_guide_example() -> None:
-    doc = {"Type": "Notification", "MessageId": "4d4dc071-ddbf-465d-bba8-08f81c89da64",
-           "TopicArn": "arn:aws:sns:us-east-2:123456789012:s4-MySNSTopic-1G1WEFCOXTC0P",
-           "Subject": "My subject", "Message": "My Test Message",
-           "Timestamp": "2019-01-31T04:37:04.321Z"}
+    doc = {
+        "Type": "Notification",
+        "MessageId": "4d4dc071-ddbf-465d-bba8-08f81c89da64",
+        "TopicArn": "arn:aws:sns:us-east-2:123456789012:s4-MySNSTopic-1G1WEFCOXTC0P",
+        "Subject": "My subject",
+        "Message": "My Test Message",
+        "Timestamp": "2019-01-31T04:37:04.321Z",
+    }
     assert string_to_sign(doc) == (
         b"Message\nMy Test Message\nMessageId\n4d4dc071-ddbf-465d-bba8-08f81c89da64\n"
         b"Subject\nMy subject\nTimestamp\n2019-01-31T04:37:04.321Z\n"
         b"TopicArn\narn:aws:sns:us-east-2:123456789012:s4-MySNSTopic-1G1WEFCOXTC0P\n"
-        b"Type\nNotification\n")
+        b"Type\nNotification\n"
+    )
     del doc["Subject"]
     assert b"Subject" not in string_to_sign(doc)
 
 
 @pytest.mark.parametrize("version", ["1", "2"])
-async def test_signed_notification_verifies(version: str, signer: SNSSigner,
-                                            verifier: SNSVerifier,
-                                            cert_server: SNSCertServer) -> None:
-    doc = signer.sign(notification(subject="Amazon SES Email Receipt Notification"),
-                      version=version)
+async def test_signed_notification_verifies(
+    version: str, signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer
+) -> None:
+    doc = signer.sign(
+        notification(subject="Amazon SES Email Receipt Notification"), version=version
+    )
     msg = await verifier.verify(body(doc))
     assert msg.type == "Notification"
     assert msg.topic_arn == TOPIC_ARN
@@ -102,26 +108,32 @@ async def test_signed_notification_verifies(version: str, signer: SNSSigner,
     assert cert_server.requests == [CERT_URL.removeprefix(f"https://{SNS_HOST}")]
 
 
-async def test_message_with_newlines_and_unicode_verifies(signer: SNSSigner,
-                                                          verifier: SNSVerifier) -> None:
-    doc = sns_envelope("line one\nline two — ünïcode\n", subject=None,
-                       timestamp=sns_timestamp(NOW))
+async def test_message_with_newlines_and_unicode_verifies(
+    signer: SNSSigner, verifier: SNSVerifier
+) -> None:
+    doc = sns_envelope("line one\nline two — ünïcode\n", subject=None, timestamp=sns_timestamp(NOW))
     msg = await verifier.verify(body(signer.sign(doc, version="2")))
     assert msg.message == "line one\nline two — ünïcode\n"
 
 
-async def test_certificate_is_cached(signer: SNSSigner, verifier: SNSVerifier,
-                                     cert_server: SNSCertServer) -> None:
+async def test_certificate_is_cached(
+    signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer
+) -> None:
     for _ in range(3):
         await verifier.verify(body(signer.sign(notification())))
     assert len(cert_server.requests) == 1
 
 
 async def test_subscription_confirmation_is_verified_and_confirmed(
-        signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer) -> None:
-    doc = signer.sign(sns_envelope("You have chosen to subscribe...",
-                                   msg_type="SubscriptionConfirmation",
-                                   timestamp=sns_timestamp(NOW)))
+    signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer
+) -> None:
+    doc = signer.sign(
+        sns_envelope(
+            "You have chosen to subscribe...",
+            msg_type="SubscriptionConfirmation",
+            timestamp=sns_timestamp(NOW),
+        )
+    )
     msg = await verifier.verify(body(doc))
     assert msg.type == "SubscriptionConfirmation"
     assert msg.token == doc["Token"]
@@ -130,11 +142,15 @@ async def test_subscription_confirmation_is_verified_and_confirmed(
     assert cert_server.confirmations == [doc["Token"]]
 
 
-async def test_unsubscribe_confirmation_verifies(signer: SNSSigner,
-                                                 verifier: SNSVerifier) -> None:
-    doc = signer.sign(sns_envelope("You have chosen to deactivate...",
-                                   msg_type="UnsubscribeConfirmation",
-                                   timestamp=sns_timestamp(NOW)), version="2")
+async def test_unsubscribe_confirmation_verifies(signer: SNSSigner, verifier: SNSVerifier) -> None:
+    doc = signer.sign(
+        sns_envelope(
+            "You have chosen to deactivate...",
+            msg_type="UnsubscribeConfirmation",
+            timestamp=sns_timestamp(NOW),
+        ),
+        version="2",
+    )
     msg = await verifier.verify(body(doc))
     assert msg.type == "UnsubscribeConfirmation"
 
@@ -142,8 +158,9 @@ async def test_unsubscribe_confirmation_verifies(signer: SNSSigner,
 # -- refused, and never fetched ---------------------------------------------------------------
 
 
-async def test_unsigned_message_is_rejected(verifier: SNSVerifier,
-                                            cert_server: SNSCertServer) -> None:
+async def test_unsigned_message_is_rejected(
+    verifier: SNSVerifier, cert_server: SNSCertServer
+) -> None:
     with pytest.raises(SNSRejected, match="not signed"):
         await verifier.verify(body(notification()))
     assert cert_server.requests == []
@@ -162,8 +179,9 @@ async def test_signature_from_another_key_is_rejected(verifier: SNSVerifier) -> 
         await verifier.verify(body(forged))
 
 
-async def test_signature_version_mismatch_is_rejected(signer: SNSSigner,
-                                                      verifier: SNSVerifier) -> None:
+async def test_signature_version_mismatch_is_rejected(
+    signer: SNSSigner, verifier: SNSVerifier
+) -> None:
     doc = signer.sign(notification(), version="1")
     doc["SignatureVersion"] = "2"
     with pytest.raises(SNSRejected):
@@ -173,8 +191,9 @@ async def test_signature_version_mismatch_is_rejected(signer: SNSSigner,
         await verifier.verify(body(doc))
 
 
-async def test_stale_message_is_rejected(signer: SNSSigner, verifier: SNSVerifier,
-                                         cert_server: SNSCertServer) -> None:
+async def test_stale_message_is_rejected(
+    signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer
+) -> None:
     old = notification(timestamp=sns_timestamp(NOW - dt.timedelta(hours=1, seconds=1)))
     with pytest.raises(SNSRejected, match="stale"):
         await verifier.verify(body(signer.sign(old)))
@@ -186,8 +205,9 @@ async def test_stale_message_is_rejected(signer: SNSSigner, verifier: SNSVerifie
 
 async def test_max_age_is_configurable(signer: SNSSigner, cert_server: SNSCertServer) -> None:
     fetcher = cert_server.fetcher()
-    strict = SNSVerifier(topics=[TOPIC_ARN], fetcher=fetcher, max_age=60,
-                         clock=lambda: NOW.timestamp())
+    strict = SNSVerifier(
+        topics=[TOPIC_ARN], fetcher=fetcher, max_age=60, clock=lambda: NOW.timestamp()
+    )
     try:
         doc = signer.sign(notification(timestamp=sns_timestamp(NOW - dt.timedelta(minutes=2))))
         with pytest.raises(SNSRejected, match="stale"):
@@ -197,29 +217,34 @@ async def test_max_age_is_configurable(signer: SNSSigner, cert_server: SNSCertSe
 
 
 async def test_foreign_topic_is_rejected_even_when_signed(
-        signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer) -> None:
+    signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer
+) -> None:
     doc = signer.sign(notification(topic_arn=f"arn:aws:sns:{REGION}:999999999999:evil"))
     with pytest.raises(SNSRejected, match="not allowed"):
         await verifier.verify(body(doc))
     assert cert_server.requests == []
 
 
-@pytest.mark.parametrize("url", [
-    "https://evil.example.com/SimpleNotificationService-x.pem",
-    "https://sns.eu-west-1.amazonaws.com.evil.example/x.pem",
-    "https://evilsns.eu-west-1.amazonaws.com/x.pem",
-    "https://sns.eu-west-1.amazonaws.com@evil.example/x.pem",
-    "https://user@sns.eu-west-1.amazonaws.com/x.pem",
-    "https://sns.eu-west-1.amazonaws.com:8443/x.pem",
-    "http://sns.eu-west-1.amazonaws.com/SimpleNotificationService-x.pem",
-    "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-x.txt",
-    "https://sns.eu-west-1.amazonaws.com/x.pem?redirect=https://evil.example/",
-    "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x.pem",
-    "file:///etc/passwd.pem",
-    "https://127.0.0.1/x.pem",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://evil.example.com/SimpleNotificationService-x.pem",
+        "https://sns.eu-west-1.amazonaws.com.evil.example/x.pem",
+        "https://evilsns.eu-west-1.amazonaws.com/x.pem",
+        "https://sns.eu-west-1.amazonaws.com@evil.example/x.pem",
+        "https://user@sns.eu-west-1.amazonaws.com/x.pem",
+        "https://sns.eu-west-1.amazonaws.com:8443/x.pem",
+        "http://sns.eu-west-1.amazonaws.com/SimpleNotificationService-x.pem",
+        "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-x.txt",
+        "https://sns.eu-west-1.amazonaws.com/x.pem?redirect=https://evil.example/",
+        "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x.pem",
+        "file:///etc/passwd.pem",
+        "https://127.0.0.1/x.pem",
+    ],
+)
 async def test_bad_certificate_url_is_rejected_without_fetching(
-        url: str, signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer) -> None:
+    url: str, signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer
+) -> None:
     doc = signer.sign(notification(), cert_url=url)
     with pytest.raises(SNSRejected):
         await verifier.verify(body(doc))
@@ -243,13 +268,25 @@ async def test_rejection_never_calls_the_fetcher(signer: SNSSigner) -> None:
 
 
 def test_china_partition_host_is_accepted() -> None:
-    check_sns_url("https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-x.pem",
-                  region="cn-north-1", what="SigningCertURL", pem=True)
+    check_sns_url(
+        "https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-x.pem",
+        region="cn-north-1",
+        what="SigningCertURL",
+        pem=True,
+    )
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b"{}", b'{"Type": "Bogus"}',
-                                 json.dumps({"Type": "Notification", "Message": 3}).encode(),
-                                 b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[1, 2]",
+        b"{}",
+        b'{"Type": "Bogus"}',
+        json.dumps({"Type": "Notification", "Message": 3}).encode(),
+        b"\xff\xfe",
+    ],
+)
 async def test_malformed_body_is_400(raw: bytes, verifier: SNSVerifier) -> None:
     with pytest.raises(SNSMalformed) as info:
         await verifier.verify(raw)
@@ -263,7 +300,8 @@ async def test_rejections_map_to_403(verifier: SNSVerifier) -> None:
 
 
 async def test_unreachable_certificate_is_503_so_sns_retries(
-        signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer) -> None:
+    signer: SNSSigner, verifier: SNSVerifier, cert_server: SNSCertServer
+) -> None:
     cert_server.fail_cert = True
     with pytest.raises(SNSUnavailable) as info:
         await verifier.verify(body(signer.sign(notification())))
@@ -281,8 +319,9 @@ async def test_certificate_that_is_not_a_certificate_is_rejected(signer: SNSSign
         await v.verify(body(signer.sign(notification())))
 
 
-async def test_subscribe_url_elsewhere_is_never_visited(signer: SNSSigner,
-                                                        cert_server: SNSCertServer) -> None:
+async def test_subscribe_url_elsewhere_is_never_visited(
+    signer: SNSSigner, cert_server: SNSCertServer
+) -> None:
     calls: list[str] = []
 
     async def fetcher(url: str) -> bytes:
@@ -292,8 +331,7 @@ async def test_subscribe_url_elsewhere_is_never_visited(signer: SNSSigner,
         raise FetchFailed("unexpected")
 
     v = SNSVerifier(topics=[TOPIC_ARN], fetcher=fetcher, clock=lambda: NOW.timestamp())
-    doc = sns_envelope("confirm", msg_type="SubscriptionConfirmation",
-                       timestamp=sns_timestamp(NOW))
+    doc = sns_envelope("confirm", msg_type="SubscriptionConfirmation", timestamp=sns_timestamp(NOW))
     doc["SubscribeURL"] = "https://evil.example/?Action=ConfirmSubscription"
     msg = await v.verify(body(signer.sign(doc)))  # the signature is fine...
     with pytest.raises(SNSRejected, match="SubscribeURL"):

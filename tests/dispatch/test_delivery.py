@@ -1,0 +1,154 @@
+"""Outbound delivery through the `smtp` upstream into a real aiosmtpd sink: byte-for-byte
+hand-off, deferral while the smarthost is down, permanent refusals, per-recipient outcomes
+and expiry."""
+
+from __future__ import annotations
+
+import time
+
+import aiosmtplib
+
+from relay.app import Relay
+from relay.spool import queries
+from tests.conftest import (
+    RelayFactory,
+    SMTPSink,
+    make_message,
+    smtp_upstream,
+    states,
+    strip_received,
+    wait_states,
+)
+
+FAST = {
+    "retry": {"schedule": ["1s"], "max_age": "1h", "bounces": False},
+    "routing": {"cooldown": "0.05s"},
+}
+
+
+async def send(
+    relay: Relay, data: bytes, rcpts: list[str], sender: str = "app@example.com"
+) -> None:
+    await aiosmtplib.send(
+        data,
+        sender=sender,
+        recipients=rcpts,
+        hostname="127.0.0.1",
+        port=relay.smtp_ports()[0],
+        start_tls=False,
+    )
+
+
+async def timeline(relay: Relay) -> list[dict[str, object]]:
+    [row] = await relay.spool.read(queries.list_messages)
+    return await relay.spool.read(lambda c: queries.timeline(c, row.id))
+
+
+async def test_smarthost_receives_message_byte_for_byte_with_envelope(
+    make_relay: RelayFactory, sink: SMTPSink
+) -> None:
+    relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
+    data = make_message(to="to@example.org")
+    # bcc@example.org is only in the envelope: it must still get the message.
+    await send(relay, data, ["to@example.org", "bcc@example.org"])
+    await sink.wait_count(1)
+    [got] = sink.messages
+    assert got.mail_from == "app@example.com"
+    assert got.rcpt_tos == ["to@example.org", "bcc@example.org"]
+    assert strip_received(got.data) == data
+    await wait_states(relay, sent=1)
+    events = await timeline(relay)
+    assert events[-1]["type"] == "sent"
+    assert events[-1]["deliveries"] == [
+        {
+            "upstream": "smarthost",
+            "provider_id": "SINK1",
+            "recipients": ["to@example.org", "bcc@example.org"],
+        }
+    ]
+
+
+async def test_smarthost_down_defers_then_everything_goes_when_it_is_back(
+    make_relay: RelayFactory, sink: SMTPSink
+) -> None:
+    port = sink.port
+    await sink.stop()
+    relay = await make_relay(upstream=[smtp_upstream(port)], **FAST)
+    for i in range(5):
+        await send(relay, make_message(subject=f"m{i}"), [f"r{i}@example.org"])
+    await wait_states(relay, deferred=5)
+    rows = await relay.spool.read(queries.list_messages)
+    assert all(r.last_error for r in rows), rows
+    assert any("cannot connect to 127.0.0.1" in (r.last_error or "") for r in rows)
+
+    await sink.start(port)
+    await relay.spool.write(lambda c: queries.flush(c, now=time.time(), actor="test"))
+    assert relay.outbound is not None
+    relay.outbound.wake()
+    await wait_states(relay, sent=5)
+    await sink.wait_count(5)
+    assert sorted(m.parsed["Subject"] for m in sink.messages) == [f"m{i}" for i in range(5)]
+
+
+async def test_permanent_refusal_fails_without_retry_and_says_why(
+    make_relay: RelayFactory, sink: SMTPSink
+) -> None:
+    sink.data_reply = "554 5.7.1 Message rejected by content policy"
+    relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
+    await send(relay, make_message(), ["a@example.org"])
+    await wait_states(relay, failed=1)
+    [row] = await relay.spool.read(queries.list_messages)
+    assert row.attempts == 1
+    assert "554 5.7.1 Message rejected by content policy" in (row.last_error or "")
+    events = await timeline(relay)
+    assert [e["type"] for e in events] == ["received", "attempt", "failed"]
+    assert events[1]["outcome"] == "permanent"
+    # Nothing comes due again: a flush leaves it alone.
+    flushed = await relay.spool.write(lambda c: queries.flush(c, now=time.time(), actor="t"))
+    assert flushed == []
+    assert await states(relay) == {"failed": 1}
+
+
+async def test_each_recipient_gets_its_own_outcome(
+    make_relay: RelayFactory, sink: SMTPSink
+) -> None:
+    sink.rcpt_replies = {
+        "gone@example.org": "550 5.1.1 No such user",
+        "busy@example.org": "452 4.2.2 Mailbox full, try later",
+    }
+    relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
+    await send(relay, make_message(), ["ok@example.org", "gone@example.org", "busy@example.org"])
+    await wait_states(relay, deferred=1)
+    [row] = await relay.spool.read(queries.list_messages)
+    assert row.rcpts == ["busy@example.org"]
+    assert sink.messages[0].rcpt_tos == ["ok@example.org"]
+
+    sink.rcpt_replies = {}
+    await relay.spool.write(lambda c: queries.flush(c, now=time.time(), actor="test"))
+    assert relay.outbound is not None
+    relay.outbound.wake()
+    # busy@ is delivered on the next round; gone@ stays failed, so the message is failed.
+    await wait_states(relay, failed=1)
+    await sink.wait_count(2)
+    assert sink.messages[1].rcpt_tos == ["busy@example.org"]
+    [row] = await relay.spool.read(queries.list_messages)
+    assert "gone@example.org: smarthost" not in (row.last_error or "")
+    assert "2 of 3 recipients delivered" in (row.last_error or ""), row.last_error
+    assert "550 5.1.1 No such user" in (row.last_error or "")
+
+
+async def test_message_past_max_age_fails_with_the_last_error(
+    make_relay: RelayFactory, sink: SMTPSink
+) -> None:
+    port = sink.port
+    await sink.stop()
+    relay = await make_relay(
+        upstream=[smtp_upstream(port)],
+        retry={"schedule": ["0.1s"], "max_age": "0.3s", "bounces": False},
+        routing={"cooldown": "0.01s"},
+    )
+    await send(relay, make_message(), ["a@example.org"])
+    await wait_states(relay, failed=1)
+    [row] = await relay.spool.read(queries.list_messages)
+    assert "retry.max_age" in (row.last_error or "")
+    assert "cannot connect" in (row.last_error or "")
