@@ -15,7 +15,7 @@ import signal
 import socket
 import sqlite3
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -32,6 +32,9 @@ from relay.spool.store import Spool
 from relay.upstreams.base import Upstream
 from relay.upstreams.registry import create_upstream
 from relay.web.app import create_app
+
+if TYPE_CHECKING:
+    from relay.inbound.service import InboundService
 
 log = logging.getLogger("relay.app")
 
@@ -82,6 +85,8 @@ class Relay:
         self.web_runner: web.AppRunner | None = None
         self.web_port: int | None = None
         self.outbound: Scheduler | None = None
+        # Inbound from SES (relay.inbound.service), present when config has [inbound].
+        self.inbound: InboundService | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._progress = asyncio.Event()
 
@@ -129,6 +134,11 @@ class Relay:
         if dispatch:
             self._tasks.append(asyncio.create_task(self.outbound.run(), name="dispatch"))
             self._tasks.append(asyncio.create_task(self._maintenance(), name="maintenance"))
+        if cfg.inbound:
+            from relay.inbound.service import InboundService
+
+            self.inbound = InboundService(self)
+            await self.inbound.start(dispatch=dispatch)
         if web_server:
             await self._start_web()
         if smtp:
@@ -152,6 +162,8 @@ class Relay:
             await server.wait_closed()
         if self.outbound is not None:
             await self.outbound.stop()
+        if self.inbound is not None:
+            await self.inbound.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

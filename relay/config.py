@@ -385,6 +385,10 @@ def parse(data: dict[str, Any], path: Path) -> Config:
 
     for i, up in enumerate(cfg.upstream):
         validate_upstream(up, f"upstream[{i}]", cfg)
+    if cfg.inbound:
+        from relay.inbound.settings import parse_inbound
+
+        parse_inbound(cfg.inbound, cfg)  # raises ConfigError naming the inbound key
     return cfg
 
 

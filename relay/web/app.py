@@ -30,4 +30,6 @@ def create_app(relay: Relay) -> web.Application:
     app[RELAY_KEY] = relay
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if relay.inbound is not None:
+        relay.inbound.add_routes(app)
     return app
