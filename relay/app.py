@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from relay.config import Config
+from relay.dispatch.bounces import BounceSender
 from relay.dispatch.outbound import OutboundWorker
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.routing import BreakerSettings, Router
 from relay.dispatch.scheduler import Scheduler
+from relay.dkim import DKIMSigner
 from relay.message import Kind
 from relay.smtp.listener import start_listeners
 from relay.spool import queries
@@ -114,6 +116,14 @@ class Relay:
                 max_concurrency=up_cfg.max_concurrency,
             )
         policy = RetryPolicy(schedule=tuple(cfg.retry.schedule), max_age=cfg.retry.max_age)
+        signer = DKIMSigner.from_config(cfg) if cfg.dkim else None
+        bouncer = (
+            BounceSender(
+                spool=self.spool, submit=self.submit, hostname=cfg.server.hostname, clock=self.clock
+            )
+            if cfg.retry.bounces
+            else None
+        )
         worker = OutboundWorker(
             spool=self.spool,
             router=self.router,
@@ -121,6 +131,8 @@ class Relay:
             owner=self.owner,
             clock=self.clock,
             on_finish=self._progress.set,
+            signer=signer,
+            bouncer=bouncer,
         )
         self.outbound = Scheduler(
             self.spool,

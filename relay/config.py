@@ -385,6 +385,13 @@ def parse(data: dict[str, Any], path: Path) -> Config:
 
     for i, up in enumerate(cfg.upstream):
         validate_upstream(up, f"upstream[{i}]", cfg)
+    if cfg.dkim:
+        from relay.dkim import DKIMSigner
+
+        try:
+            DKIMSigner.from_configs(cfg.dkim)
+        except ValueError as exc:
+            raise ConfigError(f"dkim: {exc}") from None
     if cfg.inbound:
         from relay.inbound.settings import parse_inbound
 

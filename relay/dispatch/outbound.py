@@ -12,31 +12,38 @@ state, so the timeline never disagrees with the queue.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.routing import Router
-from relay.message import Envelope, EventType
+from relay.message import EventType
 from relay.spool import queries
 from relay.spool.queries import Claimed
 from relay.spool.store import Spool
-from relay.upstreams.base import Accepted, PermanentError, TransientError, UpstreamError
+from relay.upstreams.base import (
+    Accepted,
+    PermanentError,
+    TransientError,
+    Upstream,
+    UpstreamError,
+)
 
 log = logging.getLogger("relay.dispatch")
 
 
 class Signer(Protocol):
-    def sign(self, data: bytes) -> bytes: ...
+    def sign(
+        self, data: bytes, *, envelope_from: str = "", skip_headers: Collection[str] = ()
+    ) -> bytes: ...
 
 
 #: Called with the message and {recipient: reason} of recipients that failed for good.
 Bouncer = Callable[[Claimed, dict[str, str]], Awaitable[None]]
-#: Says whether a JSON-only provider can carry this message faithfully.
-Representable = Callable[[Envelope, bytes], bool]
 
 
 class OutboundWorker:
@@ -50,7 +57,6 @@ class OutboundWorker:
         clock: Callable[[], float] = time.time,
         signer: Signer | None = None,
         bouncer: Bouncer | None = None,
-        representable: Representable | None = None,
         on_finish: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
@@ -60,7 +66,6 @@ class OutboundWorker:
         self.clock = clock
         self.signer = signer
         self.bouncer = bouncer
-        self.representable = representable
         # Tests and the web page await this instead of polling the queue.
         self.on_finish = on_finish
 
@@ -71,21 +76,41 @@ class OutboundWorker:
         events: list[tuple[EventType, float, dict[str, Any]]] = []
         tried: set[str] = set()
         last_error: UpstreamError | None = None
-        signed: bytes | None = None
-        raw_only = bool(self.representable and not self.representable(item.envelope, item.data))
+        signed: dict[frozenset[str], bytes] = {}
+        refusals: dict[str, str] = {}
+
+        def accept(upstream: Upstream) -> bool:
+            why = upstream.refusal(item.envelope.with_recipients(tuple(pending)), item.data)
+            if why:
+                refusals[upstream.name] = why
+            return why is None
 
         while pending:
-            group = self.router.candidates(exclude=tried, raw_only=raw_only)
+            group = self.router.candidates(exclude=tried, accept=accept)
             if not group:
+                if refusals and len(refusals) == len(self.router.states):
+                    # Not an outage: no configured upstream can carry this message at all.
+                    why = "; ".join(f"{n}: {r}" for n, r in sorted(refusals.items()))
+                    failed.update(dict.fromkeys(pending, f"no upstream can take it ({why})"))
+                    pending = []
+                elif refusals:
+                    events.append((EventType.NOTE, self.clock(), {"skipped": refusals}))
                 break
             async with self.router.slot(group) as state:
                 upstream = state.upstream
                 tried.add(upstream.name)
                 data = item.data
-                if self.signer is not None and upstream.wants_dkim:
-                    if signed is None:
-                        signed = self.signer.sign(item.data)
-                    data = signed
+                if self.signer is not None and upstream.should_dkim_sign(item.data):
+                    skip = upstream.dkim_skip_headers
+                    if skip not in signed:
+                        # RSA signing is CPU work: keep it off the event loop.
+                        signed[skip] = await asyncio.to_thread(
+                            self.signer.sign,
+                            item.data,
+                            envelope_from=item.envelope.mail_from,
+                            skip_headers=skip,
+                        )
+                    data = signed[skip]
                 envelope = item.envelope.with_recipients(tuple(pending))
                 started = time.monotonic()
                 try:

@@ -187,14 +187,18 @@ class Router:
                 return s
         raise KeyError(name)
 
-    def candidates(self, *, exclude: set[str], raw_only: bool) -> list[UpstreamState]:
-        """Usable upstreams of the best priority that has any, in weighted-random order."""
+    def candidates(
+        self, *, exclude: set[str], accept: Callable[[Upstream], bool] | None = None
+    ) -> list[UpstreamState]:
+        """Usable upstreams of the best priority that has any, in weighted-random order.
+
+        `accept` filters out upstreams that cannot take this particular message; the next
+        priority is then considered, as if they were down.
+        """
         eligible = [
             s
             for s in self.states
-            if s.name not in exclude
-            and s.weight > 0
-            and (s.upstream.accepts_raw_mime or not raw_only)
+            if s.name not in exclude and s.weight > 0 and (accept is None or accept(s.upstream))
         ]
         for priority in sorted({s.priority for s in eligible}):
             group = [s for s in eligible if s.priority == priority and s.usable()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from relay.message import Envelope
 
@@ -74,11 +75,11 @@ class Upstream(abc.ABC):
 
     #: Config `type` value this class implements.
     type_name: str = ""
-    #: False for providers that take JSON, not MIME: routing skips them for messages that
-    #: cannot be converted faithfully (signed MIME, header recipients outside the envelope).
-    accepts_raw_mime: bool = True
     #: Whether DKIM signing before the handoff makes sense (the bytes arrive unchanged).
+    #: JSON providers rebuild the message and sign it themselves.
     wants_dkim: bool = True
+    #: Headers our DKIM signature must not cover because this upstream rewrites them.
+    dkim_skip_headers: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -88,6 +89,16 @@ class Upstream(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what start() opened; called once at shutdown."""
+
+    def refusal(self, envelope: Envelope, data: bytes) -> str | None:
+        """Why this upstream cannot take this message at all (too big, not convertible to
+        the provider's JSON, ...), or None. Routing skips such an upstream for the message
+        without counting a failure: nothing is wrong with the upstream."""
+        return None
+
+    def should_dkim_sign(self, data: bytes) -> bool:
+        """Whether to add our signature to this message for this upstream."""
+        return self.wants_dkim
 
     @abc.abstractmethod
     async def send(self, envelope: Envelope, data: bytes) -> Accepted:

@@ -8,15 +8,19 @@ cache however many providers are configured.
 Outcomes follow DESIGN.md invariant 3. A status is read the same way for every provider
 unless a subclass knows better from the provider's own error codes:
 
-- 429, 502, 503, 504: transient and upstream-wide (throttled or down), with Retry-After.
-- other 5xx: transient, not upstream-wide (one message may trip a provider bug).
+- 429: transient with Retry-After, not upstream-wide: routing paces the upstream and
+  counts repeats, as for SES throttling.
+- 5xx: transient and upstream-wide (the provider is failing), with Retry-After.
 - 401, 403: the account is unusable (bad key, suspended): permanent, upstream-wide.
+- 3xx, 404, 405, 415: wrong endpoint or request format: permanent, upstream-wide.
 - 408: transient; 413: too large *for this provider*, so transient (another may take it).
 - any other 4xx: the provider refused this message: permanent.
 
 A request that fails without an answer is transient. It is `ambiguous` when the whole
 request (headers and body) had been handed to the connection: the provider may have
-accepted it, so a retry may duplicate. A failure to connect is never ambiguous.
+accepted it, so a retry may duplicate. A failure to connect is never ambiguous. As for
+SES, it is upstream-wide unless it is a timeout after the request was sent (one slow
+answer is not an outage; repeats open the breaker through routing's failure count).
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ from relay.upstreams.base import (
 
 log = logging.getLogger("relay.upstreams")
 
-#: Statuses meaning the provider as a whole is throttling us or unavailable.
-UPSTREAM_WIDE_TRANSIENT = frozenset({429, 502, 503, 504})
+#: Statuses meaning we are not talking to the API we think (base_url, our request format).
+ENDPOINT_WRONG = frozenset({404, 405, 415})
 
 
 # -- the shared session ------------------------------------------------------------------
@@ -178,12 +182,15 @@ def classify_status(
 ) -> UpstreamError:
     """The default reading of an unsuccessful status (see the module docstring)."""
     reason = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
-    if status in UPSTREAM_WIDE_TRANSIENT:
+    if status >= 500:
         return TransientError(reason, retry_after=retry_after(headers, now), upstream_wide=True)
-    if status >= 500 or status == 408:
+    if status in (408, 429):
         return TransientError(reason, retry_after=retry_after(headers, now))
     if status in (401, 403):
         return PermanentError(reason, upstream_wide=True)
+    if status in ENDPOINT_WRONG or 300 <= status < 400:
+        # Independent of the message: bouncing would fail every message the same way.
+        return PermanentError(f"{reason} (check base_url)", upstream_wide=True)
     if status == 413:
         return TransientError(f"too large for this upstream: {reason}")
     return PermanentError(reason)
@@ -265,6 +272,7 @@ class HTTPUpstream(Upstream):
         return self.limits(envelope, data)
 
     def limits(self, envelope: Envelope, data: bytes) -> str | None:
+        """The cheap checks (size, recipient count) send() makes before building."""
         if self.max_message_size is not None and len(data) > self.max_message_size:
             return f"message of {len(data)} bytes exceeds the {self.max_message_size}-byte limit"
         if self.max_recipients is not None and len(envelope.rcpt_tos) > self.max_recipients:
@@ -289,7 +297,7 @@ class HTTPUpstream(Upstream):
         if reply.ok:
             return Accepted(provider_id=self.provider_id(reply))
         error = self.classify(reply)
-        log.info("upstream %s refused a message: %s", self.name, error.reason)
+        log.info("upstream %s: %s", self.name, error.reason)
         raise error
 
     async def post(self, request: Request) -> Reply:
@@ -314,9 +322,12 @@ class HTTPUpstream(Upstream):
                 return Reply(resp.status, resp.headers, await resp.read())
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             ambiguous = progress.body_sent
-            what = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            timed_out = isinstance(exc, TimeoutError)
+            what = "timed out" if timed_out else str(exc) or type(exc).__name__
             phase = "after the request was sent" if ambiguous else "before the request was sent"
             log.info("upstream %s: %s %s", self.name, what, phase)
             raise TransientError(
-                f"{self.base_url}: {what} {phase}", upstream_wide=True, ambiguous=ambiguous
+                f"{self.base_url}: {what} {phase}",
+                upstream_wide=not (timed_out and ambiguous),
+                ambiguous=ambiguous,
             ) from exc

@@ -10,11 +10,10 @@ domain does not exist in the account: the upstream is misconfigured, not the mes
 
 from __future__ import annotations
 
+import base64
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import aiohttp
 
 from relay.config import Secret
 from relay.message import Envelope
@@ -52,7 +51,7 @@ class MailgunUpstream(HTTPUpstream):
         tracking: bool = False,
     ) -> None:
         super().__init__(name, base_url=base_url, timeout=timeout)
-        self.auth = aiohttp.BasicAuth("api", api_key).encode()
+        self.auth = "Basic " + base64.b64encode(f"api:{api_key}".encode()).decode()
         self.domain = domain
         self.tracking = tracking
 

@@ -5,9 +5,9 @@ cannot hold. Two losses would be silent and harmful (DESIGN.md, "What we learned
 mailing header recipients who were not RCPT TO, and dropping Bcc. So the envelope decides
 who gets the message: header To/Cc recipients keep their place, every other envelope
 recipient becomes Bcc, and a message whose To/Cc name anyone outside the envelope is not
-converted at all. Signed or encrypted MIME, extra body parts and alternatives with no JSON
-field are refused too: `unrepresentable_reason()` lets routing skip JSON providers for
-such messages instead of sending a damaged copy.
+converted at all. Signed, encrypted or report MIME, extra body parts and alternatives
+with no JSON field are refused too: `unrepresentable_reason()` lets routing skip JSON
+providers for such messages instead of sending a damaged copy.
 
 Header values are decoded (RFC 2047 encoded words, and raw UTF-8 from SMTPUTF8 clients) for
 the fields that carry text; custom headers are passed on in their encoded wire form.
@@ -64,10 +64,13 @@ DROPPED_HEADERS = frozenset(
         "arc-authentication-results",
     }
 )
+# Structures whose meaning is in the exact MIME: signatures and encryption cover the bytes,
+# and a delivery report (RFC 6522) is read by machines part by part.
 _OPAQUE_TYPES = frozenset(
     {
         "multipart/signed",
         "multipart/encrypted",
+        "multipart/report",
         "application/pkcs7-mime",
         "application/x-pkcs7-mime",
     }
@@ -238,7 +241,8 @@ class _Parts:
             content = part.get_content()  # type: ignore[attr-defined]
         except LookupError as exc:
             raise NotRepresentable(f"{ctype} body in an unknown charset: {exc}") from None
-        setattr(self, attr, str(content))
+        # Line ends as in a JSON document; the provider writes CRLF when it rebuilds MIME.
+        setattr(self, attr, str(content).replace("\r\n", "\n"))
 
     def _attachment(
         self, part: Message, ctype: str, disposition: str | None, filename: str | None, parent: str

@@ -7,7 +7,7 @@ than the status (Postmark "API error codes"):
 
 - 10 bad or missing token; 405 not allowed to send (out of credits); 412 account
   pending; 413 account may not send: the account is unusable, upstream-wide, permanent.
-- 100 maintenance; 429 rate limit: transient, upstream-wide.
+- 100 maintenance: transient, upstream-wide. 429 rate limit: transient.
 - 400/401 sender signature not found/not confirmed: this sender isn't set up at Postmark,
   another upstream may send it: transient.
 - 300 invalid email request; 406 inactive recipient; 411 forbidden attachment type; and
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from relay.config import Config, UpstreamConfig
 
 _ACCOUNT_UNUSABLE = frozenset({10, 405, 412, 413})
-_PROVIDER_BUSY = frozenset({100, 429})
+_MAINTENANCE = 100
 _SENDER_NOT_SET_UP = frozenset({400, 401})
 
 
@@ -46,7 +46,6 @@ class PostmarkSettings:
 class PostmarkUpstream(HTTPUpstream):
     type_name = "postmark"
     Settings = PostmarkSettings
-    accepts_raw_mime = False
     wants_dkim = False  # Postmark rebuilds the message and signs it itself
     max_message_size = 10 * 1000**2  # measured by Postmark after base64, so approximate
     max_recipients = 50  # To, Cc and Bcc together
@@ -143,10 +142,12 @@ class PostmarkUpstream(HTTPUpstream):
         reason = f"HTTP {reply.status}: {self.error_detail(reply)}"
         if code in _ACCOUNT_UNUSABLE:
             return PermanentError(reason, upstream_wide=True)
-        if code in _PROVIDER_BUSY:
+        if code == _MAINTENANCE:
             return TransientError(
                 reason, retry_after=retry_after(reply.headers, self.clock()), upstream_wide=True
             )
+        if code == 429:
+            return TransientError(reason, retry_after=retry_after(reply.headers, self.clock()))
         if code in _SENDER_NOT_SET_UP:
             return TransientError(reason)
         if code is not None and reply.status == 422:

@@ -42,7 +42,6 @@ class SendGridSettings:
 class SendGridUpstream(HTTPUpstream):
     type_name = "sendgrid"
     Settings = SendGridSettings
-    accepts_raw_mime = False
     wants_dkim = False  # SendGrid rebuilds the message and signs it itself
     # The whole JSON request may be 30 MB; base64 attachments in the MIME are about the
     # same size in the JSON, so the queued size is a fair first check.

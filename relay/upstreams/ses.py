@@ -137,7 +137,6 @@ class SESUpstream(Upstream):
 
     type_name = "ses"
     Settings = SESSettings
-    accepts_raw_mime = True
     wants_dkim = True
     #: Headers our DKIM signature must not cover: SES overwrites Date and Message-ID (and
     #: owns Return-Path and Bounces-To), which would break the signature in transit.
@@ -191,7 +190,7 @@ class SESUpstream(Upstream):
         SES refuses a message whose header has DKIM-Signature more than once, so adding ours
         to an already signed message would turn a deliverable message into a rejected one.
         """
-        return not has_header(data, b"dkim-signature")
+        return self.wants_dkim and not has_header(data, b"dkim-signature")
 
     # -- lifecycle ------------------------------------------------------------------------------
 

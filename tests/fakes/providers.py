@@ -364,10 +364,11 @@ class FakeMailgun(FakeProvider):
             raise Rejection(400, "'message' parameter is missing")
         return form
 
+    def new_id(self, n: int) -> str:
+        return f"20240101000000.{n}.fake@{self.domain}"
+
     def accepted(self, provider_id: str, body: Any) -> web.Response:
-        return web.json_response(
-            {"id": f"<{provider_id}@{self.domain}>", "message": "Queued. Thank you."}
-        )
+        return web.json_response({"id": f"<{provider_id}>", "message": "Queued. Thank you."})
 
     def error(
         self,

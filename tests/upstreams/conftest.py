@@ -31,16 +31,19 @@ from tests.fakes.providers import (
 )
 
 # hidden@example.org is an envelope-only (Bcc) recipient: it must be delivered.
-ENVELOPE = Envelope("bounces@example.com",
-                    ("to@example.net", "cc@example.net", "hidden@example.org"))
-MESSAGE = (b"From: Sender <sender@example.com>\r\n"
-           b"To: Someone <to@example.net>\r\n"
-           b"Cc: cc@example.net\r\n"
-           b"Subject: Hello\r\n"
-           b"Message-ID: <1@example.com>\r\n"
-           b"X-Relay-ID: 01HRELAYID\r\n"
-           b"\r\n"
-           b"Hi there.\r\n")
+ENVELOPE = Envelope(
+    "bounces@example.com", ("to@example.net", "cc@example.net", "hidden@example.org")
+)
+MESSAGE = (
+    b"From: Sender <sender@example.com>\r\n"
+    b"To: Someone <to@example.net>\r\n"
+    b"Cc: cc@example.net\r\n"
+    b"Subject: Hello\r\n"
+    b"Message-ID: <1@example.com>\r\n"
+    b"X-Relay-ID: 01HRELAYID\r\n"
+    b"\r\n"
+    b"Hi there.\r\n"
+)
 
 # Attachments, an inline image, RFC 2047 subject and names, an RFC 2231 file name.
 RICH_ENVELOPE = Envelope("juergen@example.com", ("anna@example.net", "bcc@example.org"))
@@ -94,16 +97,14 @@ class Pair:
     async def send(self, envelope: Envelope = ENVELOPE, data: bytes = MESSAGE) -> Accepted:
         return await self.upstream.send(envelope, data)
 
-    async def failure(self, envelope: Envelope = ENVELOPE,
-                      data: bytes = MESSAGE) -> UpstreamError:
+    async def failure(self, envelope: Envelope = ENVELOPE, data: bytes = MESSAGE) -> UpstreamError:
         with pytest.raises(UpstreamError) as info:
             await self.send(envelope, data)
         return info.value
 
 
 @asynccontextmanager
-async def running(fake: FakeProvider,
-                  make: Callable[[str], HTTPUpstream]) -> AsyncIterator[Pair]:
+async def running(fake: FakeProvider, make: Callable[[str], HTTPUpstream]) -> AsyncIterator[Pair]:
     upstream = make(await fake.start())
     await upstream.start()
     try:
@@ -116,30 +117,39 @@ async def running(fake: FakeProvider,
 
 @pytest.fixture
 async def sendgrid() -> AsyncIterator[Pair]:
-    async with running(FakeSendGrid(), lambda url: SendGridUpstream(
-            "sendgrid", api_key=FAKE_KEY, base_url=url, timeout=5.0)) as pair:
+    async with running(
+        FakeSendGrid(),
+        lambda url: SendGridUpstream("sendgrid", api_key=FAKE_KEY, base_url=url, timeout=5.0),
+    ) as pair:
         yield pair
 
 
 @pytest.fixture
 async def mailgun() -> AsyncIterator[Pair]:
-    async with running(FakeMailgun(domain="mg.example.com"), lambda url: MailgunUpstream(
-            "mailgun", api_key=FAKE_KEY, domain="mg.example.com", base_url=url,
-            timeout=5.0)) as pair:
+    async with running(
+        FakeMailgun(domain="mg.example.com"),
+        lambda url: MailgunUpstream(
+            "mailgun", api_key=FAKE_KEY, domain="mg.example.com", base_url=url, timeout=5.0
+        ),
+    ) as pair:
         yield pair
 
 
 @pytest.fixture
 async def sparkpost() -> AsyncIterator[Pair]:
-    async with running(FakeSparkPost(), lambda url: SparkPostUpstream(
-            "sparkpost", api_key=FAKE_KEY, base_url=url, timeout=5.0)) as pair:
+    async with running(
+        FakeSparkPost(),
+        lambda url: SparkPostUpstream("sparkpost", api_key=FAKE_KEY, base_url=url, timeout=5.0),
+    ) as pair:
         yield pair
 
 
 @pytest.fixture
 async def postmark() -> AsyncIterator[Pair]:
-    async with running(FakePostmark(), lambda url: PostmarkUpstream(
-            "postmark", api_key=FAKE_KEY, base_url=url, timeout=5.0)) as pair:
+    async with running(
+        FakePostmark(),
+        lambda url: PostmarkUpstream("postmark", api_key=FAKE_KEY, base_url=url, timeout=5.0),
+    ) as pair:
         yield pair
 
 
@@ -155,79 +165,94 @@ def _closed_port() -> int:
 
 @dataclass(frozen=True)
 class FailureCase:
-    """Arm a failure, send once, check the outcome, then prove the next send goes through."""
+    """One way a provider can fail, and the outcome every HTTP upstream must report."""
 
     name: str
+    arm: Callable[[Pair], None]
+    kind: type[UpstreamError]
+    upstream_wide: bool
+    ambiguous: bool = False
+    retry_after: float | None = None
+    reason: str = ""
 
     async def run(self, pair: Pair) -> None:
+        """Arm the failure, send once, check the outcome, then prove the next send works."""
         fake, upstream = pair.fake, pair.upstream
         base_url, timeout = upstream.base_url, upstream.timeout
-        getattr(self, f"_arm_{self.name}")(pair)
+        self.arm(pair)
         error = await pair.failure()
-        getattr(self, f"_check_{self.name}")(error, pair)
+        assert type(error) is self.kind, error
+        assert (error.upstream_wide, error.ambiguous) == (self.upstream_wide, self.ambiguous)
+        assert getattr(error, "retry_after", None) == self.retry_after
+        assert self.reason in error.reason
         assert fake.requests == []
         fake.release()
         upstream.base_url, upstream.timeout = base_url, timeout
         assert (await pair.send()).provider_id == fake.requests[0].provider_id
 
-    def _arm_throttled(self, pair: Pair) -> None:
-        pair.fake.fail(429, headers={"Retry-After": "7"})
 
-    def _check_throttled(self, error: UpstreamError, pair: Pair) -> None:
-        assert isinstance(error, TransientError) and error.upstream_wide
-        assert error.retry_after == 7.0 and not error.ambiguous
-
-    def _arm_unavailable(self, pair: Pair) -> None:
-        pair.fake.fail(503)
-
-    def _check_unavailable(self, error: UpstreamError, pair: Pair) -> None:
-        assert isinstance(error, TransientError) and error.upstream_wide
-        assert "503" in error.reason and not error.ambiguous
-
-    def _arm_server_error(self, pair: Pair) -> None:
-        pair.fake.fail(500)
-
-    def _check_server_error(self, error: UpstreamError, pair: Pair) -> None:
-        assert isinstance(error, TransientError) and not error.upstream_wide
-
-    def _arm_bad_key(self, pair: Pair) -> None:
-        pair.fake.fail(401)
-
-    def _check_bad_key(self, error: UpstreamError, pair: Pair) -> None:
-        assert isinstance(error, PermanentError) and error.upstream_wide
-
-    def _arm_rejected(self, pair: Pair) -> None:
-        pair.fake.fail(pair.fake.reject_status, message="invalid message")
-
-    def _check_rejected(self, error: UpstreamError, pair: Pair) -> None:
-        assert isinstance(error, PermanentError) and not error.upstream_wide
-        assert "invalid message" in error.reason
-
-    def _arm_hang(self, pair: Pair) -> None:
-        pair.fake.hang()
-        pair.upstream.timeout = 0.2
-
-    def _check_hang(self, error: UpstreamError, pair: Pair) -> None:
-        assert pair.fake.hanging.is_set()
-        assert isinstance(error, TransientError) and error.ambiguous
-        assert "timed out after the request was sent" in error.reason
-
-    def _arm_dropped(self, pair: Pair) -> None:
-        pair.fake.drop()
-
-    def _check_dropped(self, error: UpstreamError, pair: Pair) -> None:
-        assert isinstance(error, TransientError) and error.ambiguous
-
-    def _arm_refused(self, pair: Pair) -> None:
-        pair.upstream.base_url = f"http://127.0.0.1:{_closed_port()}"
-
-    def _check_refused(self, error: UpstreamError, pair: Pair) -> None:
-        assert isinstance(error, TransientError) and not error.ambiguous
-        assert "before the request was sent" in error.reason
+def _hang(pair: Pair) -> None:
+    pair.fake.hang()
+    pair.upstream.timeout = 0.2
 
 
-FAILURE_CASES = [FailureCase(n) for n in ("throttled", "unavailable", "server_error", "bad_key",
-                                          "rejected", "hang", "dropped", "refused")]
+def _unreachable(pair: Pair) -> None:
+    pair.upstream.base_url = f"http://127.0.0.1:{_closed_port()}"
+
+
+FAILURE_CASES = [
+    FailureCase(
+        "throttled",
+        lambda p: p.fake.fail(429, headers={"Retry-After": "7"}),
+        TransientError,
+        upstream_wide=False,
+        retry_after=7.0,
+        reason="429",
+    ),
+    FailureCase(
+        "unavailable", lambda p: p.fake.fail(503), TransientError, upstream_wide=True, reason="503"
+    ),
+    FailureCase(
+        "server_error",
+        lambda p: p.fake.fail(500),
+        TransientError,
+        upstream_wide=True,
+        reason="500",
+    ),
+    FailureCase(
+        "bad_key", lambda p: p.fake.fail(401), PermanentError, upstream_wide=True, reason="401"
+    ),
+    FailureCase(
+        "rejected",
+        lambda p: p.fake.fail(p.fake.reject_status, message="invalid message"),
+        PermanentError,
+        upstream_wide=False,
+        reason="invalid message",
+    ),
+    FailureCase(
+        "hang",
+        _hang,
+        TransientError,
+        upstream_wide=False,
+        ambiguous=True,
+        reason="timed out after the request was sent",
+    ),
+    FailureCase(
+        "dropped",
+        lambda p: p.fake.drop(),
+        TransientError,
+        upstream_wide=True,
+        ambiguous=True,
+        reason="after the request was sent",
+    ),
+    FailureCase(
+        "refused",
+        _unreachable,
+        TransientError,
+        upstream_wide=True,
+        reason="before the request was sent",
+    ),
+]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -57,8 +57,14 @@ def sent_messages(endpoint: MotoEndpoint) -> dict[str, dict[str, Any]]:
 @pytest.fixture
 async def ses(moto: MotoEndpoint) -> AsyncIterator[SESUpstream]:  # noqa: F811
     moto.client("sesv2").create_email_identity(EmailIdentity="example.com")
-    upstream = SESUpstream("ses", REGION, endpoint_url=moto.url, configuration_set="",
-                           tags={"app": "billing"}, max_concurrency=4)
+    upstream = SESUpstream(
+        "ses",
+        REGION,
+        endpoint_url=moto.url,
+        configuration_set="",
+        tags={"app": "billing"},
+        max_concurrency=4,
+    )
     await upstream.start()
     yield upstream
     await upstream.close()
@@ -76,7 +82,8 @@ def capture_requests(upstream: SESUpstream) -> list[dict[str, Any]]:
 
 
 async def test_raw_bytes_and_every_envelope_recipient_reach_ses(
-        ses: SESUpstream, moto: MotoEndpoint) -> None:  # noqa: F811
+    ses: SESUpstream, moto: MotoEndpoint
+) -> None:  # noqa: F811
     calls = capture_requests(ses)
     # dave is Bcc: in the envelope only. Carol is in Cc: but was never RCPT TO.
     envelope = Envelope("billing@example.com", ("bob@dest.test", "dave@hidden.test"))
@@ -112,7 +119,8 @@ async def test_unverified_sender_opens_the_breaker(ses: SESUpstream) -> None:
 
 
 async def test_null_sender_sends_without_from_email_address(
-        ses: SESUpstream, moto: MotoEndpoint) -> None:  # noqa: F811
+    ses: SESUpstream, moto: MotoEndpoint
+) -> None:  # noqa: F811
     calls = capture_requests(ses)
     accepted = await ses.send(Envelope("", ("bob@dest.test",)), MESSAGE)
     assert "FromEmailAddress" not in calls[0]
@@ -120,7 +128,8 @@ async def test_null_sender_sends_without_from_email_address(
 
 
 async def test_large_envelopes_are_sent_in_batches_of_fifty(
-        ses: SESUpstream, moto: MotoEndpoint) -> None:  # noqa: F811
+    ses: SESUpstream, moto: MotoEndpoint
+) -> None:  # noqa: F811
     calls = capture_requests(ses)
     rcpts = tuple(f"user{i}@dest.test" for i in range(120))
     # Header recipients would count against moto's limit too; keep them out.
@@ -136,11 +145,11 @@ async def test_large_envelopes_are_sent_in_batches_of_fifty(
     assert {r for i in ids for r in recorded[i]["destinations"]} == set(rcpts)
 
 
-async def test_smtputf8_recipient_is_refused_and_idn_domain_punycoded(
-        ses: SESUpstream) -> None:
+async def test_smtputf8_recipient_is_refused_and_idn_domain_punycoded(ses: SESUpstream) -> None:
     calls = capture_requests(ses)
-    envelope = Envelope("billing@example.com", ("jürgen@dest.test", "bob@bücher.test"),
-                        smtputf8=True)
+    envelope = Envelope(
+        "billing@example.com", ("jürgen@dest.test", "bob@bücher.test"), smtputf8=True
+    )
     accepted = await ses.send(envelope, MESSAGE)
     assert calls[0]["Destination"]["ToAddresses"] == ["bob@xn--bcher-kva.test"]
     refusal = accepted.refused["jürgen@dest.test"]
@@ -151,8 +160,7 @@ async def test_unreachable_endpoint_is_transient_and_not_ambiguous() -> None:
     with socket.socket() as sock:  # a port that nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    upstream = SESUpstream("ses", REGION, endpoint_url=f"http://127.0.0.1:{port}",
-                           timeout=5.0)
+    upstream = SESUpstream("ses", REGION, endpoint_url=f"http://127.0.0.1:{port}", timeout=5.0)
     await upstream.start()
     try:
         with pytest.raises(TransientError) as caught:
@@ -193,7 +201,8 @@ def throttling_server() -> Iterator[tuple[str, list[str]]]:
 
 
 async def test_throttling_is_not_retried_inside_boto3(
-        throttling_server: tuple[str, list[str]]) -> None:
+    throttling_server: tuple[str, list[str]],
+) -> None:
     url, hits = throttling_server
     upstream = SESUpstream("ses", REGION, endpoint_url=url)
     await upstream.start()
@@ -220,44 +229,102 @@ def test_already_signed_message_is_not_signed_again() -> None:
 
 
 def client_error(code: str, message: str, status: int = 400) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": message},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "SendEmail")
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "SendEmail",
+    )
 
 
-@pytest.mark.parametrize(("exc", "kind", "upstream_wide", "ambiguous"), [
-    (client_error("TooManyRequestsException", "Too many requests", 429),
-     TransientError, False, False),
-    (client_error("Throttling", "Maximum sending rate exceeded."), TransientError, False, False),
-    (client_error("MessageRejected", "Maximum send rate exceeded"), TransientError, False, False),
-    (client_error("Throttling", "Daily message quota exceeded."), TransientError, True, False),
-    (client_error("LimitExceededException", "Sending quota exceeded"),
-     TransientError, True, False),
-    (client_error("AccountSuspendedException", "suspended"), PermanentError, True, False),
-    (client_error("SendingPausedException", "paused"), PermanentError, True, False),
-    (client_error("AccountSendingPausedException", "paused"), PermanentError, True, False),
-    (client_error("MailFromDomainNotVerifiedException", "not verified"),
-     PermanentError, True, False),
-    (client_error("MessageRejected", "Email address is not verified. The following "
-                  "identities failed the check in region EU-WEST-1: a@x.test"),
-     PermanentError, True, False),
-    (client_error("UnrecognizedClientException", "bad token"), PermanentError, True, False),
-    (client_error("ExpiredTokenException", "expired"), TransientError, True, False),
-    (client_error("MessageRejected", "Illegal header 'Foo'."), PermanentError, False, False),
-    (client_error("MessageRejected", "Message length is more than 10485760 bytes long"),
-     TransientError, False, False),
-    (client_error("BadRequestException", "Missing final '@domain'"),
-     PermanentError, False, False),
-    (client_error("InternalFailure", "oops", 500), TransientError, True, False),
-    (client_error("ServiceUnavailable", "down", 503), TransientError, True, False),
-    (ReadTimeoutError(endpoint_url="https://email.eu-west-1.amazonaws.com"),
-     TransientError, False, True),
-    (ConnectTimeoutError(endpoint_url="https://email.eu-west-1.amazonaws.com"),
-     TransientError, True, False),
-    (EndpointConnectionError(endpoint_url="https://email.eu-west-1.amazonaws.com"),
-     TransientError, True, False),
-])
-def test_error_mapping(exc: Exception, kind: type[Exception], upstream_wide: bool,
-                       ambiguous: bool) -> None:
+@pytest.mark.parametrize(
+    ("exc", "kind", "upstream_wide", "ambiguous"),
+    [
+        (
+            client_error("TooManyRequestsException", "Too many requests", 429),
+            TransientError,
+            False,
+            False,
+        ),
+        (
+            client_error("Throttling", "Maximum sending rate exceeded."),
+            TransientError,
+            False,
+            False,
+        ),
+        (
+            client_error("MessageRejected", "Maximum send rate exceeded"),
+            TransientError,
+            False,
+            False,
+        ),
+        (client_error("Throttling", "Daily message quota exceeded."), TransientError, True, False),
+        (
+            client_error("LimitExceededException", "Sending quota exceeded"),
+            TransientError,
+            True,
+            False,
+        ),
+        (client_error("AccountSuspendedException", "suspended"), PermanentError, True, False),
+        (client_error("SendingPausedException", "paused"), PermanentError, True, False),
+        (client_error("AccountSendingPausedException", "paused"), PermanentError, True, False),
+        (
+            client_error("MailFromDomainNotVerifiedException", "not verified"),
+            PermanentError,
+            True,
+            False,
+        ),
+        (
+            client_error(
+                "MessageRejected",
+                "Email address is not verified. The following "
+                "identities failed the check in region EU-WEST-1: a@x.test",
+            ),
+            PermanentError,
+            True,
+            False,
+        ),
+        (client_error("UnrecognizedClientException", "bad token"), PermanentError, True, False),
+        (client_error("ExpiredTokenException", "expired"), TransientError, True, False),
+        (client_error("MessageRejected", "Illegal header 'Foo'."), PermanentError, False, False),
+        (
+            client_error("MessageRejected", "Message length is more than 10485760 bytes long"),
+            TransientError,
+            False,
+            False,
+        ),
+        (
+            client_error("BadRequestException", "Missing final '@domain'"),
+            PermanentError,
+            False,
+            False,
+        ),
+        (client_error("InternalFailure", "oops", 500), TransientError, True, False),
+        (client_error("ServiceUnavailable", "down", 503), TransientError, True, False),
+        (
+            ReadTimeoutError(endpoint_url="https://email.eu-west-1.amazonaws.com"),
+            TransientError,
+            False,
+            True,
+        ),
+        (
+            ConnectTimeoutError(endpoint_url="https://email.eu-west-1.amazonaws.com"),
+            TransientError,
+            True,
+            False,
+        ),
+        (
+            EndpointConnectionError(endpoint_url="https://email.eu-west-1.amazonaws.com"),
+            TransientError,
+            True,
+            False,
+        ),
+    ],
+)
+def test_error_mapping(
+    exc: Exception, kind: type[Exception], upstream_wide: bool, ambiguous: bool
+) -> None:
     error = classify(exc, upstream="ses")
     assert type(error) is kind
     assert error.upstream_wide is upstream_wide
@@ -277,23 +344,37 @@ def test_throttling_suggests_a_short_wait_and_quota_a_long_one() -> None:
 
 
 def test_built_from_config_through_the_registry() -> None:
-    common = UpstreamConfig(name="ses-eu", type="ses", timeout=Duration(12.0),
-                            max_concurrency=8,
-                            options={"region": "eu-west-1", "configuration_set": "relay",
-                                     "tags": {"env": "prod"}, "max_attempts": 2})
+    common = UpstreamConfig(
+        name="ses-eu",
+        type="ses",
+        timeout=Duration(12.0),
+        max_concurrency=8,
+        options={
+            "region": "eu-west-1",
+            "configuration_set": "relay",
+            "tags": {"env": "prod"},
+            "max_attempts": 2,
+        },
+    )
     upstream = create_upstream(common, "upstream[0]", Config())
     assert isinstance(upstream, SESUpstream)
-    assert (upstream.name, upstream.region, upstream.configuration_set) == \
-        ("ses-eu", "eu-west-1", "relay")
+    assert (upstream.name, upstream.region, upstream.configuration_set) == (
+        "ses-eu",
+        "eu-west-1",
+        "relay",
+    )
     assert (upstream.tags, upstream.max_attempts, upstream.timeout) == ({"env": "prod"}, 2, 12.0)
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({}, "upstream[0].region: required key is missing"),
-    ({"region": "eu-west-1", "tags": {"bad tag": "x"}}, "tags.bad tag"),
-    ({"region": "eu-west-1", "max_attempts": 0}, "max_attempts"),
-    ({"region": "eu-west-1", "regoin": "x"}, "regoin: unknown key"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "upstream[0].region: required key is missing"),
+        ({"region": "eu-west-1", "tags": {"bad tag": "x"}}, "tags.bad tag"),
+        ({"region": "eu-west-1", "max_attempts": 0}, "max_attempts"),
+        ({"region": "eu-west-1", "regoin": "x"}, "regoin: unknown key"),
+    ],
+)
 def test_bad_settings_name_the_key(options: dict[str, Any], message: str) -> None:
     common = UpstreamConfig(name="ses", type="ses", options=options)
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -1,0 +1,165 @@
+"""The `relay` command line, run as a real subprocess against a running relay's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from relay.app import Relay
+from relay.smtp.auth import verify_password
+from tests.conftest import RelayFactory, SMTPSink, make_message, smtp_upstream, wait_states
+
+
+async def relay_cli(*args: str, config: Path, stdin: bytes | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        "--config",
+        str(config),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(stdin)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def cli_config(relay: Relay, tmp_path: Path) -> Path:
+    path = tmp_path / "cli.toml"
+    path.write_text(f'[server]\nqueue = "{relay.config.queue_dir}"\n')
+    return path
+
+
+async def send(relay: Relay, subject: str) -> None:
+    await aiosmtplib.send(
+        make_message(subject=subject),
+        sender="app@example.com",
+        recipients=["r@example.org"],
+        hostname="127.0.0.1",
+        port=relay.smtp_ports()[0],
+        start_tls=False,
+    )
+
+
+async def test_queue_commands_on_a_running_server(
+    make_relay: RelayFactory, sink: SMTPSink, tmp_path: Path
+) -> None:
+    port = sink.port
+    await sink.stop()
+    relay = await make_relay(
+        upstream=[smtp_upstream(port)],
+        retry={"schedule": ["1h"], "bounces": False},
+        routing={"cooldown": "0.01s"},
+    )
+    for subject in ("one", "two", "three"):
+        await send(relay, subject)
+    await wait_states(relay, deferred=3)
+    cfg = cli_config(relay, tmp_path)
+
+    code, out, _ = await relay_cli("queue", "list", "--state", "deferred", "--json", config=cfg)
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["state"] for r in rows] == ["deferred"] * 3
+    one, two, _three = (r["id"] for r in rows)
+
+    code, out, _ = await relay_cli("queue", "hold", one, config=cfg)
+    assert (code, out.strip()) == (0, f"{one}: held")
+    code, out, _ = await relay_cli("queue", "show", one, config=cfg)
+    assert code == 0 and "state:     held" in out
+    assert "cannot connect to 127.0.0.1" in out  # the deferral's reason is on the timeline
+    code, _, err = await relay_cli("queue", "hold", one, config=cfg)
+    assert code == 1 and "is held; only queued or deferred messages can be held" in err
+
+    code, out, _ = await relay_cli("queue", "delete", two, config=cfg)
+    assert code == 0
+    code, _, err = await relay_cli("queue", "show", two, config=cfg)
+    assert code == 1 and f"no message {two}" in err
+
+    await sink.start(port)
+    code, out, _ = await relay_cli("queue", "flush", config=cfg)
+    assert (code, out.strip()) == (0, "1 deferred message(s) due now")
+    await wait_states(relay, sent=1, held=1)  # picked up by the server's own poll
+    code, out, _ = await relay_cli("queue", "release", one, config=cfg)
+    assert code == 0
+    await wait_states(relay, sent=2)
+    assert sorted(m.parsed["Subject"] for m in sink.messages) == ["one", "three"]
+
+    code, out, _ = await relay_cli("queue", "show", one, "--json", config=cfg)
+    types = [e["type"] for e in json.loads(out)["timeline"]]
+    assert types == ["received", "attempt", "deferred", "held", "released", "attempt", "sent"]
+
+
+async def test_retry_failed_messages(
+    make_relay: RelayFactory, sink: SMTPSink, tmp_path: Path
+) -> None:
+    sink.data_reply = "554 5.7.1 Rejected for now"
+    relay = await make_relay(upstream=[smtp_upstream(sink.port)], retry={"bounces": False})
+    await send(relay, "bounced")
+    await wait_states(relay, failed=1)
+    sink.data_reply = None
+    cfg = cli_config(relay, tmp_path)
+    code, out, _ = await relay_cli("queue", "retry", "--failed", config=cfg)
+    assert (code, out.strip()) == (0, "1 failed message(s) queued again")
+    await wait_states(relay, sent=1)
+    await sink.wait_count(1)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[server]\nqueue_dir = 'x'\n", "server.queue_dir: unknown key"),
+        ("[smtp]\nmax_recipients = 'ten'\n", "smtp.max_recipients: expected int, got str"),
+        ("[[smtp.listen]]\naddress = 'localhost'\n", "smtp.listen[0].address: expected host:port"),
+        ("[smtp]\ntls_cert = '/nope.pem'\ntls_key = '/nope.key'\n", "TLS file /nope.pem"),
+        (
+            "[[upstream]]\nname = 'x'\ntype = 'carrier-pigeon'\n",
+            "upstream[0].type: unknown upstream type 'carrier-pigeon'",
+        ),
+        (
+            "[[upstream]]\nname = 'x'\ntype = 'smtp'\nport = 25\n",
+            "upstream[0].host: required key is missing",
+        ),
+        ("[retry]\nmax_age = 'forever'\n", "retry.max_age: expected a duration"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+async def test_check_config_names_the_offending_key(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    code, out, err = await relay_cli("check-config", config=path)
+    assert code == 1, out
+    assert message in err, err
+
+
+async def test_check_config_accepts_the_shipped_config() -> None:
+    shipped = Path(__file__).parent.parent / "config.toml"
+    code, out, err = await relay_cli("check-config", config=shipped)
+    assert code == 0, err
+    assert "ok" in out
+
+
+async def test_check_config_missing_file(tmp_path: Path) -> None:
+    code, _, err = await relay_cli("check-config", config=tmp_path / "none.toml")
+    assert code == 1 and "cannot read the config file" in err
+
+
+async def test_user_add_prints_a_verifiable_hash(tmp_path: Path) -> None:
+    code, out, _ = await relay_cli(
+        "user", "add", "scanner-2", config=tmp_path / "x.toml", stdin=b"correct horse\n"
+    )
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("password_hash"))
+    stored = line.split('"')[1]
+    assert verify_password(b"correct horse", stored)
+    assert not verify_password(b"wrong", stored)
+    assert 'name = "scanner-2"' in out

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import pytest
+
+from relay.message import Envelope
+from relay.upstreams.mime_json import (
+    Attachment,
+    Mailbox,
+    NotRepresentable,
+    convert,
+    representable,
+    unrepresentable_reason,
+)
+from tests.upstreams.conftest import ENVELOPE, MESSAGE, RICH, RICH_ENVELOPE
+
+
+def _msg(headers: str, body: str = "Content-Type: text/plain\n\nhello\n") -> bytes:
+    return (headers.strip() + "\n" + body).replace("\n", "\r\n").encode()
+
+
+SIMPLE_HEADERS = "From: a@example.com\nTo: to@example.net\n"
+
+
+def test_rich_message_converts_with_decoded_headers_bodies_and_attachments() -> None:
+    msg = convert(RICH_ENVELOPE, RICH)
+
+    assert msg.sender == Mailbox("juergen@example.com", "Jürgen Müller")
+    assert msg.to == (Mailbox("anna@example.net", "Anna Schön"),)
+    assert msg.cc == () and msg.bcc == (Mailbox("bcc@example.org"),)
+    assert msg.reply_to == (Mailbox("replies@example.com", "Støtte"),)
+    assert msg.subject == "Überweisung für März"
+    assert msg.text == "Grüße"
+    assert msg.html == '<p>Grüße <img src="cid:logo@example.com"></p>'
+    assert msg.attachments == (
+        Attachment(
+            "inline-1.png", "image/png", bytes.fromhex("89504e470d0a1a0a"), "logo@example.com"
+        ),
+        Attachment("Rechnung März.pdf", "application/pdf", b"%PDF-1.4 fake"),
+    )
+    assert msg.headers == (("X-Mailer", "Scan2Mail 3.1"),)
+    assert msg.relay_id is None
+
+
+def test_bcc_is_every_envelope_recipient_missing_from_to_and_cc() -> None:
+    msg = convert(ENVELOPE, MESSAGE)
+    assert [b.email for b in msg.to] == ["to@example.net"]
+    assert [b.email for b in msg.cc] == ["cc@example.net"]
+    assert [b.email for b in msg.bcc] == ["hidden@example.org"]
+    assert msg.relay_id == "01HRELAYID"
+
+
+def test_envelope_match_ignores_case_and_duplicates() -> None:
+    envelope = Envelope("a@example.com", ("To@Example.NET", "to@example.net"))
+    msg = convert(envelope, _msg("From: a@example.com\nTo: to@example.net, TO@example.net\n"))
+    assert [b.email for b in msg.to] == ["to@example.net"] and msg.bcc == ()
+
+
+def test_raw_utf8_headers_from_smtputf8_clients_are_decoded() -> None:
+    data = _msg(SIMPLE_HEADERS + "Subject: Grüße aus Zürich\nX-Note: café\n")
+    msg = convert(Envelope("a@example.com", ("to@example.net",)), data)
+    assert msg.subject == "Grüße aus Zürich"
+    assert msg.headers == (("X-Note", "=?utf-8?b?Y2Fmw6k=?="),)
+
+
+def test_message_rfc822_attachment_is_carried_whole() -> None:
+    data = _msg(
+        SIMPLE_HEADERS,
+        'Content-Type: multipart/mixed; boundary="b"\n\n--b\n'
+        "Content-Type: text/plain\n\nsee attached\n--b\n"
+        "Content-Type: message/rfc822\n\nSubject: inner\n\ninner body\n--b--\n",
+    )
+    (attachment,) = convert(Envelope("a@example.com", ("to@example.net",)), data).attachments
+    assert attachment.filename == "attachment-1.eml"
+    assert b"Subject: inner" in attachment.content
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (
+            _msg(
+                SIMPLE_HEADERS,
+                'Content-Type: multipart/signed; protocol="application/pkcs7-'
+                'signature"; boundary="s"\n\n--s\nContent-Type: text/plain\n\nhi\n--s\n'
+                "Content-Type: application/pkcs7-signature\n\nMIIB\n--s--\n",
+            ),
+            "multipart/signed",
+        ),
+        (
+            _msg(
+                SIMPLE_HEADERS,
+                'Content-Type: multipart/encrypted; protocol="application/pgp-'
+                'encrypted"; boundary="e"\n\n--e\nContent-Type: application/pgp-encrypted\n\n'
+                "Version: 1\n--e--\n",
+            ),
+            "multipart/encrypted",
+        ),
+        (
+            _msg(
+                SIMPLE_HEADERS,
+                "Content-Type: application/pkcs7-mime; smime-type=enveloped-data\n\nMIIB\n",
+            ),
+            "application/pkcs7-mime",
+        ),
+        (
+            _msg(
+                SIMPLE_HEADERS,
+                'Content-Type: multipart/report; report-type=delivery-status; boundary="r"\n\n'
+                "--r\nContent-Type: text/plain\n\nfailed\n--r\n"
+                "Content-Type: message/delivery-status\n\nReporting-MTA: dns; x\n--r--\n",
+            ),
+            "multipart/report",
+        ),
+        (_msg(SIMPLE_HEADERS + "Cc: stranger@example.org\n"), "stranger@example.org"),
+        (_msg("From: a@example.com\nTo: undisclosed-recipients:;\n"), "To header"),
+        (_msg("From: a@example.com, b@example.com\nTo: to@example.net\n"), "exactly one"),
+        (
+            _msg(
+                SIMPLE_HEADERS,
+                'Content-Type: multipart/alternative; boundary="a"\n\n--a\n'
+                "Content-Type: text/plain\n\nhi\n--a\nContent-Type: text/calendar\n\nBEGIN:VCAL\n"
+                "--a--\n",
+            ),
+            "text/calendar",
+        ),
+        (
+            _msg(
+                SIMPLE_HEADERS,
+                'Content-Type: multipart/mixed; boundary="m"\n\n--m\n'
+                "Content-Type: text/plain\n\nfirst\n--m\nContent-Type: image/png\n\nx\n--m\n"
+                "Content-Type: text/plain\n\nsecond\n--m--\n",
+            ),
+            "more than one text/plain",
+        ),
+    ],
+)
+def test_lossy_conversions_are_refused(data: bytes, why: str) -> None:
+    envelope = Envelope("a@example.com", ("to@example.net",))
+    assert not representable(envelope, data)
+    assert why in (unrepresentable_reason(envelope, data) or "")
+    with pytest.raises(NotRepresentable):
+        convert(envelope, data)
+
+
+def test_bcc_only_message_with_to_recipient_is_representable() -> None:
+    envelope = Envelope("a@example.com", ("to@example.net", "secret@example.org"))
+    assert representable(envelope, _msg(SIMPLE_HEADERS + "Bcc: secret@example.org\n"))
