@@ -20,6 +20,9 @@ from relay.config import Config, parse
 from relay.smtp.auth import hash_password
 from relay.spool import queries
 
+# The moto server fixtures (`moto`, `moto_session`) for every test that needs AWS.
+pytest_plugins = ("tests.fakes.moto_server",)
+
 USER, PASSWORD = "scanner", "s3cret-pass"
 
 

@@ -69,7 +69,8 @@ def signature_tags(signed: bytes) -> dict[str, str]:
 
 
 def test_signed_message_verifies_against_the_published_record(
-        keyfile: tuple[Path, str], key: SigningKey) -> None:
+    keyfile: tuple[Path, str], key: SigningKey
+) -> None:
     signed = DKIMSigner([key]).sign(MESSAGE)
 
     assert signed.startswith(b"DKIM-Signature: ")
@@ -79,16 +80,25 @@ def test_signed_message_verifies_against_the_published_record(
     assert tags["d"] == "example.com" and tags["s"] == "relay1"
     assert tags["a"] == "rsa-sha256" and tags["c"] == "relaxed/relaxed"
     signed_headers = tags["h"].split(":")
-    for name in ("from", "to", "cc", "subject", "date", "message-id", "mime-version",
-                 "content-type"):
+    for name in (
+        "from",
+        "to",
+        "cc",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+    ):
         assert name in signed_headers
     assert signed_headers.count("from") == 2  # oversigned: no From can be added
 
 
 def test_tampering_breaks_the_signature(keyfile: tuple[Path, str], key: SigningKey) -> None:
     signed = DKIMSigner([key]).sign(MESSAGE)
-    assert not dkim.verify(signed.replace(b"Quarterly", b"Annual"),
-                           dnsfunc=dns_from_record(keyfile[1]))
+    assert not dkim.verify(
+        signed.replace(b"Quarterly", b"Annual"), dnsfunc=dns_from_record(keyfile[1])
+    )
 
 
 def test_message_without_matching_key_is_untouched(key: SigningKey) -> None:
@@ -97,8 +107,9 @@ def test_message_without_matching_key_is_untouched(key: SigningKey) -> None:
     assert DKIMSigner([]).sign(MESSAGE) is MESSAGE
 
 
-def test_falls_back_to_the_envelope_sender_domain(keyfile: tuple[Path, str],
-                                                  key: SigningKey) -> None:
+def test_falls_back_to_the_envelope_sender_domain(
+    keyfile: tuple[Path, str], key: SigningKey
+) -> None:
     other = MESSAGE.replace(b"alice@example.com", b"alice@elsewhere.test")
     signed = DKIMSigner([key]).sign(other, envelope_from="bounces@example.com")
     assert signature_tags(signed)["d"] == "example.com"
@@ -112,8 +123,9 @@ def test_subdomain_sender_uses_the_parent_domain_key(key: SigningKey) -> None:
     assert DKIMSigner([key]).key_for("com") is None
 
 
-def test_non_ascii_headers_are_signed_and_verify(keyfile: tuple[Path, str],
-                                                 key: SigningKey) -> None:
+def test_non_ascii_headers_are_signed_and_verify(
+    keyfile: tuple[Path, str], key: SigningKey
+) -> None:
     message = (
         "From: Zoë Ångström <zoe@example.com>\r\n"
         "To: =?utf-8?q?J=C3=BCrgen?= <juergen@dest.test>\r\n"
@@ -130,16 +142,16 @@ def test_non_ascii_headers_are_signed_and_verify(keyfile: tuple[Path, str],
     assert dkim.verify(signed, dnsfunc=dns_from_record(keyfile[1]))
 
 
-def test_lf_only_message_keeps_its_line_endings(keyfile: tuple[Path, str],
-                                                key: SigningKey) -> None:
+def test_lf_only_message_keeps_its_line_endings(keyfile: tuple[Path, str], key: SigningKey) -> None:
     message = MESSAGE.replace(b"\r\n", b"\n")
     signed = DKIMSigner([key]).sign(message)
     assert b"\r" not in signed
     assert dkim.verify(signed, dnsfunc=dns_from_record(keyfile[1]))
 
 
-def test_skipped_headers_may_be_rewritten_by_the_next_hop(keyfile: tuple[Path, str],
-                                                         key: SigningKey) -> None:
+def test_skipped_headers_may_be_rewritten_by_the_next_hop(
+    keyfile: tuple[Path, str], key: SigningKey
+) -> None:
     signed = DKIMSigner([key]).sign(MESSAGE, skip_headers={"Message-ID", "Date"})
     h = signature_tags(signed)["h"].split(":")
     assert "message-id" not in h and "date" not in h
@@ -175,8 +187,11 @@ def test_keygen_never_overwrites_a_key(keyfile: tuple[Path, str]) -> None:
 
 def test_invalid_key_is_reported_with_its_domain() -> None:
     with pytest.raises(ValueError, match=r"'broken\.example'.*not an unencrypted PEM"):
-        load_key("broken.example", "s1", "-----BEGIN RSA PRIVATE KEY-----\nnope\n"
-                 "-----END RSA PRIVATE KEY-----")
+        load_key(
+            "broken.example",
+            "s1",
+            "-----BEGIN RSA PRIVATE KEY-----\nnope\n-----END RSA PRIVATE KEY-----",
+        )
     with pytest.raises(ValueError, match=r"'empty\.example'"):
         DKIMSigner.from_configs([DKIMConfig("empty.example", "s1", Secret(""))])
 
@@ -186,8 +201,9 @@ def test_from_configs_and_duplicate_domains(keyfile: tuple[Path, str]) -> None:
     signer = DKIMSigner.from_configs([DKIMConfig("Example.COM", "relay1", pem)])
     assert signer.domains == {"example.com"}
     with pytest.raises(ValueError, match="configured twice"):
-        DKIMSigner.from_configs([DKIMConfig("example.com", "a", pem),
-                                 DKIMConfig("example.com", "b", pem)])
+        DKIMSigner.from_configs(
+            [DKIMConfig("example.com", "a", pem), DKIMConfig("example.com", "b", pem)]
+        )
 
 
 def test_header_from_domains_handles_folding_and_display_names() -> None:

@@ -31,11 +31,17 @@ def parse(data: bytes) -> EmailMessage:
 
 def build(**overrides: object) -> bytes:
     args: dict[str, object] = dict(
-        original=ORIGINAL, envelope=ENVELOPE,
-        failed={"bob@dest.test": "550 5.1.1 <bob@dest.test>: Recipient address rejected",
-                "carol@dest.test": "sendgrid: HTTP 400: invalid recipient"},
-        reporting_mta="relay.example.com", queue_id="01HQ5ABCDEF", arrival=ARRIVAL,
-        now=ARRIVAL + 60)
+        original=ORIGINAL,
+        envelope=ENVELOPE,
+        failed={
+            "bob@dest.test": "550 5.1.1 <bob@dest.test>: Recipient address rejected",
+            "carol@dest.test": "sendgrid: HTTP 400: invalid recipient",
+        },
+        reporting_mta="relay.example.com",
+        queue_id="01HQ5ABCDEF",
+        arrival=ARRIVAL,
+        now=ARRIVAL + 60,
+    )
     args.update(overrides)
     return build_dsn(**args)  # type: ignore[arg-type]
 
@@ -100,8 +106,7 @@ def test_delivery_status_fields_per_message_and_per_recipient() -> None:
     assert bob["Final-Recipient"] == "rfc822; bob@dest.test"
     assert bob["Action"] == "failed"
     assert bob["Status"] == "5.1.1"
-    assert bob["Diagnostic-Code"] == ("smtp; 550 5.1.1 <bob@dest.test>: "
-                                      "Recipient address rejected")
+    assert bob["Diagnostic-Code"] == ("smtp; 550 5.1.1 <bob@dest.test>: Recipient address rejected")
     # An API error has no SMTP reply to quote: generic status, no Diagnostic-Code.
     assert carol["Final-Recipient"] == "rfc822; carol@dest.test"
     assert carol["Status"] == "5.0.0"
@@ -116,8 +121,13 @@ def test_original_headers_are_included_without_the_body() -> None:
 
 
 def test_delayed_dsn() -> None:
-    report = parse(build(kind="delayed", will_retry_until=ARRIVAL + 3 * 86400,
-                         failed={"bob@dest.test": "451 4.7.1 Try again later"}))
+    report = parse(
+        build(
+            kind="delayed",
+            will_retry_until=ARRIVAL + 3 * 86400,
+            failed={"bob@dest.test": "451 4.7.1 Try again later"},
+        )
+    )
     assert report["Subject"].startswith("Delayed Mail")
     assert "you do not need to send it again" in text_of(report)
     _, bob = status_blocks(report)
@@ -161,18 +171,23 @@ def test_dsn_goes_out_with_the_null_sender() -> None:
     assert env.rcpt_tos == ("app@example.com",)
 
 
-@pytest.mark.parametrize(("mail_from", "extra_headers", "expected"), [
-    ("app@example.com", b"", True),
-    ("", b"", False),                                               # a bounce already
-    ("MAILER-DAEMON@example.com", b"", False),
-    ("app@example.com", b"Auto-Submitted: auto-replied\r\n", False),
-    ("app@example.com", b"Auto-Submitted: auto-generated; owner-email=x@y\r\n", False),
-    ("app@example.com", b"Auto-Submitted: no\r\n", True),
-    ("app@example.com",
-     b"Content-Type: multipart/report; report-type=delivery-status;\r\n boundary=x\r\n",
-     False),
-    ("app@example.com", b"Content-Type: multipart/mixed; boundary=x\r\n", True),
-])
+@pytest.mark.parametrize(
+    ("mail_from", "extra_headers", "expected"),
+    [
+        ("app@example.com", b"", True),
+        ("", b"", False),  # a bounce already
+        ("MAILER-DAEMON@example.com", b"", False),
+        ("app@example.com", b"Auto-Submitted: auto-replied\r\n", False),
+        ("app@example.com", b"Auto-Submitted: auto-generated; owner-email=x@y\r\n", False),
+        ("app@example.com", b"Auto-Submitted: no\r\n", True),
+        (
+            "app@example.com",
+            b"Content-Type: multipart/report; report-type=delivery-status;\r\n boundary=x\r\n",
+            False,
+        ),
+        ("app@example.com", b"Content-Type: multipart/mixed; boundary=x\r\n", True),
+    ],
+)
 def test_should_bounce(mail_from: str, extra_headers: bytes, expected: bool) -> None:
     data = extra_headers + ORIGINAL
     assert should_bounce(Envelope(mail_from, ("bob@dest.test",)), data) is expected

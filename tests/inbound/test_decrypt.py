@@ -13,22 +13,22 @@ import pytest
 
 from relay.inbound.decrypt import DecryptError, Decryptor, read_envelope
 from relay.inbound.fetch import FetchError, S3Fetcher
-from tests.fakes.moto_server import MotoEndpoint, moto, moto_session  # noqa: F401
+from tests.fakes.moto_server import MotoEndpoint
 from tests.fakes.ses_inbound import SIMPLE_MESSAGE, SESStore, ses_encryption_context
 
 
 @pytest.fixture
-def store(moto: MotoEndpoint) -> SESStore:  # noqa: F811
+def store(moto: MotoEndpoint) -> SESStore:
     return SESStore.create(moto)
 
 
 @pytest.fixture
-def fetcher(moto: MotoEndpoint) -> S3Fetcher:  # noqa: F811
+def fetcher(moto: MotoEndpoint) -> S3Fetcher:
     return S3Fetcher(region=moto.region, endpoint_url=moto.url)
 
 
 @pytest.fixture
-def decryptor(moto: MotoEndpoint) -> Decryptor:  # noqa: F811
+def decryptor(moto: MotoEndpoint) -> Decryptor:
     return Decryptor(region=moto.region, endpoint_url=moto.url)
 
 
@@ -65,7 +65,7 @@ async def test_plain_object_passes_through(
 
 
 @pytest.fixture
-def strict(moto: MotoEndpoint) -> Decryptor:  # noqa: F811
+def strict(moto: MotoEndpoint) -> Decryptor:
     return Decryptor(region=moto.region, endpoint_url=moto.url, allow_plaintext=False)
 
 

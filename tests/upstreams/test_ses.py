@@ -24,7 +24,7 @@ from relay.message import Envelope
 from relay.upstreams.base import PermanentError, TransientError
 from relay.upstreams.registry import create_upstream
 from relay.upstreams.ses import SESUpstream, classify
-from tests.fakes.moto_server import REGION, MotoEndpoint, moto, moto_session  # noqa: F401
+from tests.fakes.moto_server import REGION, MotoEndpoint
 
 MESSAGE = (
     b"From: Billing <billing@example.com>\r\n"
@@ -55,7 +55,7 @@ def sent_messages(endpoint: MotoEndpoint) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-async def ses(moto: MotoEndpoint) -> AsyncIterator[SESUpstream]:  # noqa: F811
+async def ses(moto: MotoEndpoint) -> AsyncIterator[SESUpstream]:
     moto.client("sesv2").create_email_identity(EmailIdentity="example.com")
     upstream = SESUpstream(
         "ses",
@@ -83,7 +83,7 @@ def capture_requests(upstream: SESUpstream) -> list[dict[str, Any]]:
 
 async def test_raw_bytes_and_every_envelope_recipient_reach_ses(
     ses: SESUpstream, moto: MotoEndpoint
-) -> None:  # noqa: F811
+) -> None:
     calls = capture_requests(ses)
     # dave is Bcc: in the envelope only. Carol is in Cc: but was never RCPT TO.
     envelope = Envelope("billing@example.com", ("bob@dest.test", "dave@hidden.test"))
@@ -120,7 +120,7 @@ async def test_unverified_sender_opens_the_breaker(ses: SESUpstream) -> None:
 
 async def test_null_sender_sends_without_from_email_address(
     ses: SESUpstream, moto: MotoEndpoint
-) -> None:  # noqa: F811
+) -> None:
     calls = capture_requests(ses)
     accepted = await ses.send(Envelope("", ("bob@dest.test",)), MESSAGE)
     assert "FromEmailAddress" not in calls[0]
@@ -129,7 +129,7 @@ async def test_null_sender_sends_without_from_email_address(
 
 async def test_large_envelopes_are_sent_in_batches_of_fifty(
     ses: SESUpstream, moto: MotoEndpoint
-) -> None:  # noqa: F811
+) -> None:
     calls = capture_requests(ses)
     rcpts = tuple(f"user{i}@dest.test" for i in range(120))
     # Header recipients would count against moto's limit too; keep them out.
