@@ -6,6 +6,7 @@ all import it without importing each other.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -75,16 +76,20 @@ class EventType(StrEnum):
 class Envelope:
     """SMTP envelope: the only truth about who gets a message (headers may lie or omit Bcc).
 
-    `mail_from` is "" for the null reverse-path (bounces).
+    `mail_from` is "" for the null reverse-path (bounces). `queue_id` is the relay's id for
+    the message, travelling with the envelope as Postfix's queue id does, so an upstream
+    can tag the provider's copy with it (SendGrid custom_args, Postmark metadata) and the
+    provider's event webhooks find their way back to the timeline.
     """
 
     mail_from: str
     rcpt_tos: tuple[str, ...]
     smtputf8: bool = False
     body_8bit: bool = False
+    queue_id: str = ""
 
     def with_recipients(self, rcpts: tuple[str, ...]) -> Envelope:
-        return Envelope(self.mail_from, rcpts, self.smtputf8, self.body_8bit)
+        return dataclasses.replace(self, rcpt_tos=rcpts)
 
 
 @dataclass(slots=True)

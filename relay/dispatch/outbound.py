@@ -97,21 +97,12 @@ class OutboundWorker:
                     events.append((EventType.NOTE, self.clock(), {"skipped": refusals}))
                 break
             async with self.router.slot(group) as state:
+                if state is None:
+                    continue  # the group's probe failed meanwhile: look for others
                 upstream = state.upstream
                 tried.add(upstream.name)
-                data = item.data
-                if self.signer is not None and upstream.should_dkim_sign(item.data):
-                    skip = upstream.dkim_skip_headers
-                    if skip not in signed:
-                        # RSA signing is CPU work: keep it off the event loop.
-                        signed[skip] = await asyncio.to_thread(
-                            self.signer.sign,
-                            item.data,
-                            envelope_from=item.envelope.mail_from,
-                            skip_headers=skip,
-                        )
-                    data = signed[skip]
                 envelope = item.envelope.with_recipients(tuple(pending))
+                data = await self._data_for(upstream, item, signed)
                 started = time.monotonic()
                 try:
                     result: Accepted | UpstreamError = await upstream.send(envelope, data)
@@ -123,6 +114,13 @@ class OutboundWorker:
                         f"internal error in upstream {upstream.name}: {type(exc).__name__}: {exc}"
                     )
                 latency = time.monotonic() - started
+                # Recorded before the slot is given back, so a half-open probe's verdict
+                # is known to the messages waiting for it.
+                message_fault = isinstance(result, PermanentError) and not result.upstream_wide
+                if isinstance(result, Accepted):
+                    self.router.record_success(state, latency)
+                else:
+                    self.router.record_failure(state, result, latency, message_fault=message_fault)
 
             attempt: dict[str, Any] = {
                 "upstream": upstream.name,
@@ -130,7 +128,6 @@ class OutboundWorker:
                 "recipients": list(pending),
             }
             if isinstance(result, Accepted):
-                self.router.record_success(state, latency)
                 accepted = [r for r in pending if r not in result.refused]
                 attempt.update(
                     outcome="accepted" if accepted else "refused", provider_id=result.provider_id
@@ -156,8 +153,6 @@ class OutboundWorker:
                         "; ".join(f"{r}: {result.refused[r].reason}" for r in pending)
                     )
             else:
-                message_fault = isinstance(result, PermanentError) and not result.upstream_wide
-                self.router.record_failure(state, result, latency, message_fault=message_fault)
                 attempt.update(
                     outcome="permanent" if message_fault else "transient", reason=result.reason
                 )
@@ -181,6 +176,24 @@ class OutboundWorker:
             tried=tried,
             last_error=last_error,
         )
+
+    async def _data_for(
+        self, upstream: Upstream, item: Claimed, signed: dict[frozenset[str], bytes]
+    ) -> bytes:
+        """The bytes to hand over: DKIM-signed where the upstream keeps them intact. One
+        signature per set of headers to leave out, shared by the upstreams that agree."""
+        if self.signer is None or not upstream.should_dkim_sign(item.data):
+            return item.data
+        skip = upstream.dkim_skip_headers
+        if skip not in signed:
+            # RSA signing is CPU work: keep it off the event loop.
+            signed[skip] = await asyncio.to_thread(
+                self.signer.sign,
+                item.data,
+                envelope_from=item.envelope.mail_from,
+                skip_headers=skip,
+            )
+        return signed[skip]
 
     async def _finish(
         self,

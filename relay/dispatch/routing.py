@@ -18,12 +18,13 @@ UpstreamError) and turns them into a score and a breaker state per upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from relay.upstreams.base import Upstream, UpstreamError
@@ -98,7 +99,6 @@ class UpstreamState:
     failures: int = 0
     ambiguous: int = 0
     last_error: str | None = None
-    _slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -116,16 +116,17 @@ class UpstreamState:
         return self.health
 
     def usable(self) -> bool:
-        """May an attempt go here now (breaker closed, or half-open with no probe out)?"""
+        """May attempts go here (breaker closed or half-open)? Open until the cool-down
+        has passed; then half-open, where one probe at a time is let through."""
         if self.breaker is BreakerState.OPEN:
             if self.clock() - self.opened_at < self.cooldown:
                 return False
             self.breaker = BreakerState.HALF_OPEN
-        if self.breaker is BreakerState.HALF_OPEN:
-            return not self.probing
         return True
 
     def has_capacity(self) -> bool:
+        if self.breaker is BreakerState.HALF_OPEN and self.probing:
+            return False  # wait for the probe's verdict
         return self.in_flight < self.max_concurrency and self.limiter.wait_time() == 0.0
 
     def snapshot(self) -> dict[str, object]:
@@ -158,6 +159,8 @@ class Router:
         self.clock = clock
         self.rng = rng or random.Random()
         self.states: list[UpstreamState] = []
+        # Set whenever capacity is given back or a probe ends: waiters re-check.
+        self._freed = asyncio.Event()
 
     def add(
         self,
@@ -216,25 +219,31 @@ class Router:
         return ordered
 
     @asynccontextmanager
-    async def slot(self, group: list[UpstreamState]) -> AsyncIterator[UpstreamState]:
+    async def slot(self, group: list[UpstreamState]) -> AsyncIterator[UpstreamState | None]:
         """Take capacity on the first upstream of `group` that has it, waiting if none has.
 
-        Waiting is bounded by the rate limiter's refill time or a freed concurrency slot.
+        Waits for a rate-limit token, a concurrency slot, or a half-open probe's verdict;
+        yields None when every upstream of the group became unusable meanwhile (the probe
+        failed), so the caller looks for other candidates. Record the attempt's outcome
+        inside the block: the slot, and a probe, are only given back after it.
         """
         while True:
-            for s in group:
-                if s.has_capacity() and s.usable():
-                    chosen = s
-                    break
-            else:
-                waits = [s.limiter.wait_time() for s in group if s.in_flight < s.max_concurrency]
-                if waits:
-                    await asyncio.sleep(max(min(waits), 0.001))
-                else:
-                    group[0]._slot_freed.clear()
-                    await group[0]._slot_freed.wait()
-                continue
-            break
+            usable = [s for s in group if s.usable()]
+            if not usable:
+                yield None
+                return
+            chosen = next((s for s in usable if s.has_capacity()), None)
+            if chosen is not None:
+                break
+            self._freed.clear()
+            waits = [
+                s.limiter.wait_time()
+                for s in usable
+                if s.in_flight < s.max_concurrency and not s.probing
+            ]
+            timeout = max(min(waits), 0.001) if waits else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), timeout)
         chosen.limiter.take()
         chosen.in_flight += 1
         chosen.attempts += 1
@@ -245,7 +254,7 @@ class Router:
         finally:
             chosen.in_flight -= 1
             chosen.probing = False
-            chosen._slot_freed.set()
+            self._freed.set()
 
     def record_success(self, s: UpstreamState, latency: float) -> None:
         s.successes += 1

@@ -135,6 +135,7 @@ def claim(
             tuple(json.loads(rcpts)),
             smtputf8=bool(meta.get("smtputf8")),
             body_8bit=bool(meta.get("8bit")),
+            queue_id=msg_id,
         )
         claimed.append(
             Claimed(msg_id, kind, env, bytes(body[0]) if body else b"", created, attempts, meta)

@@ -155,7 +155,10 @@ def convert(envelope: Envelope, data: bytes) -> JsonMessage:
         html=parts.html,
         attachments=tuple(parts.attachments),
         headers=tuple(_custom_headers(data)),
-        relay_id=_text(str(msg[RELAY_ID_HEADER])).strip() if RELAY_ID_HEADER in msg else None,
+        # Our queue id, from the envelope; a client-set X-Relay-ID header is the fallback
+        # for messages converted outside the dispatcher.
+        relay_id=envelope.queue_id
+        or (_text(str(msg[RELAY_ID_HEADER])).strip() if RELAY_ID_HEADER in msg else None),
     )
 
 

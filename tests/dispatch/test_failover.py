@@ -1,0 +1,284 @@
+"""Failover scenarios end to end: SMTP in, the relay's routing, fake providers out.
+
+Each test sends real SMTP to an in-process relay whose upstreams are fake provider servers
+on loopback that check requests like the real APIs and fail on command.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import dkim
+import pytest
+
+from relay.app import Relay
+from relay.dkim import generate_key
+from relay.spool import queries
+from tests.conftest import RelayFactory, make_message, wait_states
+from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeProvider, FakeSendGrid
+from tests.upstreams.conftest import RICH
+
+FAST = {
+    "routing": {"cooldown": "0.05s", "failures_to_open": 2},
+    "retry": {"schedule": ["1h"], "max_age": "1d", "bounces": False},
+}
+
+
+@pytest.fixture
+async def mailgun() -> AsyncIterator[FakeMailgun]:
+    fake = FakeMailgun(domain="mg.example.com")
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def sendgrid() -> AsyncIterator[FakeSendGrid]:
+    fake = FakeSendGrid()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def mailgun_upstream(fake: FakeProvider, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "mailgun",
+        "type": "mailgun",
+        "api_key": FAKE_KEY,
+        "base_url": fake.url,
+        "domain": "mg.example.com",
+        "priority": 1,
+        "timeout": "5s",
+        **extra,
+    }
+
+
+def sendgrid_upstream(fake: FakeProvider, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "sendgrid",
+        "type": "sendgrid",
+        "api_key": FAKE_KEY,
+        "base_url": fake.url,
+        "priority": 2,
+        "timeout": "5s",
+        **extra,
+    }
+
+
+async def send(
+    relay: Relay, data: bytes, rcpts: list[str] | None = None, sender: str = "app@example.com"
+) -> None:
+    await aiosmtplib.send(
+        data,
+        sender=sender,
+        recipients=rcpts or ["rcpt@example.org"],
+        hostname="127.0.0.1",
+        port=relay.smtp_ports()[0],
+        start_tls=False,
+    )
+
+
+async def timelines(relay: Relay) -> list[list[dict[str, Any]]]:
+    rows = await relay.spool.read(queries.list_messages)
+    return [await relay.spool.read(lambda c, i=r.id: queries.timeline(c, i)) for r in rows]
+
+
+async def test_failover_when_primary_returns_503(
+    make_relay: RelayFactory, mailgun: FakeMailgun, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[mailgun_upstream(mailgun), sendgrid_upstream(sendgrid)], **FAST
+    )
+    mailgun.fail(503, times=1)
+    await send(relay, make_message())
+    await wait_states(relay, sent=1)
+    [events] = await timelines(relay)
+    attempts = [e for e in events if e["type"] == "attempt"]
+    assert [(a["upstream"], a["outcome"]) for a in attempts] == [
+        ("mailgun", "transient"),
+        ("sendgrid", "accepted"),
+    ]
+    assert "503" in attempts[0]["reason"]
+    # Delivered in the same round: no deferral in between.
+    assert "deferred" not in [e["type"] for e in events]
+    assert len(sendgrid.requests) == 1 and not mailgun.requests
+
+
+async def test_failover_when_primary_throttles_and_load_comes_back(
+    make_relay: RelayFactory, mailgun: FakeMailgun, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[mailgun_upstream(mailgun), sendgrid_upstream(sendgrid)], **FAST
+    )
+    mailgun.fail(429, times=None, headers={"Retry-After": "1"})
+    for i in range(4):
+        await send(relay, make_message(subject=f"during {i}"))
+    await wait_states(relay, sent=4)
+    assert len(sendgrid.requests) == 4 and not mailgun.requests
+    state = relay.router.state("mailgun")
+    assert state.breaker.value == "open"
+
+    mailgun.reset()
+    relay.router.state("mailgun").opened_at -= 1.0  # the cool-down has passed
+    for i in range(3):
+        await send(relay, make_message(subject=f"after {i}"))
+    await wait_states(relay, sent=7)
+    # The probe succeeded: the primary takes the load again.
+    assert len(mailgun.requests) == 3
+    assert relay.router.state("mailgun").breaker.value == "closed"
+
+
+async def test_all_upstreams_down_defers_then_delivers_everything_once(
+    make_relay: RelayFactory, mailgun: FakeMailgun, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[mailgun_upstream(mailgun), sendgrid_upstream(sendgrid)], **FAST
+    )
+    mailgun.fail(500, times=None)
+    sendgrid.fail(503, times=None)
+    for i in range(6):
+        await send(relay, make_message(subject=f"m{i}"))
+    await wait_states(relay, deferred=6)
+    rows = await relay.spool.read(queries.list_messages)
+    assert all(r.last_error for r in rows)
+
+    mailgun.reset()
+    sendgrid.reset()
+    for name in ("mailgun", "sendgrid"):
+        relay.router.state(name).opened_at -= 1.0
+    await relay.spool.write(lambda c: queries.flush(c, now=time.time(), actor="test"))
+    assert relay.outbound is not None
+    relay.outbound.wake()
+    await wait_states(relay, sent=6)
+    subjects = sorted(
+        [
+            email.message_from_bytes(r.body["message"][0]).get("Subject", "")
+            for r in mailgun.requests
+        ]
+        + [r.body["subject"] for r in sendgrid.requests]
+    )
+    assert subjects == [f"m{i}" for i in range(6)]  # each exactly once
+
+
+async def test_permanent_400_is_not_retried_and_bounces(
+    make_relay: RelayFactory, mailgun: FakeMailgun, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[mailgun_upstream(mailgun), sendgrid_upstream(sendgrid)],
+        routing=FAST["routing"],
+        retry={"bounces": True},
+    )
+    mailgun.fail(400, times=1, message="'to' parameter is not a valid address")
+    await send(relay, make_message(), sender="app@example.com")
+    # The failed message, plus its bounce delivered to the sender.
+    await wait_states(relay, failed=1, sent=1)
+    rows = {r.state: r for r in await relay.spool.read(queries.list_messages)}
+    failed, bounce = rows["failed"], rows["sent"]
+    assert failed.attempts == 1 and "not a valid address" in (failed.last_error or "")
+    assert bounce.mail_from == "" and bounce.meta["rcpts_original"] == ["app@example.com"]
+    events = await relay.spool.read(lambda c: queries.timeline(c, failed.id))
+    assert [e["type"] for e in events] == ["received", "attempt", "failed", "dsn"]
+    # The bounce went out through routing (mailgun, raw MIME) as a delivery report.
+    report = email.message_from_bytes(mailgun.requests[0].body["message"][0])
+    assert report.get_content_type() == "multipart/report"
+    assert "not a valid address" in report.as_string()
+    assert not sendgrid.requests
+
+
+async def test_bcc_recipients_are_delivered(
+    make_relay: RelayFactory, mailgun: FakeMailgun, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(upstream=[mailgun_upstream(mailgun)], **FAST)
+    await send(
+        relay, make_message(to="to@example.org"), rcpts=["to@example.org", "hidden@example.net"]
+    )
+    await wait_states(relay, sent=1)
+    assert mailgun.requests[0].body["to"] == ["to@example.org", "hidden@example.net"]
+
+
+async def test_sendgrid_gets_attachments_and_non_ascii_headers(
+    make_relay: RelayFactory, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(upstream=[sendgrid_upstream(sendgrid, priority=1)], **FAST)
+    await send(
+        relay, RICH, sender="juergen@example.com", rcpts=["anna@example.net", "bcc@example.org"]
+    )
+    await wait_states(relay, sent=1)
+    body = sendgrid.requests[0].body
+    assert body["subject"] == "Überweisung für März"
+    assert body["from"] == {"email": "juergen@example.com", "name": "Jürgen Müller"}
+    [personalization] = body["personalizations"]
+    assert personalization["to"] == [{"email": "anna@example.net", "name": "Anna Schön"}]
+    assert personalization["bcc"] == [{"email": "bcc@example.org"}]
+    names = {a["filename"]: a for a in body["attachments"]}
+    assert names["Rechnung März.pdf"]["type"] == "application/pdf"
+    assert names["Rechnung März.pdf"]["disposition"] == "attachment"
+    inline = [a for a in body["attachments"] if a.get("disposition") == "inline"]
+    assert inline and inline[0]["content_id"] == "logo@example.com"
+    assert body["custom_args"]["relay_id"]
+
+
+async def test_signed_message_is_routed_only_to_raw_mime_upstreams(
+    make_relay: RelayFactory, mailgun: FakeMailgun, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[sendgrid_upstream(sendgrid, priority=1), mailgun_upstream(mailgun, priority=2)],
+        **FAST,
+    )
+    signed = (
+        b"From: <app@example.com>\r\nTo: <rcpt@example.org>\r\nSubject: s\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/signed; boundary=b; "
+        b'protocol="application/pkcs7-signature"\r\n\r\n--b\r\n\r\nhi\r\n--b--\r\n'
+    )
+    await send(relay, signed)
+    await wait_states(relay, sent=1)
+    assert not sendgrid.requests and len(mailgun.requests) == 1
+    assert relay.router.state("sendgrid").failures == 0  # skipped, not failed
+
+
+async def test_dkim_signature_verifies_after_the_handoff(
+    make_relay: RelayFactory, mailgun: FakeMailgun, tmp_path: Path
+) -> None:
+    pem, record = generate_key("example.com", "relay1", tmp_path / "dkim")
+    relay = await make_relay(
+        upstream=[mailgun_upstream(mailgun)],
+        dkim=[{"domain": "example.com", "selector": "relay1", "private_key": f"file:{pem}"}],
+        **FAST,
+    )
+    await send(relay, make_message(sender="app@example.com"))
+    await wait_states(relay, sent=1)
+    handed_over: bytes = mailgun.requests[0].body["message"][0]
+    assert handed_over.startswith(b"DKIM-Signature:")
+    txt = "".join(record.split('"')[1::2]).encode()
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"relay1._domainkey.example.com."
+        return txt
+
+    assert dkim.verify(handed_over, dnsfunc=dns)
+
+
+async def test_ambiguous_timeout_is_recorded_and_fails_over(
+    make_relay: RelayFactory, mailgun: FakeMailgun, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[mailgun_upstream(mailgun, timeout="0.3s"), sendgrid_upstream(sendgrid)], **FAST
+    )
+    mailgun.hang(times=1)
+    await send(relay, make_message())
+    await wait_states(relay, sent=1)
+    [events] = await timelines(relay)
+    first = next(e for e in events if e["type"] == "attempt")
+    assert first["upstream"] == "mailgun" and first.get("ambiguous") is True
+    assert relay.router.state("mailgun").ambiguous == 1
+    assert len(sendgrid.requests) == 1
+
+
+def _parse(data: bytes) -> email.message.Message:
+    return email.message_from_bytes(data, policy=email.policy.default)

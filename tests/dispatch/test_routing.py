@@ -1,0 +1,140 @@
+"""Routing decisions with an injected clock: breaker states, health, priority, weight and
+rate limits, without a network or a sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from relay.dispatch.routing import BreakerSettings, BreakerState, Router
+from relay.message import Envelope
+from relay.upstreams.base import Accepted, PermanentError, TransientError, Upstream
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Dummy(Upstream):
+    type_name = "dummy"
+
+    async def send(self, envelope: Envelope, data: bytes) -> Accepted:
+        return Accepted()
+
+
+def router(clock: Clock, *specs: tuple[str, int, int], max_rate: float = 0.0) -> Router:
+    r = Router(
+        settings=BreakerSettings(
+            failures_to_open=3, cooldown=10.0, cooldown_max=40.0, health_half_life=60.0
+        ),
+        clock=clock,
+        rng=random.Random(7),
+    )
+    for name, priority, weight in specs:
+        r.add(Dummy(name), priority=priority, weight=weight, max_rate=max_rate, max_concurrency=2)
+    return r
+
+
+def names(r: Router, exclude: set[str] | None = None) -> list[str]:
+    return [s.name for s in r.candidates(exclude=exclude or set())]
+
+
+def test_lower_priority_is_used_only_when_the_higher_one_is_unusable() -> None:
+    clock = Clock()
+    r = router(clock, ("primary", 1, 1), ("backup", 2, 1))
+    assert names(r) == ["primary"]
+    assert names(r, exclude={"primary"}) == ["backup"]
+    r.record_failure(
+        r.state("primary"), TransientError("down", upstream_wide=True), 0.1, message_fault=False
+    )
+    assert r.state("primary").breaker is BreakerState.OPEN
+    assert names(r) == ["backup"]
+
+
+def test_breaker_opens_after_consecutive_failures_half_opens_and_closes() -> None:
+    clock = Clock()
+    r = router(clock, ("p", 1, 1))
+    s = r.state("p")
+    for _ in range(2):
+        r.record_failure(s, TransientError("503"), 0.1, message_fault=False)
+    assert s.breaker is BreakerState.CLOSED
+    r.record_failure(s, TransientError("503"), 0.1, message_fault=False)
+    assert s.breaker is BreakerState.OPEN and names(r) == []
+    clock.now += 10.0
+    assert names(r) == ["p"] and s.breaker is BreakerState.HALF_OPEN
+    # A failed probe reopens it for twice as long.
+    r.record_failure(s, TransientError("503"), 0.1, message_fault=False)
+    assert s.breaker is BreakerState.OPEN and s.cooldown == 20.0
+    clock.now += 19.0
+    assert names(r) == []
+    clock.now += 1.0
+    assert names(r) == ["p"]
+    r.record_success(s, 0.05)
+    assert s.breaker is BreakerState.CLOSED and s.cooldown == 10.0
+
+
+def test_message_faults_do_not_count_against_the_upstream() -> None:
+    clock = Clock()
+    r = router(clock, ("p", 1, 1))
+    s = r.state("p")
+    for _ in range(10):
+        r.record_failure(s, PermanentError("550 no such user"), 0.1, message_fault=True)
+    assert s.breaker is BreakerState.CLOSED and s.health == 1.0 and s.failures == 0
+
+
+def test_health_drops_on_failure_and_heals_with_time() -> None:
+    clock = Clock()
+    r = router(clock, ("p", 1, 1))
+    s = r.state("p")
+    r.record_failure(s, TransientError("429"), 0.1, message_fault=False)
+    assert s.current_health() == 0.5
+    clock.now += 60.0  # one half-life
+    assert abs(s.current_health() - 0.75) < 1e-9
+
+
+def test_weights_spread_load_within_a_priority() -> None:
+    clock = Clock()
+    r = router(clock, ("big", 1, 9), ("small", 1, 1))
+    firsts = [names(r)[0] for _ in range(2000)]
+    share = firsts.count("big") / len(firsts)
+    assert 0.85 < share < 0.95, share
+
+
+async def test_rate_limit_waits_instead_of_failing() -> None:
+    clock = Clock()
+    r = router(clock, ("p", 1, 1), max_rate=1.0)
+    group = r.candidates(exclude=set())
+    async with r.slot(group) as first:
+        assert first is not None
+    waiter = asyncio.ensure_future(_take(r))
+    await asyncio.sleep(0)  # let it find the bucket empty and start waiting
+    assert not waiter.done()
+    clock.now += 1.0  # a token refills
+    assert await asyncio.wait_for(waiter, 5) == "p"
+    assert r.state("p").failures == 0
+
+
+async def _take(r: Router) -> str:
+    async with r.slot(r.candidates(exclude=set())) as s:
+        assert s is not None
+        return s.name
+
+
+async def test_half_open_lets_one_probe_through_and_others_wait_for_its_verdict() -> None:
+    clock = Clock()
+    r = router(clock, ("p", 1, 1))
+    s = r.state("p")
+    r.record_failure(s, TransientError("down", upstream_wide=True), 0.1, message_fault=False)
+    clock.now += 10.0
+    group = r.candidates(exclude=set())
+    async with r.slot(group) as probe:
+        assert probe is s and s.probing
+        second = asyncio.ensure_future(_take(r))
+        await asyncio.sleep(0)
+        assert not second.done()  # waits for the probe instead of being deferred
+        r.record_success(s, 0.01)
+    assert await asyncio.wait_for(second, 5) == "p"
