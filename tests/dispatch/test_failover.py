@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import functools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -86,7 +87,7 @@ async def send(
 
 async def timelines(relay: Relay) -> list[list[dict[str, Any]]]:
     rows = await relay.spool.read(queries.list_messages)
-    return [await relay.spool.read(lambda c, i=r.id: queries.timeline(c, i)) for r in rows]
+    return [await relay.spool.read(functools.partial(queries.timeline, msg_id=r.id)) for r in rows]
 
 
 async def test_failover_when_primary_returns_503(
