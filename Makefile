@@ -34,7 +34,8 @@ unit: $(STAMP) system-deps
 test: lint typecheck unit
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.failover
+	$(BIN)/python -m bench.perf
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
