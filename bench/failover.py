@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 import time
@@ -36,10 +35,23 @@ def config(tmp: Path, primary: str, secondary: str) -> dict[str, Any]:
         # A short cool-down so the primary is probed, and recovers, within the run.
         "routing": {"cooldown": "0.5s", "failures_to_open": 3},
         "upstream": [
-            {"name": "primary", "type": "mailgun", "api_key": FAKE_KEY, "base_url": primary,
-             "domain": "mg.example.com", "priority": 1, "timeout": "5s"},
-            {"name": "secondary", "type": "sendgrid", "api_key": FAKE_KEY,
-             "base_url": secondary, "priority": 2, "timeout": "5s"},
+            {
+                "name": "primary",
+                "type": "mailgun",
+                "api_key": FAKE_KEY,
+                "base_url": primary,
+                "domain": "mg.example.com",
+                "priority": 1,
+                "timeout": "5s",
+            },
+            {
+                "name": "secondary",
+                "type": "sendgrid",
+                "api_key": FAKE_KEY,
+                "base_url": secondary,
+                "priority": 2,
+                "timeout": "5s",
+            },
         ],
         "web": {"listen": "127.0.0.1:0"},
     }
@@ -66,11 +78,19 @@ async def run(messages: int, sessions: int, outage: float, status: int) -> dict[
         async def client() -> None:
             for i in todo:
                 token = f"bench-{i:06d}"
-                data = (f"From: <app@example.com>\r\nTo: <r@example.org>\r\nSubject: {token}"
-                        f"\r\n\r\n{'failover benchmark body line. ' * 20}\r\n").encode()
-                await aiosmtplib.send(data, sender="app@example.com",
-                                      recipients=["r@example.org"], hostname="127.0.0.1",
-                                      port=port, start_tls=False, timeout=30)
+                data = (
+                    f"From: <app@example.com>\r\nTo: <r@example.org>\r\nSubject: {token}"
+                    f"\r\n\r\n{'failover benchmark body line. ' * 20}\r\n"
+                ).encode()
+                await aiosmtplib.send(
+                    data,
+                    sender="app@example.com",
+                    recipients=["r@example.org"],
+                    hostname="127.0.0.1",
+                    port=port,
+                    start_tls=False,
+                    timeout=30,
+                )
                 acked.add(token)
 
         async def outage_window() -> None:
@@ -93,9 +113,12 @@ async def run(messages: int, sessions: int, outage: float, status: int) -> dict[
 
         await relay.wait_for(all_sent, timeout=120)
         elapsed = time.time() - started
-        rows = await relay.spool.read(lambda c: c.execute(
-            "SELECT m.id, m.created, e.at FROM messages m JOIN events e ON e.msg_id = m.id"
-            " AND e.type = 'sent'").fetchall())
+        rows = await relay.spool.read(
+            lambda c: c.execute(
+                "SELECT m.id, m.created, e.at FROM messages m JOIN events e ON e.msg_id = m.id"
+                " AND e.type = 'sent'"
+            ).fetchall()
+        )
         attempts = sum(s.attempts for s in relay.router.states)
         per_upstream = {s.name: s.snapshot() for s in relay.router.states}
         await relay.stop()
@@ -112,15 +135,25 @@ async def run(messages: int, sessions: int, outage: float, status: int) -> dict[
 
     start, end = outage_span
     during = [(sent - created) * 1000 for _, created, sent in rows if start <= created <= end]
-    outside = [(sent - created) * 1000 for _, created, sent in rows
-               if not start - 0.5 <= created <= end + 1.0]
+    outside = [
+        (sent - created) * 1000
+        for _, created, sent in rows
+        if not start - 0.5 <= created <= end + 1.0
+    ]
     return {
-        "messages": messages, "acked": len(acked), "elapsed": elapsed,
-        "lost": len(acked - set(got)), "duplicates": sum(n - 1 for n in got.values()),
+        "messages": messages,
+        "acked": len(acked),
+        "elapsed": elapsed,
+        "lost": len(acked - set(got)),
+        "duplicates": sum(n - 1 for n in got.values()),
         "extra_attempts": attempts - messages,
-        "during_p50": p(during, 0.5), "during_p95": p(during, 0.95), "during_n": len(during),
-        "outside_p50": p(outside, 0.5), "outside_p95": p(outside, 0.95),
-        "outside_n": len(outside), "upstreams": per_upstream,
+        "during_p50": p(during, 0.5),
+        "during_p95": p(during, 0.95),
+        "during_n": len(during),
+        "outside_p50": p(outside, 0.5),
+        "outside_p95": p(outside, 0.95),
+        "outside_n": len(outside),
+        "upstreams": per_upstream,
         "primary_share": sum(1 for r in primary.requests) / max(1, len(acked)),
     }
 
@@ -145,8 +178,10 @@ def report(r: dict[str, Any], outage: float, status: int) -> str:
         f"| added latency during the outage (p50 ratio, same run) | {ratio:.2f}x |",
     ]
     for name, snap in r["upstreams"].items():
-        lines.append(f"| {name}: attempts / failures / breaker | {snap['attempts']} / "
-                     f"{snap['failures']} / {snap['breaker']} |")
+        lines.append(
+            f"| {name}: attempts / failures / breaker | {snap['attempts']} / "
+            f"{snap['failures']} / {snap['breaker']} |"
+        )
     return "\n".join(lines)
 
 
@@ -157,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outage", type=float, default=2.0, help="seconds the primary fails")
     ap.add_argument("--status", type=int, default=503)
     args = ap.parse_args(argv)
-    result = asyncio.run(asyncio.wait_for(
-        run(args.messages, args.sessions, args.outage, args.status), timeout=600))
+    result = asyncio.run(
+        asyncio.wait_for(run(args.messages, args.sessions, args.outage, args.status), timeout=600)
+    )
     print(report(result, args.outage, args.status))
     return 1 if result["lost"] else 0
 
