@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+# Ids need to be unique, not secret: a per-process PRNG seeded from the OS is enough and
+# is much cheaper than a urandom call per message.
+_random = random.Random(os.urandom(16))
+# A forked worker must not repeat its parent's sequence.
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(16)))
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
 
 
 def new_message_id(now: float | None = None) -> str:
-    """A 20-character id that sorts by arrival time (48-bit ms clock + 50 random bits).
+    """A 20-character id that sorts by arrival time (48-bit ms clock + 52 random bits).
 
     Sortable ids make `queue list` chronological for free and keep index inserts at the
     right-hand edge of the B-tree.
     """
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
-    value = (ms << 52) | int.from_bytes(os.urandom(7), "big") >> 4
+    value = (ms << 52) | _random.getrandbits(52)
     chars = []
     for _ in range(20):
         chars.append(_ALPHABET[value & 31])

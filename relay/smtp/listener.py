@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 
 from relay.config import Config
 from relay.smtp.auth import Authenticator
@@ -14,6 +15,19 @@ from relay.smtp.server import RelaySMTP
 from relay.smtp.tls import ensure_self_signed, server_tls_context
 
 log = logging.getLogger("relay.smtp")
+
+
+class ProtocolFactory:
+    """Makes each connection's protocol: the first in full, the rest cloned from it."""
+
+    def __init__(self, build: Callable[[], RelaySMTP]) -> None:
+        self.build = build
+        self.template: RelaySMTP | None = None
+
+    def __call__(self) -> RelaySMTP:
+        if self.template is None:
+            self.template = self.build()  # kept aside: it never serves a connection
+        return RelaySMTP.from_template(self.template)
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -44,9 +58,7 @@ async def start_listeners(
         )
         implicit = listen.tls == "implicit"
 
-        def factory(
-            handler: RelayHandler = handler, listen: object = listen, implicit: bool = implicit
-        ) -> RelaySMTP:
+        def build(handler: RelayHandler = handler, implicit: bool = implicit) -> RelaySMTP:
             cfg = handler.listener
             return RelaySMTP(
                 handler,
@@ -65,6 +77,7 @@ async def start_listeners(
                 auth_exclude_mechanism=["PLAIN", "LOGIN"] if cfg.auth == "none" else [],
             )
 
+        factory = ProtocolFactory(build)
         server = await asyncio.get_running_loop().create_server(
             factory,
             host=listen.address.host,

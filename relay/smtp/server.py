@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from base64 import b64decode
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, _AuthMechAttr
 
 from relay.smtp import replies
 from relay.smtp.auth import Authenticator
@@ -26,6 +27,8 @@ from relay.smtp.auth import Authenticator
 log = logging.getLogger("relay.smtp")
 
 END_OF_DATA = b"\r\n.\r\n"
+# <local@domain> made of plain atoms, then optional ESMTP parameters.
+SIMPLE_PATH = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)\Z")
 
 
 class DataError(Exception):
@@ -88,6 +91,40 @@ class RelaySMTP(SMTP):
         self._auth_failures = 0
         self._in_greeting = False
 
+    @classmethod
+    def from_template(cls, template: RelaySMTP) -> RelaySMTP:
+        """A new connection's protocol, cloned from the listener's first one.
+
+        aiosmtpd's constructor rebuilds its command, hook and AUTH tables with
+        `inspect.getmembers` on every connection: 13 % of the CPU of a loaded relay in a
+        py-spy profile. The tables only differ in which instance their methods are bound
+        to, so the clone copies the template's settings and rebinds just those.
+        """
+        self = cls.__new__(cls)
+        self.__dict__.update(template.__dict__)
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=template.loop, limit=template.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=template.loop,
+        )
+        self._smtp_methods = {
+            name: getattr(self, f"smtp_{name}") for name in template._smtp_methods
+        }
+        self._auth_methods = {
+            mech: _AuthMechAttr(getattr(self, attr.method.__name__), True)
+            if attr.is_builtin
+            else attr
+            for mech, attr in template._auth_methods.items()
+        }
+        self.session = self.envelope = self.transport = None
+        self._handler_coroutine = self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = self._original_transport = None
+        self._auth_failures = 0
+        self._in_greeting = False
+        return self
+
     # -- replies -------------------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
@@ -132,6 +169,11 @@ class RelaySMTP(SMTP):
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
             return "<>", stripped[2:]
+        simple = SIMPLE_PATH.match(stripped)
+        if simple:
+            # The common case, without the email package's full RFC 5322 parser (6 % of
+            # a loaded relay's CPU); anything unusual still goes through it.
+            return simple.group(1), simple.group(2)
         result: tuple[str | None, str | None] = super()._getaddr(arg)
         return result
 
