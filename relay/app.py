@@ -30,7 +30,7 @@ from relay.message import Kind
 from relay.smtp.listener import start_listeners
 from relay.spool import queries
 from relay.spool.queries import NewMessage
-from relay.spool.store import Spool
+from relay.spool.store import Spool, shard_of, shard_paths
 from relay.upstreams.base import Upstream
 from relay.upstreams.registry import create_upstream
 from relay.web.app import create_app
@@ -68,11 +68,18 @@ def process_alive(owner: str) -> bool:
 class Relay:
     """One relay process. `start()` and `stop()` are what `relay serve` and tests call."""
 
-    def __init__(self, config: Config, *, clock: Any = time.time) -> None:
+    def __init__(
+        self, config: Config, *, clock: Any = time.time, shard: int = 0, workers: int = 1
+    ) -> None:
         self.config = config
         self.clock = clock
         self.owner = owner_id()
-        self.spool = Spool(config.queue_dir, min_free_disk=config.server.min_free_disk)
+        # With several workers, worker `shard` owns one queue shard; worker 0 also runs
+        # the web server and inbound, and drains shards no worker owns any more.
+        self.shard = shard
+        self.workers = workers
+        self.spool = Spool(config.queue_dir, shard=shard, min_free_disk=config.server.min_free_disk)
+        self.spools = [self.spool]
         r = config.routing
         self.router = Router(
             settings=BreakerSettings(
@@ -86,7 +93,8 @@ class Relay:
         self.smtp_servers: list[asyncio.Server] = []
         self.web_runner: web.AppRunner | None = None
         self.web_port: int | None = None
-        self.outbound: Scheduler | None = None
+        self.outbound: Scheduler | None = None  # the primary shard's dispatcher
+        self.schedulers: list[Scheduler] = []
         # Inbound from SES (relay.inbound.service), present when config has [inbound].
         self.inbound: InboundService | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -98,12 +106,21 @@ class Relay:
         self, *, smtp: bool = True, web_server: bool = True, dispatch: bool = True
     ) -> None:
         cfg = self.config
-        self.spool.start()
-        recovered = await self.spool.write(self._recover)
-        if recovered:
-            log.warning(
-                "recovered %d message(s) left in flight by a stopped process", len(recovered)
-            )
+        if self.shard == 0:
+            self.spools += [
+                Spool(cfg.queue_dir, shard=shard_of(path))
+                for path in shard_paths(cfg.queue_dir)
+                if shard_of(path) >= self.workers
+            ]
+        for spool in self.spools:
+            spool.start()
+            recovered = await spool.write(self._recover)
+            if recovered:
+                log.warning(
+                    "%s: recovered %d message(s) left in flight by a stopped process",
+                    spool.path.name,
+                    len(recovered),
+                )
         for i, up_cfg in enumerate(cfg.upstream):
             upstream = create_upstream(up_cfg, f"upstream[{i}]", cfg)
             await upstream.start()
@@ -115,17 +132,35 @@ class Relay:
                 max_rate=up_cfg.max_rate,
                 max_concurrency=up_cfg.max_concurrency,
             )
+        self.schedulers = [self._outbound_scheduler(spool) for spool in self.spools]
+        self.outbound = self.schedulers[0]
+        if dispatch:
+            for scheduler in self.schedulers:
+                self._tasks.append(asyncio.create_task(scheduler.run(), name="dispatch"))
+            self._tasks.append(asyncio.create_task(self._maintenance(), name="maintenance"))
+        if cfg.inbound and self.shard == 0:
+            from relay.inbound.service import InboundService
+
+            self.inbound = InboundService(self)
+            await self.inbound.start(dispatch=dispatch)
+        if web_server and self.shard == 0:
+            await self._start_web()
+        if smtp:
+            self.smtp_servers = await start_listeners(cfg, self.submit, reuse_port=self.workers > 1)
+
+    def _outbound_scheduler(self, spool: Spool) -> Scheduler:
+        cfg = self.config
         policy = RetryPolicy(schedule=tuple(cfg.retry.schedule), max_age=cfg.retry.max_age)
         signer = DKIMSigner.from_config(cfg) if cfg.dkim else None
         bouncer = (
             BounceSender(
-                spool=self.spool, submit=self.submit, hostname=cfg.server.hostname, clock=self.clock
+                spool=spool, submit=self.submit, hostname=cfg.server.hostname, clock=self.clock
             )
             if cfg.retry.bounces
             else None
         )
         worker = OutboundWorker(
-            spool=self.spool,
+            spool=spool,
             router=self.router,
             policy=policy,
             owner=self.owner,
@@ -134,8 +169,8 @@ class Relay:
             signer=signer,
             bouncer=bouncer,
         )
-        self.outbound = Scheduler(
-            self.spool,
+        return Scheduler(
+            spool,
             worker,
             kind=Kind.OUTBOUND,
             owner=self.owner,
@@ -143,18 +178,6 @@ class Relay:
             lease_time=cfg.server.lease_time,
             clock=self.clock,
         )
-        if dispatch:
-            self._tasks.append(asyncio.create_task(self.outbound.run(), name="dispatch"))
-            self._tasks.append(asyncio.create_task(self._maintenance(), name="maintenance"))
-        if cfg.inbound:
-            from relay.inbound.service import InboundService
-
-            self.inbound = InboundService(self)
-            await self.inbound.start(dispatch=dispatch)
-        if web_server:
-            await self._start_web()
-        if smtp:
-            self.smtp_servers = await start_listeners(cfg, self.submit)
 
     async def _start_web(self) -> None:
         listen = self.config.web.listen
@@ -172,8 +195,8 @@ class Relay:
             server.close()
         for server in self.smtp_servers:
             await server.wait_closed()
-        if self.outbound is not None:
-            await self.outbound.stop()
+        for scheduler in self.schedulers:
+            await scheduler.stop()
         if self.inbound is not None:
             await self.inbound.stop()
         for task in self._tasks:
@@ -183,21 +206,22 @@ class Relay:
             await self.web_runner.cleanup()
         for upstream in self.upstreams:
             await upstream.close()
-        await self.spool.close()
+        for spool in self.spools:
+            await spool.close()
 
     async def _maintenance(self) -> None:
         """Recover leases of processes that died while we run; forget old history."""
         interval = max(min(self.config.server.lease_time / 2, 60.0), 1.0)
         while True:
             await asyncio.sleep(interval)
-            recovered = await self.spool.write(self._recover)
-            if recovered and self.outbound is not None:
-                self.outbound.wake()
-            await self.spool.write(
-                functools.partial(
-                    queries.purge_history, older_than=self.clock() - HISTORY_RETENTION
+            for spool, scheduler in zip(self.spools, self.schedulers, strict=True):
+                if await spool.write(self._recover):
+                    scheduler.wake()
+                await spool.write(
+                    functools.partial(
+                        queries.purge_history, older_than=self.clock() - HISTORY_RETENTION
+                    )
                 )
-            )
 
     def _alive(self, owner: str) -> bool:
         return owner == self.owner or process_alive(owner)
@@ -237,15 +261,18 @@ class Relay:
         return problems
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
-    relay = Relay(config)
+async def serve(config: Config, *, shard: int = 0, workers: int = 1, on_ready: Any = None) -> None:
+    """Run one relay process until SIGTERM or SIGINT."""
+    relay = Relay(config, shard=shard, workers=workers)
     await relay.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("relay ready: SMTP %s", ", ".join(str(p) for p in relay.smtp_ports()))
+    if on_ready is not None:
+        on_ready()
+    else:
+        log.info("relay ready: SMTP %s", ", ".join(str(p) for p in relay.smtp_ports()))
     await stop.wait()
     log.info("shutting down")
     await relay.stop()

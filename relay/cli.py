@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from relay.config import Config, ConfigError, load
 from relay.spool import queries
-from relay.spool.store import connect, db_path, transaction
+from relay.spool.store import connect, shard_paths, transaction
 
 T = TypeVar("T")
 DEFAULT_CONFIG = os.environ.get("RELAY_CONFIG", "config.toml")
@@ -39,14 +39,16 @@ def _load(path: str) -> Config:
         raise SystemExit(1) from None
 
 
-def _queue(
-    args: argparse.Namespace, fn: Callable[[sqlite3.Connection], T], *, write: bool = True
-) -> T:
+def _shards(args: argparse.Namespace) -> list[Path]:
     cfg = _load(args.config)
-    path = db_path(cfg.queue_dir)
-    if not path.exists():
-        print(f"relay: no queue at {path} yet (has the server run?)", file=sys.stderr)
+    paths = shard_paths(cfg.queue_dir)
+    if not paths:
+        print(f"relay: no queue under {cfg.queue_dir} yet (has the server run?)", file=sys.stderr)
         raise SystemExit(1)
+    return paths
+
+
+def _run(path: Path, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
     conn = connect(path)
     try:
         return transaction(conn, fn) if write else fn(conn)
@@ -57,6 +59,28 @@ def _queue(
         conn.close()
 
 
+def _each_shard(
+    args: argparse.Namespace, fn: Callable[[sqlite3.Connection], list[T]], *, write: bool = True
+) -> list[T]:
+    """Run fn on every queue shard (one per worker process) and join the results."""
+    return [item for path in _shards(args) for item in _run(path, fn, write)]
+
+
+def _on_message(
+    args: argparse.Namespace,
+    msg_id: str,
+    fn: Callable[[sqlite3.Connection], T],
+    *,
+    write: bool = True,
+) -> T:
+    """Run fn on the shard that holds the message."""
+    for path in _shards(args):
+        if _run(path, lambda c: queries.get(c, msg_id) is not None, False):
+            return _run(path, fn, write)
+    print(f"relay: no message {msg_id} in the queue", file=sys.stderr)
+    raise SystemExit(1)
+
+
 def _actor() -> str:
     return f"cli:{getpass.getuser()}"
 
@@ -65,8 +89,6 @@ def _actor() -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.app import serve
-
     cfg = _load(args.config)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -77,6 +99,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
+    workers = cfg.server.worker_count
+    if workers > 1:
+        from relay import supervisor
+
+        return supervisor.run(cfg, workers)
+    from relay.app import serve
+
     asyncio.run(serve(cfg))
     return 0
 
@@ -91,11 +120,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    rows = _queue(
+    rows = _each_shard(
         args,
         lambda c: queries.list_messages(c, state=args.state, kind=args.kind, limit=args.limit),
         write=False,
     )
+    rows = sorted(rows, key=lambda r: r.id)[: args.limit]
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
@@ -120,10 +150,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     def read(c: sqlite3.Connection) -> tuple[Any, list[dict[str, Any]]]:
         return queries.get(c, args.id), queries.timeline(c, args.id)
 
-    row, events = _queue(args, read, write=False)
-    if row is None:
-        print(f"relay: no message {args.id} in the queue", file=sys.stderr)
-        return 1
+    row, events = _on_message(args, args.id, read, write=False)
     if args.json:
         print(json.dumps({"message": row.as_dict(), "timeline": events}, indent=2))
         return 0
@@ -148,13 +175,13 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 def cmd_queue_retry(args: argparse.Namespace) -> int:
     now = time.time()
     if args.failed:
-        ids = _queue(args, lambda c: queries.retry_failed(c, now=now, actor=_actor()))
+        ids = _each_shard(args, lambda c: queries.retry_failed(c, now=now, actor=_actor()))
         print(f"{len(ids)} failed message(s) queued again")
         return 0
     if not args.id:
         print("relay: give a message ID or --failed", file=sys.stderr)
         return 2
-    _queue(args, lambda c: queries.retry(c, args.id, now=now, actor=_actor()))
+    _on_message(args, args.id, lambda c: queries.retry(c, args.id, now=now, actor=_actor()))
     print(f"{args.id}: queued for delivery now")
     return 0
 
@@ -164,7 +191,7 @@ def _simple(action: Callable[..., None], done: str) -> Callable[[argparse.Namesp
         kwargs: dict[str, Any] = {"actor": _actor()}
         if action is not queries.delete:
             kwargs["now"] = time.time()
-        _queue(args, lambda c: action(c, args.id, **kwargs))
+        _on_message(args, args.id, lambda c: action(c, args.id, **kwargs))
         print(f"{args.id}: {done}")
         if action is queries.delete:
             logging.getLogger("relay.spool").warning("%s deleted by %s", args.id, _actor())
@@ -174,7 +201,7 @@ def _simple(action: Callable[..., None], done: str) -> Callable[[argparse.Namesp
 
 
 def cmd_queue_flush(args: argparse.Namespace) -> int:
-    ids = _queue(args, lambda c: queries.flush(c, now=time.time(), actor=_actor()))
+    ids = _each_shard(args, lambda c: queries.flush(c, now=time.time(), actor=_actor()))
     print(f"{len(ids)} deferred message(s) due now")
     return 0
 

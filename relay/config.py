@@ -214,6 +214,17 @@ class ServerConfig:
     min_free_disk: Size = Size(100 * 1000**2)
     # How long a dispatcher may hold a message before another process may take it.
     lease_time: Duration = Duration(300.0)
+    # Relay processes sharing the SMTP port (SO_REUSEPORT), each with its own queue shard;
+    # 0 = one per CPU. One Python process uses one core; this is how the relay uses all.
+    workers: int = 1
+
+    def validate(self) -> None:
+        if not 0 <= self.workers <= 64:
+            raise ValueError("workers must be between 0 (one per CPU) and 64")
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,13 @@ the hand-off and "sent"); they are counted and reported, and nothing may be lost
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiosmtplib
@@ -76,16 +77,24 @@ class RelayProcess:
             await self._reader
 
 
+RelayFiles = Callable[[int], tuple[RelayProcess, int, Path]]
+
+
 @pytest.fixture
-async def relay_proc(tmp_path: Path) -> AsyncIterator[tuple[RelayProcess, int, Path]]:
-    port = free_port()
-    outbox = tmp_path / "outbox"
-    config = tmp_path / "config.toml"
-    config.write_text(f"""
+async def make_relay_proc(tmp_path: Path) -> AsyncIterator[RelayFiles]:
+    """A relay subprocess with a given number of workers, and its port and outbox."""
+    started: list[RelayProcess] = []
+
+    def make(workers: int) -> tuple[RelayProcess, int, Path]:
+        port = free_port()
+        outbox = tmp_path / "outbox"
+        config = tmp_path / "config.toml"
+        config.write_text(f"""
 [server]
 hostname = "relay.test"
 queue = "{tmp_path / "queue"}"
 min_free_disk = 0
+workers = {workers}
 [[smtp.listen]]
 address = "127.0.0.1:{port}"
 tls = "none"
@@ -99,9 +108,13 @@ path = "{outbox}"
 [web]
 listen = "127.0.0.1:0"
 """)
-    proc = RelayProcess(config)
-    yield proc, port, outbox
-    await proc.stop()
+        proc = RelayProcess(config)
+        started.append(proc)
+        return proc, port, outbox
+
+    yield make
+    for proc in started:
+        await proc.stop()
 
 
 def delivered_tokens(outbox: Path) -> Counter[str]:
@@ -116,10 +129,11 @@ def delivered_tokens(outbox: Path) -> Counter[str]:
     return counts
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 async def test_every_acknowledged_message_survives_sigkill(
-    relay_proc: tuple[RelayProcess, int, Path],
+    make_relay_proc: RelayFiles, workers: int
 ) -> None:
-    proc, port, outbox = relay_proc
+    proc, port, outbox = make_relay_proc(workers)
     await proc.start()
     acked: set[str] = set()
     enough = asyncio.Event()
@@ -174,3 +188,45 @@ async def test_every_acknowledged_message_survives_sigkill(
     # A duplicate needs a crash inside one hand-off; at most the in-flight ones can repeat.
     assert duplicates <= CONCURRENCY * 2
     assert os.path.exists(outbox / "new")
+
+
+async def test_a_dead_worker_is_restarted_and_its_shard_recovered(
+    make_relay_proc: RelayFiles, tmp_path: Path
+) -> None:
+    proc, port, outbox = make_relay_proc(2)
+    await proc.start()
+    for i in range(40):
+        data = f"Subject: token-{i:04d}\r\n\r\nx\r\n".encode()
+        await aiosmtplib.send(
+            data,
+            sender="app@example.com",
+            recipients=["r@example.org"],
+            hostname="127.0.0.1",
+            port=port,
+            start_tls=False,
+            timeout=10,
+        )
+    workers = [line for line in proc.log if "worker" in line and "ready (pid" in line]
+    assert len(workers) == 2, proc.log
+    pid = int(workers[-1].rsplit("pid ", 1)[1].rstrip(")"))
+    os.kill(pid, signal.SIGKILL)
+    async with asyncio.timeout(30):
+        while not any("starting it again" in line for line in proc.log):
+            await asyncio.sleep(0.05)
+        while not {f"token-{i:04d}" for i in range(40)} <= set(delivered_tokens(outbox)):
+            await asyncio.sleep(0.05)
+    # Both shards are visible to the CLI.
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        "--config",
+        str(proc.config),
+        "queue",
+        "list",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await cli.communicate()
+    assert len(json.loads(out)) == 40
+    assert len(list((tmp_path / "queue").glob("queue*.db"))) == 2

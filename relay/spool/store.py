@@ -96,8 +96,21 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def db_path(queue_dir: Path) -> Path:
-    return queue_dir / "queue.db"
+def db_path(queue_dir: Path, shard: int = 0) -> Path:
+    """Shard 0 is queue.db; with `server.workers = N` worker i owns queue-i.db."""
+    return queue_dir / ("queue.db" if shard == 0 else f"queue-{shard}.db")
+
+
+def shard_paths(queue_dir: Path) -> list[Path]:
+    """Every shard database present, shard 0 first."""
+    found = [p for p in queue_dir.glob("queue-*.db") if p.stem.split("-", 1)[1].isdigit()]
+    found.sort(key=lambda p: int(p.stem.split("-", 1)[1]))
+    main = queue_dir / "queue.db"
+    return ([main] if main.exists() else []) + found
+
+
+def shard_of(path: Path) -> int:
+    return 0 if path.stem == "queue" else int(path.stem.split("-", 1)[1])
 
 
 def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -130,9 +143,9 @@ class Spool:
     COMMIT fails the whole batch with StoreError, and nothing of it is on disk.
     """
 
-    def __init__(self, queue_dir: Path, *, min_free_disk: int = 0) -> None:
+    def __init__(self, queue_dir: Path, *, shard: int = 0, min_free_disk: int = 0) -> None:
         self.queue_dir = queue_dir
-        self.path = db_path(queue_dir)
+        self.path = db_path(queue_dir, shard)
         self.min_free_disk = min_free_disk
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None

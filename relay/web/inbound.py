@@ -25,7 +25,7 @@ from aiohttp import web
 
 from relay.inbound.notify import NotificationError, parse_notification
 from relay.inbound.service import is_ses_setup_notification
-from relay.inbound.sns import SNSError, SNSMessage, SNSVerifier
+from relay.inbound.sns import HTTPSFetcher, SNSError, SNSMessage, SNSVerifier
 from relay.spool.store import StoreError, StoreFull
 
 if TYPE_CHECKING:
@@ -64,17 +64,25 @@ def setup(app: web.Application, service: InboundService, settings: SNSSettings) 
         app[VERIFIER_KEY] = verifier
         yield
         await verifier.close()
+        if isinstance(service.cert_fetcher, HTTPSFetcher):
+            await service.cert_fetcher.close()  # its session lives as long as the web app
 
     app.cleanup_ctx.append(verifier_ctx)
     app.router.add_post("/inbound/sns", sns_endpoint)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None when it is larger than `limit` (checked before reading it all)."""
+    """The body, or None as soon as it is known to be larger than `limit`."""
     if request.content_length is not None and request.content_length > limit:
         return None
-    body = await request.content.read(limit + 1)
-    return None if len(body) > limit else body
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def sns_endpoint(request: web.Request) -> web.Response:
