@@ -93,6 +93,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    if args.log_level.lower() != "debug":
+        # aiosmtpd logs every command at INFO (about ten lines a session); the relay's
+        # own loggers already say what happened to each message, once.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
     try:
         import uvloop
 

@@ -5,7 +5,8 @@ good. Failing to connect, authenticate or negotiate TLS is the upstream's proble
 message's: it trips the breaker. A connection that dies after the final "." was sent is
 ambiguous: the smarthost may have queued the message.
 
-Connections are kept open between messages (RSET, then the next MAIL FROM), up to
+Connections are kept open between messages (the next MAIL FROM follows a completed DATA
+directly: that ends the transaction, RFC 5321 4.1.1.4; an aborted one gets RSET), up to
 `max_concurrency` of them: a new TCP+TLS+AUTH handshake per message would cost more than
 the message itself.
 """
@@ -132,7 +133,7 @@ class SMTPUpstream(Upstream):
         reused = bool(self._idle)
         client = self._idle.pop() if reused else await self._connect()
         try:
-            result = await self._transaction(client, envelope, data, reset=reused)
+            result = await self._transaction(client, envelope, data)
         except aiosmtplib.SMTPServerDisconnected:
             client.close()
             if not reused:
@@ -142,7 +143,7 @@ class SMTPUpstream(Upstream):
             # An idle connection the server timed out: one fresh try is not a retry storm.
             client = await self._connect()
             try:
-                result = await self._transaction(client, envelope, data, reset=False)
+                result = await self._transaction(client, envelope, data)
             except BaseException:
                 client.close()
                 raise
@@ -156,15 +157,13 @@ class SMTPUpstream(Upstream):
         return result
 
     async def _transaction(
-        self, client: aiosmtplib.SMTP, envelope: Envelope, data: bytes, *, reset: bool
+        self, client: aiosmtplib.SMTP, envelope: Envelope, data: bytes
     ) -> Accepted:
         host = self.settings.host
         options = ["SMTPUTF8"] if envelope.smtputf8 else []
         if envelope.body_8bit:
             options.append("BODY=8BITMIME")
         try:
-            if reset:
-                await client.rset()
             await client.mail(envelope.mail_from, options=options)
         except aiosmtplib.SMTPResponseException as exc:
             raise self._classify(exc, f"{host} refused sender <{envelope.mail_from}>") from exc
