@@ -165,7 +165,7 @@ class Relay:
             policy=policy,
             owner=self.owner,
             clock=self.clock,
-            on_finish=self._progress.set,
+            on_finish=self.notify_progress,
             signer=signer,
             bouncer=bouncer,
         )
@@ -217,6 +217,8 @@ class Relay:
             for spool, scheduler in zip(self.spools, self.schedulers, strict=True):
                 if await spool.write(self._recover):
                     scheduler.wake()
+                    if self.inbound is not None and spool is self.spool:
+                        self.inbound.wake()
                 await spool.write(
                     functools.partial(
                         queries.purge_history, older_than=self.clock() - HISTORY_RETENTION
@@ -237,6 +239,10 @@ class Relay:
         await self.spool.write(lambda c: queries.insert(c, message))
         if self.outbound is not None:
             self.outbound.wake()
+
+    def notify_progress(self) -> None:
+        """A unit of work finished a round: wake whoever waits in `wait_for`."""
+        self._progress.set()
 
     async def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
         """Wait until `await predicate()` is true, re-checking after every delivery round."""
