@@ -15,6 +15,7 @@ import signal
 import socket
 import sqlite3
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -43,26 +44,41 @@ log = logging.getLogger("relay.app")
 HISTORY_RETENTION = 7 * 86400.0
 
 
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot, or None if it is gone or a
+    zombie. A pid alone is not an identity: pids are reused, and a killed worker whose
+    parent died stays a zombie under an init that does not reap, which kill(pid, 0) still
+    reports as alive."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
 def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time() * 1000)}"
+    return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid()) or 0}"
 
 
 def process_alive(owner: str) -> bool:
     """Is the process named in a lease owner id still running? Other hosts: assume so,
     and let the lease's expiry decide."""
     host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
+    pid_text, _, started = rest.partition(":")
     if host != socket.gethostname() or not pid_text.isdigit():
         return True
-    if int(pid_text) == os.getpid():
-        return False  # an earlier process that had our pid; our own leases match exactly
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    if not Path("/proc/self/stat").exists():  # no procfs: fall back to signal 0
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    return _proc_start(int(pid_text)) == started
 
 
 class Relay:

@@ -170,8 +170,9 @@ async def test_every_acknowledged_message_survives_sigkill(
     in_outbox_at_kill = sum(delivered_tokens(outbox).values())
 
     await proc.start()
-    # Cross-process: nothing to await but the files themselves; bounded polling.
-    async with asyncio.timeout(60):
+    # Cross-process: nothing to await but the files themselves; bounded polling. Recovery
+    # must happen at startup: the periodic sweep (every min(lease_time/2, 60s)) is too late.
+    async with asyncio.timeout(20):
         while not acked <= set(delivered_tokens(outbox)):
             await asyncio.sleep(0.05)
     counts = delivered_tokens(outbox)
