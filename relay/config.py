@@ -216,7 +216,7 @@ class ServerConfig:
     lease_time: Duration = Duration(300.0)
     # Relay processes sharing the SMTP port (SO_REUSEPORT), each with its own queue shard;
     # 0 = one per CPU. One Python process uses one core; this is how the relay uses all.
-    workers: int = 1
+    workers: int = 0
 
     def validate(self) -> None:
         if not 0 <= self.workers <= 64:
