@@ -48,7 +48,8 @@ async def test_smarthost_receives_message_byte_for_byte_with_envelope(
     make_relay: RelayFactory, sink: SMTPSink
 ) -> None:
     relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
-    data = make_message(to="to@example.org")
+    # Lines that start with dots must survive dot-stuffing on both hops.
+    data = make_message(to="to@example.org", body=".one dot\r\n..two dots\r\n.\r\nend\r\n")
     # bcc@example.org is only in the envelope: it must still get the message.
     await send(relay, data, ["to@example.org", "bcc@example.org"])
     await sink.wait_count(1)
