@@ -13,7 +13,6 @@ state, so the timeline never disagrees with the queue.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -211,80 +210,52 @@ class OutboundWorker:
         new_failures = dict(failed)
         all_rcpts = item.meta.get("rcpts_original") or list(item.envelope.rcpt_tos)
         next_at: float | None = None
+        reason = (
+            last_error.reason
+            if last_error
+            else "no upstream is available (all breakers open or none configured)"
+        )
         if pending:
-            reason = (
-                last_error.reason
-                if last_error
-                else ("no upstream is available (all breakers open or none configured)")
-            )
             retry_after = last_error.retry_after if isinstance(last_error, TransientError) else None
             next_at = self.policy.next_attempt(
                 now=now, created=item.created, deferrals=rounds - 1, retry_after=retry_after
             )
             if next_at is None:
-                age_reason = (
-                    f"gave up after {rounds} rounds over "
-                    f"{_human(now - item.created)} (retry.max_age); last error: "
-                    f"{reason}"
+                age_reason = self.policy.gave_up(
+                    now=now, created=item.created, rounds=rounds, last_error=reason
                 )
                 failed.update(dict.fromkeys(pending, age_reason))
                 new_failures.update(dict.fromkeys(pending, age_reason))
                 pending = []
         # Recipients refused for good in earlier rounds keep the message "failed" at the end.
         failed = {**item.meta.get("rcpts_failed", {}), **failed}
-
-        def write(conn: Any) -> None:
-            for type_, at, detail in events:
-                queries.add_event(conn, item.id, at, type_, detail)
-            if delivered and (pending or failed):
-                queries.add_event(
-                    conn, item.id, now, EventType.NOTE, {"partial": True, "delivered": delivered}
+        failure: str | None = None
+        if failed and not pending:
+            failure = "; ".join(f"{r}: {why}" for r, why in failed.items())
+            if len(failed) < len(all_rcpts):
+                failure = (
+                    f"{len(all_rcpts) - len(failed)} of {len(all_rcpts)} "
+                    f"recipients delivered; failed: {failure}"
                 )
-            if new_failures:
-                conn.execute(
-                    "UPDATE messages SET meta = json_set(meta, '$.rcpts_failed',"
-                    " json(?)) WHERE id = ?",
-                    (json.dumps(failed), item.id),
-                )
-            if pending:
-                queries.defer(
-                    conn,
-                    item.id,
-                    owner=self.owner,
-                    now=now,
-                    attempts=rounds,
-                    next_attempt=next_at or now,
-                    rcpts=tuple(pending),
-                    reason=reason,
-                    detail={"tried": sorted(tried)},
-                )
-            elif failed:
-                summary = "; ".join(f"{r}: {why}" for r, why in failed.items())
-                if len(failed) < len(all_rcpts):
-                    summary = (
-                        f"{len(all_rcpts) - len(failed)} of {len(all_rcpts)} "
-                        f"recipients delivered; failed: {summary}"
-                    )
-                queries.fail(
-                    conn,
-                    item.id,
-                    owner=self.owner,
-                    now=now,
-                    attempts=rounds,
-                    reason=summary,
-                    detail={"recipients": failed},
-                )
-            else:
-                queries.complete(
-                    conn,
-                    item.id,
-                    owner=self.owner,
-                    now=now,
-                    attempts=rounds,
-                    detail={"deliveries": delivered},
-                )
-
-        await self.spool.write(write)
+        rnd = queries.Round(
+            events=events,
+            delivered=delivered,
+            failed=failed,
+            new_failures=bool(new_failures),
+            retry=bool(pending),
+            pending=tuple(pending),
+            next_attempt=next_at or now,
+            reason=reason,
+            failure=failure,
+            defer_detail={"tried": sorted(tried)},
+            fail_detail={"recipients": failed},
+            sent_detail={"deliveries": delivered},
+        )
+        await self.spool.write(
+            lambda c: queries.record_round(
+                c, item.id, owner=self.owner, now=now, rounds=rounds, rnd=rnd
+            )
+        )
         if self.on_finish is not None:
             self.on_finish()
         if pending:
@@ -299,13 +270,6 @@ class OutboundWorker:
             )
         if new_failures and self.bouncer is not None:
             await self.bouncer(item, new_failures)
-
-
-def _human(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 def _iso(ts: float) -> str:

@@ -27,3 +27,17 @@ class RetryPolicy:
             return None
         # The last try happens at max_age, not a full delay after it.
         return min(at, created + self.max_age)
+
+    @staticmethod
+    def gave_up(*, now: float, created: float, rounds: int, last_error: str) -> str:
+        return (
+            f"gave up after {rounds} rounds over {human_duration(now - created)} "
+            f"(retry.max_age); last error: {last_error}"
+        )
+
+
+def human_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"

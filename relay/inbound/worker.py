@@ -389,9 +389,8 @@ class InboundWorker:
                 now=now, created=item.created, deferrals=rounds - 1, retry_after=rnd.retry_after
             )
             if next_at is None:
-                gave_up = (
-                    f"gave up after {rounds} rounds over {_human(now - item.created)} "
-                    f"(retry.max_age); last error: {reason}"
+                gave_up = self.policy.gave_up(
+                    now=now, created=item.created, rounds=rounds, last_error=reason
                 )
                 failed.update(dict.fromkeys(pending, gave_up))
                 if rnd.retry_whole:
@@ -405,56 +404,24 @@ class InboundWorker:
             if rnd.delivered or len(original) > len(all_failed):
                 summary = f"partly delivered; failed: {summary}"
 
-        def write(conn: Any) -> None:
-            for type_, at, detail in rnd.events:
-                queries.add_event(conn, item.id, at, type_, detail)
-            if rnd.delivered and (retrying or summary):
-                queries.add_event(
-                    conn,
-                    item.id,
-                    now,
-                    EventType.NOTE,
-                    {"partial": True, "delivered": rnd.delivered},
-                )
-            if failed:
-                conn.execute(
-                    "UPDATE messages SET meta = json_set(meta, '$.rcpts_failed', json(?))"
-                    " WHERE id = ?",
-                    (json.dumps(all_failed), item.id),
-                )
-            if retrying:
-                queries.defer(
-                    conn,
-                    item.id,
-                    owner=self.owner,
-                    now=now,
-                    attempts=rounds,
-                    next_attempt=next_at or now,
-                    rcpts=tuple(pending),
-                    reason=reason,
-                    detail={},
-                )
-            elif summary:
-                queries.fail(
-                    conn,
-                    item.id,
-                    owner=self.owner,
-                    now=now,
-                    attempts=rounds,
-                    reason=summary,
-                    detail={"recipients": all_failed} if all_failed else {},
-                )
-            else:
-                queries.complete(
-                    conn,
-                    item.id,
-                    owner=self.owner,
-                    now=now,
-                    attempts=rounds,
-                    detail={"outcome": "delivered", "deliveries": rnd.delivered},
-                )
-
-        await self.spool.write(write)
+        rnd_record = queries.Round(
+            events=rnd.events,
+            delivered=rnd.delivered,
+            failed=all_failed,
+            new_failures=bool(failed),
+            retry=retrying,
+            pending=tuple(pending),
+            next_attempt=next_at or now,
+            reason=reason,
+            failure=summary or None,
+            fail_detail={"recipients": all_failed} if all_failed else {},
+            sent_detail={"outcome": "delivered", "deliveries": rnd.delivered},
+        )
+        await self.spool.write(
+            lambda c: queries.record_round(
+                c, item.id, owner=self.owner, now=now, rounds=rounds, rnd=rnd_record
+            )
+        )
         if self.on_finish is not None:
             self.on_finish()
         if retrying:
@@ -467,10 +434,3 @@ class InboundWorker:
                 item.id,
                 ", ".join(str(d["destination"]) for d in rnd.delivered),
             )
-
-
-def _human(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"

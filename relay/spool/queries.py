@@ -276,6 +276,65 @@ def recover(
     return recovered
 
 
+@dataclass(slots=True)
+class Round:
+    """What one delivery round did to a leased unit of work, for `record_round`."""
+
+    events: list[tuple[EventType, float, dict[str, Any]]]
+    delivered: list[dict[str, Any]]
+    # Recipients refused for good, this round and earlier ones (kept in meta.rcpts_failed).
+    failed: dict[str, str]
+    new_failures: bool
+    # Retry: the recipients still to do (or the whole item) and when.
+    retry: bool
+    pending: tuple[str, ...] = ()
+    next_attempt: float = 0.0
+    reason: str = ""
+    # Set when the item failed for good: what the operator reads.
+    failure: str | None = None
+    defer_detail: dict[str, Any] = field(default_factory=dict)
+    fail_detail: dict[str, Any] = field(default_factory=dict)
+    sent_detail: dict[str, Any] = field(default_factory=dict)
+
+
+def record_round(
+    conn: sqlite3.Connection, msg_id: str, *, owner: str, now: float, rounds: int, rnd: Round
+) -> bool:
+    """The round's attempts and the item's new state, in one transaction."""
+    for type_, at, detail in rnd.events:
+        _event(conn, msg_id, at, type_, detail)
+    if rnd.delivered and (rnd.retry or rnd.failure):
+        _event(conn, msg_id, now, EventType.NOTE, {"partial": True, "delivered": rnd.delivered})
+    if rnd.new_failures:
+        conn.execute(
+            "UPDATE messages SET meta = json_set(meta, '$.rcpts_failed', json(?)) WHERE id = ?",
+            (json.dumps(rnd.failed), msg_id),
+        )
+    if rnd.retry:
+        return defer(
+            conn,
+            msg_id,
+            owner=owner,
+            now=now,
+            attempts=rounds,
+            next_attempt=rnd.next_attempt,
+            rcpts=rnd.pending,
+            reason=rnd.reason,
+            detail=rnd.defer_detail,
+        )
+    if rnd.failure is not None:
+        return fail(
+            conn,
+            msg_id,
+            owner=owner,
+            now=now,
+            attempts=rounds,
+            reason=rnd.failure,
+            detail=rnd.fail_detail,
+        )
+    return complete(conn, msg_id, owner=owner, now=now, attempts=rounds, detail=rnd.sent_detail)
+
+
 def purge_history(conn: sqlite3.Connection, *, older_than: float) -> int:
     """Forget sent messages (and their timelines) finished before `older_than`."""
     ids = [
