@@ -29,10 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -42,6 +43,8 @@ OUT_DIR = BENCH_DIR / "out"
 SBIN = Path("/usr/sbin")
 MAIL_FROM = "from@example.com"
 RCPT_TO = "to@example.org"
+PROVIDER_KEY_VARIABLE = "BENCH_PROVIDER_KEY"  # as bench/provider.py reads it
+PROVIDER_KEY = "bench-provider-key"
 UPSTREAM_CONCURRENCY = 50  # Postfix's destination concurrency and the relay's upstream pool
 BUSY_WARNING = 15.0  # % of the machine busy before the start that earns a warning
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -76,6 +79,7 @@ class Settings:
     drain_timeout: float
     skip_latency: bool
     skip_memory: bool
+    skip_http: bool
     keep: bool
     workdir: str | None
     relay_log_level: str
@@ -98,6 +102,7 @@ class Settings:
             drain_timeout=args.run_timeout,
             skip_latency=bool(args.skip_latency),
             skip_memory=bool(args.skip_memory),
+            skip_http=bool(args.skip_http),
             keep=bool(args.keep),
             workdir=args.workdir,
             relay_log_level=args.relay_log_level,
@@ -332,6 +337,9 @@ class Server:
     def root_pid(self) -> int:
         raise NotImplementedError
 
+    def stop(self) -> None:
+        raise NotImplementedError
+
 
 class PostfixInstance(Server):
     """A private Postfix (`postfix -c DIR`) relaying everything to [127.0.0.1]:sink_port."""
@@ -425,17 +433,26 @@ schedule = [{schedule}]
 concurrency = {concurrency}
 bounces = false
 
-[[upstream]]
-name = "sink"
-type = "smtp"
-host = "{host}"
-port = {upstream_port}
-tls = "none"
-max_concurrency = {upstream_concurrency}
-
+{upstream}
 [web]
 listen = "{host}:0"
 """
+
+
+def smtp_upstream(port: int) -> str:
+    """The relay's upstream: smtp-sink (or any SMTP server) on `port`."""
+    return (
+        f'[[upstream]]\nname = "sink"\ntype = "smtp"\nhost = "{HOST}"\nport = {port}\n'
+        f'tls = "none"\nmax_concurrency = {UPSTREAM_CONCURRENCY}\n'
+    )
+
+
+def http_upstream(url: str) -> str:
+    """The relay's upstream: the fake SendGrid of bench/provider.py at `url`."""
+    return (
+        f'[[upstream]]\nname = "provider"\ntype = "sendgrid"\nbase_url = "{url}"\n'
+        f'api_key = "env:{PROVIDER_KEY_VARIABLE}"\nmax_concurrency = {UPSTREAM_CONCURRENCY}\n'
+    )
 
 
 class RelayProcess(Server):
@@ -445,12 +462,13 @@ class RelayProcess(Server):
         self,
         top: Path,
         *,
-        upstream_port: int,
+        upstream: str,
         schedule: Sequence[str],
         log_level: str,
         workers: int | None,
+        name: str = "relay",
     ) -> None:
-        self.name = "relay"
+        self.name = name
         self.log_level = log_level
         self.top = top
         self.port = free_port()
@@ -467,8 +485,7 @@ class RelayProcess(Server):
                 port=self.port,
                 schedule=", ".join(f'"{s}"' for s in schedule),
                 concurrency=2 * UPSTREAM_CONCURRENCY,
-                upstream_port=upstream_port,
-                upstream_concurrency=UPSTREAM_CONCURRENCY,
+                upstream=upstream,
                 workers="" if workers is None else f"workers = {workers}\n",
             )
         )
@@ -488,6 +505,7 @@ class RelayProcess(Server):
             stdout=self._log_file,
             stderr=self._log_file,
             start_new_session=True,
+            env={**os.environ, PROVIDER_KEY_VARIABLE: PROVIDER_KEY},
         )
         if not wait_until(
             lambda: self.log_contains("relay ready") or self.exited(), timeout=timeout
@@ -571,6 +589,50 @@ class Sink:
             self.proc = None
 
 
+class Provider:
+    """bench/provider.py: a fake SendGrid that checks each request as the real API would,
+    in its own process; the relay's HTTP upstream for the HTTP end-to-end figure."""
+
+    def __init__(self, top: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.out_path = top / "provider.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.out_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.provider", str(self.port)],
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, PROVIDER_KEY_VARIABLE: PROVIDER_KEY},
+            )
+        if not wait_until(lambda: port_open(self.port), timeout=30, interval=0.05):
+            raise BenchError(f"the fake provider did not start: {self.out_path.read_text()}")
+
+    def count(self) -> int:
+        """Messages the provider accepted so far."""
+        with urllib.request.urlopen(f"{self.url}/count", timeout=10) as answer:
+            return int(answer.read())
+
+    def root_pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, grace=5)
+            self.proc = None
+
+
+class Destination(Protocol):
+    """Where a server under test relays to: something that counts what arrived."""
+
+    def count(self) -> int: ...
+
+
 # -- throughput runs ----------------------------------------------------------------------
 
 
@@ -631,7 +693,7 @@ def smtp_source(port: int, *, size: int, count: int, sessions: int, timeout: flo
 
 
 def run_load(
-    server: Server, sink: Sink, *, size: int, count: int, sessions: int, settings: Settings
+    server: Server, sink: Destination, *, size: int, count: int, sessions: int, settings: Settings
 ) -> RunResult:
     """Send `count` messages; time the acceptance (smtp-source's wall time) and the
     delivery (until smtp-sink has them all); CPU of the server's processes meanwhile."""
@@ -662,23 +724,25 @@ def run_load(
 
 
 def throughput(
-    servers: Sequence[Server], sink: Sink, settings: Settings
+    servers: Sequence[tuple[Server, Destination]], settings: Settings
 ) -> dict[tuple[int, int, str], list[RunResult]]:
+    """Each server under test with the destination it relays to, the loads in turn;
+    within a run the servers take turns, starting one further each time."""
     results: dict[tuple[int, int, str], list[RunResult]] = {}
     sessions = max(settings.sessions)
-    for server in servers:  # start Postfix's processes, warm the relay's caches and pool
+    for server, dest in servers:  # start Postfix's processes, warm the relays' pools
         log(f"warm-up: {settings.warmup} messages into {server.name}, {sessions} sessions")
         run_load(
-            server, sink, size=5_000, count=settings.warmup, sessions=sessions, settings=settings
+            server, dest, size=5_000, count=settings.warmup, sessions=sessions, settings=settings
         )
     for size in settings.sizes:
         for sessions in settings.sessions:
             for run in range(settings.runs):
-                order = list(servers) if run % 2 == 0 else list(reversed(servers))
-                for server in order:
+                shift = run % len(servers)
+                for server, dest in [*servers[shift:], *servers[:shift]]:
                     r = run_load(
                         server,
-                        sink,
+                        dest,
                         size=size,
                         count=settings.counts[size],
                         sessions=sessions,
@@ -825,7 +889,7 @@ def memory_and_restart(top: Path, settings: Settings) -> MemoryResult:
     closed_port = free_port()  # nothing listens there: every attempt is refused
     relay = RelayProcess(
         top / "relay-memory",
-        upstream_port=closed_port,
+        upstream=smtp_upstream(closed_port),
         schedule=["1h"],
         log_level=settings.relay_log_level,
         workers=settings.relay_workers,
@@ -933,6 +997,30 @@ def throughput_table(
     return lines
 
 
+RELAY_HTTP = "relay-http"
+
+
+def http_table(
+    results: dict[tuple[int, int, str], list[RunResult]], settings: Settings
+) -> list[str]:
+    lines = [
+        "| size | sessions | Postfix e2e msg/s (to smtp-sink) | relay accepted msg/s "
+        "| relay e2e msg/s (to the fake provider) | e2e relay ÷ Postfix | relay CPU % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in settings.sizes:
+        for sessions in settings.sessions:
+            p = results.get((size, sessions, "Postfix"), [])
+            h = results.get((size, sessions, RELAY_HTTP), [])
+            pe, he = _med([x.e2e_rate for x in p]), _med([x.e2e_rate for x in h])
+            ha, hc = _med([x.accepted_rate for x in h]), _med([x.server_cpu_percent for x in h])
+            lines.append(
+                f"| {_kb(size)} | {sessions} | {_num(pe)} | {_num(ha)} | {_num(he)} "
+                f"| **{_ratio(he, pe)}** | {_num(hc)} |"
+            )
+    return lines
+
+
 def latency_table(results: Sequence[LatencyResult]) -> list[str]:
     lines = [
         "| server | sessions | offered msg/s | messages | errors | p50 ms | p99 ms | max ms |",
@@ -995,6 +1083,17 @@ def report(
         "",
         *throughput_table(throughput_results, settings),
     ]
+    if any(name == RELAY_HTTP for _, _, name in throughput_results):
+        lines += [
+            "",
+            "## End to end through an HTTP upstream (the relay's `sendgrid` upstream into "
+            "bench/provider.py, a fake SendGrid in its own process)",
+            "",
+            "Same loads, in turn with the two above; Postfix's column is its end-to-end rate "
+            "into smtp-sink from the table above.",
+            "",
+            *http_table(throughput_results, settings),
+        ]
     if latency_results:
         lines += [
             "",
@@ -1043,7 +1142,7 @@ def run(settings: Settings) -> str:
         postfix.start()
         relay = RelayProcess(
             top / "relay",
-            upstream_port=sink.port,
+            upstream=smtp_upstream(sink.port),
             schedule=["5s", "30s", "2m"],
             log_level=settings.relay_log_level,
             workers=settings.relay_workers,
@@ -1051,10 +1150,27 @@ def run(settings: Settings) -> str:
         stack.callback(relay.stop)
         relay.start()
         log(f"smtp-sink :{sink.port}, Postfix :{postfix.port}, relay :{relay.port}")
-        servers: list[Server] = [postfix, relay]
-        results = throughput(servers, sink, settings)
+        servers: list[tuple[Server, Destination]] = [(postfix, sink), (relay, sink)]
+        if not settings.skip_http:
+            provider = Provider(top)
+            stack.callback(provider.stop)
+            provider.start()
+            relay_http = RelayProcess(
+                top / RELAY_HTTP,
+                upstream=http_upstream(provider.url),
+                schedule=["5s", "30s", "2m"],
+                log_level=settings.relay_log_level,
+                workers=settings.relay_workers,
+                name=RELAY_HTTP,
+            )
+            stack.callback(relay_http.stop)
+            relay_http.start()
+            servers.append((relay_http, provider))
+        results = throughput(servers, settings)
+        for server, _ in servers[2:]:
+            server.stop()
         if not settings.skip_latency:
-            for server in servers:
+            for server, _ in servers[:2]:
                 max_rate = _med(
                     [r.accepted_rate for r in results.get((5_000, 20, server.name), [])]
                 )
@@ -1099,6 +1215,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--skip-http", action="store_true", help="leave out the relay → HTTP provider runs"
+    )
     parser.add_argument("--workdir", help="where the temporary directory goes (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(

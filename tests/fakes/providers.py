@@ -70,6 +70,8 @@ class FakeProvider(abc.ABC):
     def __init__(self, api_key: str = FAKE_KEY) -> None:
         self.api_key = api_key
         self.requests: list[Recorded] = []
+        self.keep_requests = True  # the benchmark only counts, it does not keep them
+        self.accepted_count = 0
         self.hanging = asyncio.Event()
         self._release = asyncio.Event()
         self._mode: _Mode | None = None
@@ -107,10 +109,14 @@ class FakeProvider(abc.ABC):
 
     # -- lifecycle --
 
-    async def start(self) -> str:
+    def app(self) -> web.Application:
+        """The provider's aiohttp application (bench/provider.py serves it on its own)."""
         app = web.Application(client_max_size=self.max_size * 2)
         app.router.add_post(self.route, self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        return app
+
+    async def start(self) -> str:
+        self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
         host, port = self._runner.addresses[0][:2]
@@ -145,7 +151,9 @@ class FakeProvider(abc.ABC):
         except Rejection as exc:
             return self.error(exc.status, exc.message, exc.code)
         pid = self.new_id(next(self._ids))
-        self.requests.append(Recorded(request.path, request.headers, body, pid))
+        self.accepted_count += 1
+        if self.keep_requests:
+            self.requests.append(Recorded(request.path, request.headers, body, pid))
         return self.accepted(pid, body)
 
     def _take_mode(self) -> _Mode | None:
