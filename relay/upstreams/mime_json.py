@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mimetypes
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from email import policy
 from email.header import Header
@@ -134,10 +135,51 @@ def representable(envelope: Envelope, data: bytes) -> bool:
     return unrepresentable_reason(envelope, data) is None
 
 
+# Routing asks `unrepresentable_reason` of every JSON upstream it considers, and the one
+# chosen then builds its request from the same bytes: parsing is most of the CPU an HTTP
+# delivery costs, so the last few conversions are kept (keyed by the bytes object itself).
+_RECENT_SIZE = 64
+_recent: OrderedDict[int, tuple[bytes, Envelope, JsonMessage | str]] = OrderedDict()
+
+
 def convert(envelope: Envelope, data: bytes) -> JsonMessage:
     """Parse `data` into a JsonMessage for `envelope`; raise NotRepresentable if lossy."""
-    msg = BytesParser(policy=policy.default).parsebytes(data)
+    key = id(data)
+    hit = _recent.get(key)
+    if hit is not None and hit[0] is data and hit[1] == envelope:
+        result = hit[2]
+    else:
+        try:
+            result = _convert(envelope, data)
+        except NotRepresentable as exc:
+            result = str(exc)
+        _recent[key] = (data, envelope, result)
+        if len(_recent) > _RECENT_SIZE:
+            _recent.popitem(last=False)
+    if isinstance(result, str):
+        raise NotRepresentable(result)
+    return result
+
+
+def _parse(data: bytes) -> EmailMessage:
+    """The message as the email package reads it, without feeding a single-part body
+    through its line-by-line parser (most of the time at 100 KB): that body is kept
+    as the parser would keep it, undecoded text of the original lines."""
+    parser = BytesParser(policy=policy.default)
+    end = data.find(b"\r\n\r\n")
+    if end != -1:
+        msg = parser.parsebytes(data[: end + 4], headersonly=True)
+        if msg.get_content_maintype() not in ("multipart", "message") and not msg.defects:
+            msg.set_payload(data[end + 4 :].decode("ascii", "surrogateescape"))
+            assert isinstance(msg, EmailMessage)
+            return msg
+    msg = parser.parsebytes(data)
     assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def _convert(envelope: Envelope, data: bytes) -> JsonMessage:
+    msg = _parse(data)
     senders = _mailboxes(msg, "From")
     if len(senders) != 1:
         raise NotRepresentable(f"From must name exactly one mailbox, found {len(senders)}")

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import base64
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+
 import pytest
 
 from relay.message import Envelope
@@ -145,3 +150,27 @@ def test_lossy_conversions_are_refused(data: bytes, why: str) -> None:
 def test_bcc_only_message_with_to_recipient_is_representable() -> None:
     envelope = Envelope("a@example.com", ("to@example.net", "secret@example.org"))
     assert representable(envelope, _msg(SIMPLE_HEADERS + "Bcc: secret@example.org\n"))
+
+
+SINGLE_PART = [
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    + "Grüße aus dem Büro\r\n.leading dot\r\n".encode(),
+    b"Content-Type: text/plain; charset=iso-8859-1\r\n"
+    b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=FC=DFe=\r\n aus K=F6ln\r\n",
+    b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    + base64.encodebytes("<p>Grüße</p>\r\n".encode()).replace(b"\n", b"\r\n"),
+    b"\r\nno content type at all\r\n\r\nsecond paragraph\r\n",
+]
+
+
+@pytest.mark.parametrize("body", SINGLE_PART)
+def test_single_part_body_reads_as_the_full_parser_reads_it(body: bytes) -> None:
+    """The single-part shortcut (headers parsed, body not fed line by line) must give
+    what parsing the whole message gives."""
+    data = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+    data += body
+    fast = convert(Envelope("a@example.com", ("b@example.org",)), data)
+    full = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(full, EmailMessage)
+    content = str(full.get_content()).replace("\r\n", "\n")
+    assert (fast.html if full.get_content_subtype() == "html" else fast.text) == content
