@@ -86,6 +86,10 @@ class Envelope:
     the message, travelling with the envelope as Postfix's queue id does, so an upstream
     can tag the provider's copy with it (SendGrid custom_args, Postmark metadata) and the
     provider's event webhooks find their way back to the timeline.
+
+    `crlf_only` says the SMTP listener checked that every line of the body ends in CRLF
+    (it refuses bare CR and LF), so the smtp upstream can send it as it is instead of
+    scanning 100 KB three more times to find out again.
     """
 
     mail_from: str
@@ -93,6 +97,7 @@ class Envelope:
     smtputf8: bool = False
     body_8bit: bool = False
     queue_id: str = ""
+    crlf_only: bool = False
 
     def with_recipients(self, rcpts: tuple[str, ...]) -> Envelope:
         return dataclasses.replace(self, rcpt_tos=rcpts)

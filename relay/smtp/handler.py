@@ -27,6 +27,9 @@ log = logging.getLogger("relay.smtp")
 # local@domain with no spaces or angle brackets; quoted local parts are rare enough in
 # relayed mail that the lenient form below (anything but space, @, <, >) covers them.
 ADDRESS = re.compile(r"[^\s@<>]+@[^\s@<>]+")
+# What a client's HELO name may not bring into our Received header: controls (a bare CR
+# there would break the CRLF-only promise the envelope makes) and spaces.
+UNSAFE_IN_HEADER = re.compile(r"[\x00-\x20\x7f]")
 
 Submit = Callable[[NewMessage], Awaitable[None]]
 
@@ -131,7 +134,8 @@ class RelayHandler:
         # Bcc recipients to everyone.
         for_clause = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
         received = (
-            f"Received: from {session.host_name or 'unknown'} ([{peer_ip}])\r\n"
+            f"Received: from {UNSAFE_IN_HEADER.sub('?', session.host_name or 'unknown')}"
+            f" ([{peer_ip}])\r\n"
             f"\tby {self.hostname} (relay) with {protocol} id {msg_id}{for_clause};"
             f"\r\n\t{formatdate(now)}\r\n"
         ).encode("utf-8", "replace")
@@ -141,6 +145,7 @@ class RelayHandler:
             rcpt_tos=rcpts,
             smtputf8=bool(envelope.smtp_utf8),
             body_8bit="BODY=8BITMIME" in opts,
+            crlf_only=True,
         )
         detail: dict[str, Any] = {
             "client": peer_ip,

@@ -63,12 +63,14 @@ async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes:
     if too_big or len(raw) - 5 > limit:
         raise DataError(replies.MESSAGE_TOO_BIG.format(limit=limit))
     content = raw[:-3]  # keep the last line's CRLF, drop ".\r\n"
-    if content.count(b"\n") != content.count(b"\r\n") or content.count(b"\r") != content.count(
-        b"\n"
-    ):
+    lf = content.count(b"\n")
+    if lf != content.count(b"\r\n") or lf != content.count(b"\r"):
         raise DataError(replies.BARE_LINE_ENDING)
     # Remove dot-stuffing (RFC 5321 4.5.2): a line's leading "." was doubled by the client.
-    return content.replace(b"\r\n.", b"\r\n")[2:]
+    # Looking first is half the cost of replacing, and most messages have no such line.
+    if b"\r\n." in content:
+        content = content.replace(b"\r\n.", b"\r\n")
+    return content[2:]
 
 
 class RelaySMTP(SMTP):

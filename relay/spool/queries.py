@@ -90,6 +90,8 @@ def insert(conn: sqlite3.Connection, msg: NewMessage) -> bool:
         meta["smtputf8"] = True
     if env.body_8bit:
         meta["8bit"] = True
+    if env.crlf_only:
+        meta["crlf"] = True
     cur = conn.execute(
         "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
         " next_attempt, dedupe, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
@@ -135,6 +137,7 @@ def claim(
             tuple(json.loads(rcpts)),
             smtputf8=bool(meta.get("smtputf8")),
             body_8bit=bool(meta.get("8bit")),
+            crlf_only=bool(meta.get("crlf")),
             queue_id=msg_id,
         )
         claimed.append(

@@ -303,3 +303,26 @@ async def test_null_sender_is_accepted(smtp: RawSession, relay: Relay) -> None:
     assert (await smtp.cmd(make_message() + b".\r\n")).startswith("250 2.0.0")
     [row] = await relay.spool.read(queries.list_messages)
     assert row.mail_from == ""
+
+
+async def test_control_characters_in_helo_stay_out_of_the_received_header(
+    relay: Relay,
+) -> None:
+    """The body is stored with the promise that every line ends in CRLF (the smtp upstream
+    then sends it unscanned); a bare CR smuggled in through HELO must not break it."""
+    session = await RawSession.open(relay.smtp_ports()[0])
+    try:
+        assert (await session.cmd(b"EHLO evil\rhost\x00name\r\n")).startswith("250")
+        await session.cmd("MAIL FROM:<app@example.com>")
+        await session.cmd("RCPT TO:<a@example.org>")
+        await session.cmd("DATA")
+        assert (await session.cmd(make_message() + b".\r\n")).startswith("250 2.0.0")
+    finally:
+        await session.close()
+    [row] = await relay.spool.read(queries.list_messages)
+    stored = await relay.spool.read(lambda c: queries.body(c, row.id))
+    assert stored is not None
+    assert stored.startswith(b"Received: from evil?host?name ([127.0.0.1])\r\n")
+    lf = stored.count(b"\n")
+    assert lf == stored.count(b"\r\n") == stored.count(b"\r")
+    assert row.meta["crlf"] is True
