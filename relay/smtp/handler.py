@@ -52,17 +52,38 @@ class RelayHandler:
         self.submit = submit
         self.clock = clock
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in smtp.trusted_networks]
+        # Scanners and apps come back from the same few addresses all day: remember the
+        # verdict per address instead of parsing it for every session.
+        self._trusted_peers: dict[str, bool] = {}
+        self._date_second = -1
+        self._date = ""
 
     def _is_trusted(self, session: Any) -> bool:
         if not self.trusted or not session.peer:
             return False
+        peer = session.peer[0]
+        verdict = self._trusted_peers.get(peer)
+        if verdict is None:
+            verdict = self._trusted_peers[peer] = self._in_trusted_networks(peer)
+            if len(self._trusted_peers) > 10_000:
+                self._trusted_peers.clear()
+        return verdict
+
+    def _in_trusted_networks(self, peer: str) -> bool:
         try:
-            ip = ipaddress.ip_address(session.peer[0])
+            ip = ipaddress.ip_address(peer)
         except ValueError:
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.trusted)
+
+    def _received_date(self, now: float) -> str:
+        """The Received header's date, formatted once a second (email.utils is slow)."""
+        second = int(now)
+        if second != self._date_second:
+            self._date_second, self._date = second, formatdate(second)
+        return self._date
 
     def _user(self, session: Any) -> Any:
         if not session.authenticated or session.login_data is None:
@@ -137,7 +158,7 @@ class RelayHandler:
             f"Received: from {UNSAFE_IN_HEADER.sub('?', session.host_name or 'unknown')}"
             f" ([{peer_ip}])\r\n"
             f"\tby {self.hostname} (relay) with {protocol} id {msg_id}{for_clause};"
-            f"\r\n\t{formatdate(now)}\r\n"
+            f"\r\n\t{self._received_date(now)}\r\n"
         ).encode("utf-8", "replace")
         opts = [o.upper() for o in envelope.mail_options]
         env = Envelope(

@@ -115,6 +115,11 @@ class SMTPUpstream(Upstream):
         )
         try:
             await client.connect()
+            if client.is_ehlo_or_helo_needed:  # done by connect() only with STARTTLS
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()
             if s.username:
                 await client.login(s.username, s.password or "")
         except aiosmtplib.SMTPAuthenticationError as exc:
@@ -163,14 +168,19 @@ class SMTPUpstream(Upstream):
         options = ["SMTPUTF8"] if envelope.smtputf8 else []
         if envelope.body_8bit:
             options.append("BODY=8BITMIME")
+        # Commands written directly: the addresses were checked when the message was
+        # accepted, and aiosmtplib's mail()/rcpt() would parse each one again with the email
+        # package (a tenth of the dispatcher's time on small messages). SMTPUTF8 addresses
+        # go as UTF-8 (RFC 6531).
+        encoding = "utf-8" if envelope.smtputf8 else "ascii"
         try:
-            await client.mail(envelope.mail_from, options=options)
+            await _mail(client, envelope.mail_from, options, encoding)
         except aiosmtplib.SMTPResponseException as exc:
             raise self._classify(exc, f"{host} refused sender <{envelope.mail_from}>") from exc
         refused: dict[str, RecipientRefusal] = {}
         for rcpt in envelope.rcpt_tos:
             try:
-                await client.rcpt(rcpt)
+                await _rcpt(client, rcpt, encoding)
             except aiosmtplib.SMTPServerDisconnected:
                 raise
             except aiosmtplib.SMTPResponseException as exc:
@@ -262,3 +272,20 @@ def _queue_id(message: str) -> str:
 def _crlf_only(data: bytes) -> bool:
     lf = data.count(b"\n")
     return lf == data.count(b"\r\n") == data.count(b"\r")
+
+
+async def _mail(
+    client: aiosmtplib.SMTP, sender: str, options: list[str], encoding: str
+) -> aiosmtplib.SMTPResponse:
+    arg = b"FROM:<" + sender.encode(encoding) + b">"
+    response = await client.execute_command(b"MAIL", arg, *(o.encode() for o in options))
+    if response.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+    return response
+
+
+async def _rcpt(client: aiosmtplib.SMTP, rcpt: str, encoding: str) -> aiosmtplib.SMTPResponse:
+    response = await client.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
+    if response.code not in (250, 251):
+        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, rcpt)
+    return response

@@ -153,3 +153,23 @@ async def test_message_past_max_age_fails_with_the_last_error(
     [row] = await relay.spool.read(queries.list_messages)
     assert "retry.max_age" in (row.last_error or "")
     assert "cannot connect" in (row.last_error or "")
+
+
+async def test_utf8_addresses_reach_the_smarthost_with_smtputf8(
+    make_relay: RelayFactory, sink: SMTPSink
+) -> None:
+    relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
+    data = make_message(to="jörg@exämple.org")
+    await aiosmtplib.send(
+        data,
+        sender="app@example.com",
+        recipients=["jörg@exämple.org"],
+        hostname="127.0.0.1",
+        port=relay.smtp_ports()[0],
+        start_tls=False,
+        mail_options=["SMTPUTF8"],
+    )
+    await sink.wait_count(1)
+    [got] = sink.messages
+    assert got.rcpt_tos == ["jörg@exämple.org"]
+    await wait_states(relay, sent=1)
