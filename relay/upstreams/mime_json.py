@@ -209,7 +209,36 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+# Address headers as most software writes them: `addr@dom`, `Name <addr@dom>`, `<addr@dom>`,
+# comma-separated, ASCII, no quotes, comments, groups or encoded words. These are read
+# with one regular expression; anything else goes to the email package's full RFC 5322
+# parser, which is exact but was a sixth of the CPU of an HTTP delivery at 5 KB.
+_ADDR_SPEC = r"[^\s@<>\"(),:;\\\[\]]+@[^\s@<>\"(),:;\\\[\]]+"
+_PLAIN_MAILBOX = re.compile(
+    rf"\s*(?:({_ADDR_SPEC})|([A-Za-z0-9!#$%&'*+/=?^_`{{|}}~.\- \t]*)<({_ADDR_SPEC})>)\s*"
+)
+_NOT_PLAIN = re.compile(r"=\?|[\"():;\\\[\]\r\n]")
+
+
+def _plain_mailboxes(value: str) -> list[Mailbox] | None:
+    """The mailboxes of a plain address header, or None when it needs the full parser."""
+    if not value.isascii() or _NOT_PLAIN.search(value):
+        return None
+    out: list[Mailbox] = []
+    for item in value.split(","):
+        match = _PLAIN_MAILBOX.fullmatch(item)
+        if match is None:
+            return None
+        bare, name, addr = match.groups()
+        out.append(Mailbox(bare) if bare else Mailbox(addr, " ".join(name.split())))
+    return out
+
+
 def _mailboxes(msg: Message, name: str) -> list[Mailbox]:
+    raw = [value for key, value in msg.raw_items() if key.lower() == name.lower()]
+    plain = [_plain_mailboxes(value.replace("\r\n", "").replace("\n", "")) for value in raw]
+    if all(boxes is not None for boxes in plain):
+        return [box for boxes in plain if boxes is not None for box in boxes]
     out: list[Mailbox] = []
     for header in msg.get_all(name, []):
         for addr in getattr(header, "addresses", ()):

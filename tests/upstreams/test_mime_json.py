@@ -12,6 +12,7 @@ from relay.upstreams.mime_json import (
     Attachment,
     Mailbox,
     NotRepresentable,
+    _plain_mailboxes,
     convert,
     representable,
     unrepresentable_reason,
@@ -174,3 +175,44 @@ def test_single_part_body_reads_as_the_full_parser_reads_it(body: bytes) -> None
     assert isinstance(full, EmailMessage)
     content = str(full.get_content()).replace("\r\n", "\n")
     assert (fast.html if full.get_content_subtype() == "html" else fast.text) == content
+
+
+PLAIN_HEADERS = [
+    "a@example.com",
+    "  a@example.com  ",
+    "App <app@example.com>",
+    "<app@example.com>",
+    "Jane Q. Public <jane@example.com>, bob@example.org,<c@example.net>",
+    "Scanner  3rd   floor <scan+tray1@example.com>",
+    "O'Brien <ob@example.com>",
+    "x_y-z <first.last@sub.example.co.uk>",
+]
+NOT_PLAIN = [
+    '"Doe, Jane" <jane@example.com>',
+    "=?utf-8?q?J=C3=BCrgen?= <j@example.com>",
+    "Jürgen <j@example.com>",
+    "a@example.com (comment)",
+    "undisclosed-recipients:;",
+    "team: a@example.com, b@example.com;",
+    "",
+    "<a@[192.0.2.1]>",
+    "a@example.com b@example.com",
+]
+
+
+@pytest.mark.parametrize("value", PLAIN_HEADERS)
+def test_plain_address_headers_read_as_the_full_parser_reads_them(value: str) -> None:
+    parsed = policy.default.header_factory("To", value)
+    expected = [Mailbox(a.addr_spec, a.display_name) for a in parsed.addresses]
+    assert _plain_mailboxes(value) == expected
+
+
+@pytest.mark.parametrize("value", NOT_PLAIN)
+def test_anything_else_goes_to_the_full_parser(value: str) -> None:
+    assert _plain_mailboxes(value) is None
+
+
+def test_quoted_display_name_with_comma_is_one_mailbox() -> None:
+    data = _msg('From: a@example.com\nTo: "Doe, Jane" <to@example.net>\n')
+    msg = convert(Envelope("a@example.com", ("to@example.net",)), data)
+    assert msg.to == (Mailbox("to@example.net", "Doe, Jane"),)
