@@ -120,6 +120,12 @@ class Scheduler:
                 self._spawn(item)
             if len(items) == free:
                 continue
+            if items:
+                # Everything due was taken. What comes due later is looked up once the
+                # queue is drained, not after every claim: a busy relay claims a few
+                # messages at a time, hundreds of times a second.
+                await self._wait(self.poll_interval, self._wake)
+                continue
             due = await self.spool.read(lambda c: queries.next_due(c, self.kind))
             delay = (
                 self.poll_interval if due is None else min(self.poll_interval, due - self.clock())
