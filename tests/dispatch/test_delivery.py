@@ -173,3 +173,20 @@ async def test_utf8_addresses_reach_the_smarthost_with_smtputf8(
     [got] = sink.messages
     assert got.rcpt_tos == ["jörg@exämple.org"]
     await wait_states(relay, sent=1)
+
+
+async def test_refused_sender_fails_and_the_connection_serves_the_next_message(
+    make_relay: RelayFactory, sink: SMTPSink
+) -> None:
+    """With PIPELINING the RCPT and DATA replies after a refused MAIL are read and
+    discarded: the session stays in step for the next message on the same connection."""
+    sink.mail_reply = "553 5.7.1 Sender address rejected: not owned by user"
+    relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
+    await send(relay, make_message(subject="refused"), ["a@example.org"])
+    await wait_states(relay, failed=1)
+    [row] = await relay.spool.read(queries.list_messages)
+    assert "553 5.7.1 Sender address rejected" in (row.last_error or "")
+    sink.mail_reply = None
+    await send(relay, make_message(subject="next"), ["b@example.org"])
+    await wait_states(relay, failed=1, sent=1)
+    assert [m.parsed["Subject"] for m in sink.messages] == ["next"]
