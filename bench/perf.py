@@ -10,7 +10,7 @@ Postfix's own test tools are the load generator (`smtp-source`) and the final de
 under a temporary directory, listening only on 127.0.0.1) is the baseline. Both servers
 relay to the same smtp-sink; loads alternate between them. Nothing listens beyond
 127.0.0.1, every subprocess has a time limit, and every server started here is stopped.
-See bench/perf_README.md for what each figure means.
+See bench/README.md for what each figure means, and the latest figures.
 """
 
 from __future__ import annotations
