@@ -177,21 +177,12 @@ class SMTPSink:
     """Accepts mail like a smarthost; `rcpt_replies`/`data_reply` make it refuse on demand."""
 
     messages: list[SinkMessage] = field(default_factory=list)
-    pipelining: bool = True  # advertise PIPELINING, as Postfix and most smarthosts do
     mail_reply: str | None = None
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
     received: asyncio.Event = field(default_factory=asyncio.Event)
     server: asyncio.Server | None = None
     port: int = 0
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        if self.pipelining:
-            return [*responses[:-1], "250-PIPELINING", responses[-1]]
-        return responses
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -240,10 +231,9 @@ class SMTPSink:
                 await self.received.wait()
 
 
-@pytest.fixture(params=["pipelining", "one-by-one"])
-async def sink(request: pytest.FixtureRequest) -> AsyncIterator[SMTPSink]:
-    """A smarthost; the relay's smtp upstream pipelines with one that offers it."""
-    s = SMTPSink(pipelining=request.param == "pipelining")
+@pytest.fixture
+async def sink() -> AsyncIterator[SMTPSink]:
+    s = SMTPSink()
     await s.start()
     yield s
     await s.stop()

@@ -166,39 +166,27 @@ class SMTPUpstream(Upstream):
         self, client: aiosmtplib.SMTP, envelope: Envelope, data: bytes
     ) -> Accepted:
         host = self.settings.host
-        payload = _wire_payload(envelope, data)
-        start: SMTPResponse | None
-        if payload is not None and client.supports_extension("pipelining"):
-            mail, rcpts, start = await self._pipelined(client, envelope)
-        else:
-            mail, rcpts, start = await self._one_by_one(client, envelope)
-        proceed = start is not None and start.code == 354
+        # Commands one at a time, no PIPELINING: aiosmtplib drops input that arrives while
+        # a parsed reply waits to be picked up, so a smarthost writing pipelined replies
+        # one by one could lose one and stall the session until the timeout.
+        mail = await client.execute_command(*_mail_command(envelope))
         if mail.code != 250:
-            if proceed:
-                client.close()  # in DATA with nothing to send: start afresh next time
             raise self._classify(
                 aiosmtplib.SMTPSenderRefused(mail.code, mail.message, envelope.mail_from),
                 f"{host} refused sender <{envelope.mail_from}>",
             )
-        refused = {
-            rcpt: RecipientRefusal(
-                permanent=reply.code >= 500, reason=f"{host}: {reply.code} {reply.message}"
-            )
-            for rcpt, reply in zip(envelope.rcpt_tos, rcpts, strict=True)
-            if reply.code not in (250, 251)
-        }
+        refused: dict[str, RecipientRefusal] = {}
+        for rcpt in envelope.rcpt_tos:
+            reply = await client.execute_command(*_rcpt_command(envelope, rcpt))
+            if reply.code not in (250, 251):
+                refused[rcpt] = RecipientRefusal(
+                    permanent=reply.code >= 500, reason=f"{host}: {reply.code} {reply.message}"
+                )
         if len(refused) == len(envelope.rcpt_tos):
-            if proceed:
-                client.close()
-            else:
-                await client.rset()
+            await client.rset()
             return Accepted(refused=refused, detail="every recipient refused")
-        if start is not None and not proceed:
-            raise self._classify(
-                aiosmtplib.SMTPDataError(start.code, start.message), f"{host} refused the message"
-            )
         try:
-            response = await self._data(client, data, payload, started=proceed)
+            response = await self._data(client, data, _wire_payload(envelope, data))
         except aiosmtplib.SMTPServerDisconnected as exc:
             raise TransientError(
                 f"{host} disconnected after the message was sent; it may have been accepted",
@@ -217,53 +205,10 @@ class SMTPUpstream(Upstream):
             detail=f"{response.code} {response.message}",
         )
 
-    async def _one_by_one(
-        self, client: aiosmtplib.SMTP, envelope: Envelope
-    ) -> tuple[SMTPResponse, list[SMTPResponse], SMTPResponse | None]:
-        """MAIL, then each RCPT, waiting for every reply; DATA is left to `_data`."""
-        mail = await client.execute_command(*_mail_command(envelope))
-        rcpts = []
-        if mail.code == 250:
-            for rcpt in envelope.rcpt_tos:
-                rcpts.append(await client.execute_command(*_rcpt_command(envelope, rcpt)))
-        return mail, rcpts, None
-
-    async def _pipelined(
-        self, client: aiosmtplib.SMTP, envelope: Envelope
-    ) -> tuple[SMTPResponse, list[SMTPResponse], SMTPResponse]:
-        """MAIL, every RCPT and DATA in one write, then their replies (RFC 2920): one
-        round trip where there were two and more, for us and for the smarthost.
-
-        aiosmtplib has no pipelining; this uses its protocol's primitives as
-        `_data` does. It parses one reply per read and ignores input while no reply is
-        awaited, so the replies that came in the same read are taken from its buffer
-        before waiting again, with nothing awaited in between.
-        """
-        protocol = client.protocol
-        if protocol is None or protocol._command_lock is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        commands = [
-            _mail_command(envelope),
-            *(_rcpt_command(envelope, rcpt) for rcpt in envelope.rcpt_tos),
-            (b"DATA",),
-        ]
-        replies: list[SMTPResponse] = []
-        try:
-            async with protocol._command_lock:
-                protocol._response_pending = True
-                protocol.write(b"".join(b" ".join(c) + b"\r\n" for c in commands))
-                while len(replies) < len(commands):
-                    buffered = protocol._read_response_from_buffer() if replies else None
-                    replies.append(buffered or await protocol.read_response(self.timeout))
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-            client.close()
-            raise
-        return replies[0], replies[1:-1], replies[-1]
-
     async def _data(
-        self, client: aiosmtplib.SMTP, data: bytes, payload: bytes | None, *, started: bool
+        self, client: aiosmtplib.SMTP, data: bytes, payload: bytes | None
     ) -> SMTPResponse:
-        """The message, after DATA (sent here unless `started`), and the final reply.
+        """DATA, the message and the final reply.
 
         Without aiosmtplib's two regex passes over the whole message (line-ending
         normalisation and dot-stuffing: a third of the relay's CPU at 100 KB) whenever
@@ -276,12 +221,11 @@ class SMTPUpstream(Upstream):
             # aiosmtplib's protocol primitives, used as its execute_data_command does
             # (pinned version; the tests send through this path).
             async with protocol._command_lock:
-                if not started:
-                    protocol._response_pending = True
-                    protocol.write(b"DATA\r\n")
-                    start = await protocol.read_response(timeout=self.timeout)
-                    if start.code != 354:
-                        raise aiosmtplib.SMTPDataError(start.code, start.message)
+                protocol._response_pending = True
+                protocol.write(b"DATA\r\n")
+                start = await protocol.read_response(timeout=self.timeout)
+                if start.code != 354:
+                    raise aiosmtplib.SMTPDataError(start.code, start.message)
                 protocol._response_pending = True
                 protocol.write(payload)
                 response = await protocol.read_response(timeout=self.timeout)

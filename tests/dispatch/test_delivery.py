@@ -178,8 +178,8 @@ async def test_utf8_addresses_reach_the_smarthost_with_smtputf8(
 async def test_refused_sender_fails_and_the_connection_serves_the_next_message(
     make_relay: RelayFactory, sink: SMTPSink
 ) -> None:
-    """With PIPELINING the RCPT and DATA replies after a refused MAIL are read and
-    discarded: the session stays in step for the next message on the same connection."""
+    """After a refused MAIL nothing else is sent; the pooled session stays in step and
+    carries the next message."""
     sink.mail_reply = "553 5.7.1 Sender address rejected: not owned by user"
     relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
     await send(relay, make_message(subject="refused"), ["a@example.org"])
