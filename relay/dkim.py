@@ -10,24 +10,30 @@ survives the header refolding and whitespace changes some providers make, and on
 that are present are signed (signing an absent header forbids a provider from adding it,
 and providers add Message-ID or Date). From is signed once more than it occurs
 ("oversigning"), so nobody can add a second From that a mail client would show instead.
+
+The signature is computed here (canonicalization per RFC 6376 3.4.2 and 3.4.4, RSA by
+`cryptography`, i.e. OpenSSL) rather than by dkimpy, whose pure-Python RSA took 13 ms of
+CPU per message (a ceiling of about 75 signed messages a second per core); dkimpy stays
+in the tests as the independent verifier.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import dkim
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 if TYPE_CHECKING:
     from relay.config import Config, DKIMConfig
@@ -68,8 +74,9 @@ class SigningKey:
 
     domain: str
     selector: str
-    pem: bytes  # PKCS#1 PEM with LF line ends, the form dkimpy parses
+    pem: bytes  # PKCS#1 PEM with LF line ends
     bits: int
+    key: rsa.RSAPrivateKey
 
 
 def _a_label(domain: str) -> str:
@@ -108,11 +115,7 @@ def load_key(domain: str, selector: str, private_key: str) -> SigningKey:
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
-    try:
-        dkim.crypto.parse_pem_private_key(pem)
-    except Exception as exc:  # dkimpy's own parser must accept it too
-        raise ValueError(f"{where}: dkimpy cannot use this key ({exc})") from None
-    return SigningKey(_a_label(domain), selector.strip(), pem, key.key_size)
+    return SigningKey(_a_label(domain), selector.strip(), pem, key.key_size, key)
 
 
 class DKIMSigner:
@@ -194,25 +197,93 @@ class DKIMSigner:
         include = [h for h in self.headers if h in present and h not in skip]
         include.append("from")  # oversign: a From added in transit breaks the signature
         linesep = b"\r\n" if b"\r\n" in data[: data.find(b"\n") + 1] else b"\n"
-        try:
-            signature: bytes = dkim.sign(
-                data,
-                key.selector.encode(),
-                key.domain.encode(),
-                key.pem,
-                canonicalize=(b"relaxed", b"relaxed"),
-                signature_algorithm=b"rsa-sha256",
-                include_headers=[h.encode() for h in include],
-                linesep=linesep,
-            )
-        except dkim.DKIMException as exc:
-            # A message dkimpy can't parse goes out unsigned rather than not at all; the
-            # receiver's verdict will be the same as for any unsigned message.
-            log.warning("dkim: cannot sign for %s: %s", key.domain, exc)
-            return data
-        if not signature.endswith(linesep):
-            signature += linesep
-        return signature + data
+        return signature_header(key, data, include, linesep, int(time.time())) + data
+
+
+def signature_header(
+    key: SigningKey, data: bytes, include: Sequence[str], linesep: bytes, now: int
+) -> bytes:
+    """The DKIM-Signature field (relaxed/relaxed, rsa-sha256) for `data`, ending in
+    `linesep`. `include` is the h= list, lower-case, repeats allowed (oversigning)."""
+    end = _HEADER_END.search(data)
+    head, body = (data[: end.start()], data[end.end() :]) if end else (data, b"")
+    body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(body)).digest()).decode()
+    tags = [
+        "v=1",
+        "a=rsa-sha256",
+        "c=relaxed/relaxed",
+        f"d={key.domain}",
+        f"s={key.selector}",
+        f"t={now}",
+        "h=" + ":".join(include),
+        f"bh={body_hash}",
+        "b=",
+    ]
+    value = _fold(tags, linesep)
+    signed = _selected_headers(head, include) + _relaxed_header(b"DKIM-Signature", value.encode())
+    signature = key.key.sign(signed, padding.PKCS1v15(), hashes.SHA256())
+    b64 = base64.b64encode(signature).decode()
+    folded_b = (linesep.decode() + " ").join(b64[i : i + 72] for i in range(0, len(b64), 72))
+    return b"DKIM-Signature: " + (value + folded_b).encode() + linesep
+
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_FWS = re.compile(rb"[ \t]+")
+_LINE_END = re.compile(rb"\r?\n")
+_FIELD_START = re.compile(rb"\r?\n(?![ \t])")
+
+
+def _relaxed_header(name: bytes, value: bytes) -> bytes:
+    """RFC 6376 3.4.2: lower-case name, unfolded value, whitespace runs as one space,
+    none at either end of the value; no CRLF (the caller adds it)."""
+    value = _FWS.sub(b" ", _LINE_END.sub(b"", value)).strip(b" ")
+    return name.strip(b" \t").lower() + b":" + value
+
+
+def _relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 3.4.4: whitespace runs as one space, none at line ends, no empty lines at
+    the end, CRLF line ends (an LF-only message is hashed as it will travel)."""
+    lines = [_FWS.sub(b" ", line).rstrip(b" ") for line in _LINE_END.split(body)]
+    while lines and not lines[-1]:
+        lines.pop()
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def _selected_headers(head: bytes, include: Sequence[str]) -> bytes:
+    """The canonical fields named by h=, each name taking that field's instances from the
+    bottom up; a name with no instance left adds nothing (RFC 6376 5.4.2)."""
+    instances: dict[bytes, list[bytes]] = {}
+    for field in _FIELD_START.split(head):
+        name, colon, value = field.partition(b":")
+        if colon:
+            instances.setdefault(name.strip().lower(), []).append(_relaxed_header(name, value))
+    out = []
+    for name in include:
+        found = instances.get(name.encode())
+        if found:
+            out.append(found.pop() + b"\r\n")
+    return b"".join(out)
+
+
+def _fold(tags: Sequence[str], linesep: bytes) -> str:
+    """The tag list as a folded field value, lines of at most 78 characters where the tags
+    allow (h= may break after any colon); b= starts a line of its own and is left empty
+    for the signature, which the caller appends."""
+    words: list[str] = []
+    for tag in tags[:-1]:
+        names = tag.split(":") if tag.startswith("h=") else [tag]
+        words += [n + ":" for n in names[:-1]] + [names[-1] + ";"]
+    lines: list[str] = []
+    line = "DKIM-Signature:"
+    for word in words:
+        joiner = "" if line.endswith(":") and line != "DKIM-Signature:" else " "
+        if len(line) + len(joiner) + len(word) > 78:
+            lines.append(line)
+            line = word
+        else:
+            line += joiner + word
+    lines += [line, tags[-1]]
+    return (linesep.decode() + " ").join(lines)[len("DKIM-Signature: ") :]
 
 
 # -- header access (bytes in, no full MIME parse: messages can be large) ----------------------

@@ -209,3 +209,28 @@ def test_from_configs_and_duplicate_domains(keyfile: tuple[Path, str]) -> None:
 def test_header_from_domains_handles_folding_and_display_names() -> None:
     data = b'From: "Doe, Jane"\r\n <jane@Example.com>\r\nTo: x@y.test\r\n\r\nbody'
     assert header_from_domains(data) == ["Example.com"]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"From: a@example.com\r\nSubject: no body at all\r\n",
+        b"From: a@example.com\r\nSubject: empty body\r\n\r\n",
+        b"From:   Jane  Doe <a@example.com>  \r\nSubject: \t folded\r\n  twice\r\n"
+        b"\tand again\r\n\r\ntrailing  spaces \t \r\n\r\n\r\n",
+    ],
+)
+def test_edge_cases_of_relaxed_canonicalization_verify(
+    keyfile: tuple[Path, str], key: SigningKey, message: bytes
+) -> None:
+    signed = DKIMSigner([key]).sign(message)
+    assert signed.endswith(message)
+    assert dkim.verify(signed, dnsfunc=dns_from_record(keyfile[1]))
+
+
+def test_signature_field_is_folded_into_short_lines(key: SigningKey) -> None:
+    signed = DKIMSigner([key]).sign(MESSAGE)
+    field = signed[: signed.index(b"\r\n", signed.index(b" b=")) + 2]
+    lines = field.split(b"\r\n")[:-1]
+    assert all(len(line) <= 78 for line in lines), lines
+    assert all(line.startswith(b" ") for line in lines[1:])
