@@ -119,7 +119,12 @@ class OutboundWorker:
                 if isinstance(result, Accepted):
                     self.router.record_success(state, latency)
                 else:
-                    self.router.record_failure(state, result, latency, message_fault=message_fault)
+                    self.router.record_failure(
+                        state,
+                        result,
+                        latency,
+                        message_fault=message_fault or result.sender_scoped,
+                    )
 
             attempt: dict[str, Any] = {
                 "upstream": upstream.name,

@@ -35,7 +35,14 @@ class Accepted:
 class UpstreamError(Exception):
     """Base of the two outcomes an upstream may raise. `reason` is what operators read."""
 
-    def __init__(self, reason: str, *, upstream_wide: bool = False, ambiguous: bool = False):
+    def __init__(
+        self,
+        reason: str,
+        *,
+        upstream_wide: bool = False,
+        ambiguous: bool = False,
+        sender_scoped: bool = False,
+    ):
         super().__init__(reason)
         self.reason = reason
         # True when the fault is the provider's or our account's (auth, quota, outage),
@@ -44,6 +51,10 @@ class UpstreamError(Exception):
         # True when the request left us and no answer came back: the provider may have
         # accepted it, so a retry elsewhere may duplicate. Recorded as such on the timeline.
         self.ambiguous = ambiguous
+        # True when this upstream refuses the message's identities (a sender it has not
+        # verified, a recipient outside SES's sandbox list): another upstream may take it,
+        # and the upstream stays healthy for everyone else, so no breaker counts it.
+        self.sender_scoped = sender_scoped
 
 
 class TransientError(UpstreamError):
@@ -56,8 +67,11 @@ class TransientError(UpstreamError):
         retry_after: float | None = None,
         upstream_wide: bool = False,
         ambiguous: bool = False,
+        sender_scoped: bool = False,
     ):
-        super().__init__(reason, upstream_wide=upstream_wide, ambiguous=ambiguous)
+        super().__init__(
+            reason, upstream_wide=upstream_wide, ambiguous=ambiguous, sender_scoped=sender_scoped
+        )
         self.retry_after = retry_after
 
 

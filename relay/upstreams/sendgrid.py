@@ -151,7 +151,7 @@ class SendGridUpstream(HTTPUpstream):
     def classify(self, reply: Reply) -> UpstreamError:
         detail = self.error_detail(reply)
         if reply.status == 403 and "sender identity" in detail.lower():
-            return TransientError(f"HTTP 403: {detail}")
+            return TransientError(f"HTTP 403: {detail}", sender_scoped=True)
         return super().classify(reply)
 
 

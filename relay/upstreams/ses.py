@@ -406,8 +406,9 @@ def _classify_client_error(exc: Any, upstream: str) -> UpstreamError:
     if code == "MessageRejected":
         if _UNVERIFIED_RE.search(message):
             # An identity (sender domain, or recipient in the sandbox) is not verified in
-            # this account: configuration of the upstream, not the message's fault.
-            return PermanentError(reason, upstream_wide=True)
+            # this account: this message's identities, not SES's health. Another upstream
+            # may send it; verified senders keep using SES.
+            return TransientError(reason, sender_scoped=True)
         if _TOO_LARGE_RE.search(message):
             # SES's size limit, not every provider's: let another upstream try.
             return TransientError(reason)

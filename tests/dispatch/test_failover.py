@@ -283,3 +283,29 @@ async def test_ambiguous_timeout_is_recorded_and_fails_over(
 
 def _parse(data: bytes) -> email.message.Message:
     return email.message_from_bytes(data, policy=email.policy.default)
+
+
+async def test_unverified_sender_fails_over_and_the_provider_stays_up_for_others(
+    make_relay: RelayFactory, mailgun: FakeMailgun, sendgrid: FakeSendGrid
+) -> None:
+    """A provider refusing one sender's identity is that sender's problem there: the
+    messages go out through the next upstream, and no breaker opens for everyone else."""
+    relay = await make_relay(
+        upstream=[sendgrid_upstream(sendgrid, priority=1), mailgun_upstream(mailgun, priority=2)],
+        **FAST,
+    )
+    sendgrid.fail(
+        403,
+        times=4,
+        message="The from address does not match a verified Sender Identity.",
+    )
+    for i in range(4):
+        await send(relay, make_message(subject=f"unverified {i}"))
+    await wait_states(relay, sent=4)
+    assert len(mailgun.requests) == 4 and not sendgrid.requests
+    assert relay.router.state("sendgrid").breaker.value == "closed"
+
+    for i in range(2):
+        await send(relay, make_message(subject=f"verified {i}"))
+    await wait_states(relay, sent=6)
+    assert len(sendgrid.requests) == 2

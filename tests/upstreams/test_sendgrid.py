@@ -64,6 +64,7 @@ async def test_unverified_sender_identity_fails_over_without_tripping_the_breake
     )
     error = await sendgrid.failure()
     assert isinstance(error, TransientError) and not error.upstream_wide
+    assert error.sender_scoped
 
 
 async def test_rate_limit_reset_header_gives_retry_after(sendgrid: Pair) -> None:

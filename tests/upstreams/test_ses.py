@@ -106,14 +106,15 @@ async def test_raw_bytes_and_every_envelope_recipient_reach_ses(
     assert "ConfigurationSetName" not in call
 
 
-async def test_unverified_sender_opens_the_breaker(ses: SESUpstream) -> None:
+async def test_unverified_sender_fails_over_without_blaming_ses(ses: SESUpstream) -> None:
     envelope = Envelope("someone@unverified.test", ("bob@dest.test",))
     data = MESSAGE.replace(b"billing@example.com", b"someone@unverified.test")
 
-    with pytest.raises(PermanentError) as caught:
+    with pytest.raises(TransientError) as caught:
         await ses.send(envelope, data)
 
-    assert caught.value.upstream_wide  # account configuration, not the message's fault
+    # This sender's identity, not SES's health: fail over, keep SES for verified senders.
+    assert caught.value.sender_scoped and not caught.value.upstream_wide
     assert not caught.value.ambiguous
     assert "MessageRejected" in caught.value.reason
 
@@ -281,8 +282,8 @@ def client_error(code: str, message: str, status: int = 400) -> ClientError:
                 "Email address is not verified. The following "
                 "identities failed the check in region EU-WEST-1: a@x.test",
             ),
-            PermanentError,
-            True,
+            TransientError,  # sender_scoped: fails over, SES stays up for verified senders
+            False,
             False,
         ),
         (client_error("UnrecognizedClientException", "bad token"), PermanentError, True, False),
