@@ -277,7 +277,10 @@ def _rcpt_command(envelope: Envelope, rcpt: str) -> tuple[bytes, ...]:
 
 
 def _address(envelope: Envelope, address: str) -> bytes:
-    raw = address.encode("utf-8" if envelope.smtputf8 else "ascii")
+    try:
+        raw = address.encode("utf-8" if envelope.smtputf8 else "ascii")
+    except UnicodeEncodeError:
+        raise PermanentError(f"address {address!r} is not ASCII and SMTPUTF8 is off") from None
     if any(c in raw for c in b"\r\n<> "):
         raise PermanentError(f"address {address!r} cannot be written in an SMTP command")
     return raw

@@ -7,9 +7,13 @@ from __future__ import annotations
 import time
 
 import aiosmtplib
+import pytest
 
 from relay.app import Relay
+from relay.message import Envelope
 from relay.spool import queries
+from relay.upstreams.base import PermanentError
+from relay.upstreams.smtp import _rcpt_command
 from tests.conftest import (
     RelayFactory,
     SMTPSink,
@@ -190,3 +194,13 @@ async def test_refused_sender_fails_and_the_connection_serves_the_next_message(
     await send(relay, make_message(subject="next"), ["b@example.org"])
     await wait_states(relay, failed=1, sent=1)
     assert [m.parsed["Subject"] for m in sink.messages] == ["next"]
+
+
+def test_addresses_that_cannot_go_into_a_command_are_refused_for_good() -> None:
+    plain = Envelope("app@example.com", ("x@example.org",))
+    with pytest.raises(PermanentError, match="not ASCII and SMTPUTF8 is off"):
+        _rcpt_command(plain, "jörg@example.org")
+    with pytest.raises(PermanentError, match="cannot be written"):
+        _rcpt_command(plain, "a@example.org>\r\nRCPT TO:<b@example.org")
+    utf8 = Envelope("app@example.com", ("x@example.org",), smtputf8=True)
+    assert _rcpt_command(utf8, "jörg@example.org") == (b"RCPT", "TO:<jörg@example.org>".encode())
