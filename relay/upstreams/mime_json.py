@@ -137,8 +137,10 @@ def representable(envelope: Envelope, data: bytes) -> bool:
 
 # Routing asks `unrepresentable_reason` of every JSON upstream it considers, and the one
 # chosen then builds its request from the same bytes: parsing is most of the CPU an HTTP
-# delivery costs, so the last few conversions are kept (keyed by the bytes object itself).
+# delivery costs, so the last few conversions are kept (keyed by the bytes object itself),
+# holding on to at most _RECENT_BYTES of message data.
 _RECENT_SIZE = 64
+_RECENT_BYTES = 32 * 1024 * 1024
 _recent: OrderedDict[int, tuple[bytes, Envelope, JsonMessage | str]] = OrderedDict()
 
 
@@ -154,8 +156,9 @@ def convert(envelope: Envelope, data: bytes) -> JsonMessage:
         except NotRepresentable as exc:
             result = str(exc)
         _recent[key] = (data, envelope, result)
-        if len(_recent) > _RECENT_SIZE:
-            _recent.popitem(last=False)
+        held = sum(len(entry[0]) for entry in _recent.values())
+        while len(_recent) > 1 and (len(_recent) > _RECENT_SIZE or held > _RECENT_BYTES):
+            held -= len(_recent.popitem(last=False)[1][0])
     if isinstance(result, str):
         raise NotRepresentable(result)
     return result

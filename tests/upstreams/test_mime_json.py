@@ -216,3 +216,19 @@ def test_quoted_display_name_with_comma_is_one_mailbox() -> None:
     data = _msg('From: a@example.com\nTo: "Doe, Jane" <to@example.net>\n')
     msg = convert(Envelope("a@example.com", ("to@example.net",)), data)
     assert msg.to == (Mailbox("to@example.net", "Doe, Jane"),)
+
+
+def test_recent_conversions_hold_a_bounded_amount_of_message_data(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from relay.upstreams import mime_json
+
+    monkeypatch.setattr(mime_json, "_RECENT_BYTES", 3000)
+    monkeypatch.setattr(mime_json, "_recent", type(mime_json._recent)())
+    envelope = Envelope("a@example.com", ("to@example.net",))
+    for i in range(5):
+        convert(
+            envelope, _msg(SIMPLE_HEADERS, "Content-Type: text/plain\n\n" + "x" * 1000 + str(i))
+        )
+    assert sum(len(entry[0]) for entry in mime_json._recent.values()) <= 3000
+    assert len(mime_json._recent) >= 1
