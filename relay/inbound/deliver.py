@@ -35,7 +35,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import secrets
 import socket
 import ssl
@@ -51,6 +50,7 @@ import aiosmtplib
 
 from relay.config import ConfigError, Duration, Secret, build
 from relay.inbound.parse import ParsedMessage, safe_filename
+from relay.smtp.wire import dot_stuff
 from relay.upstreams.base import PermanentError, RecipientRefusal, TransientError
 
 log = logging.getLogger("relay.inbound")
@@ -534,18 +534,6 @@ class SMTPDestination(Destination):
 
 class LMTPProtocolError(Exception):
     """The LMTP server's answer made no sense (not a reply line, closed early)."""
-
-
-_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
-
-
-def dot_stuff(raw: bytes) -> bytes:
-    """DATA payload: CRLF line ends, leading dots doubled, and the final `.` line."""
-    data = _LINE_ENDS.sub(b"\r\n", raw)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return _LEADING_DOT.sub(b"..", data) + b".\r\n"
 
 
 class LMTPDestination(SMTPDestination):

@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, _AuthMechAttr
 
 from relay.smtp import replies
 from relay.smtp.auth import Authenticator
+from relay.smtp.wire import crlf_only
 
 log = logging.getLogger("relay.smtp")
 
@@ -63,8 +64,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes:
     if too_big or len(raw) - 5 > limit:
         raise DataError(replies.MESSAGE_TOO_BIG.format(limit=limit))
     content = raw[:-3]  # keep the last line's CRLF, drop ".\r\n"
-    lf = content.count(b"\n")
-    if lf != content.count(b"\r\n") or lf != content.count(b"\r"):
+    if not crlf_only(content):
         raise DataError(replies.BARE_LINE_ENDING)
     # Remove dot-stuffing (RFC 5321 4.5.2): a line's leading "." was doubled by the client.
     # Looking first is half the cost of replacing, and most messages have no such line.

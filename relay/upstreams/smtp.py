@@ -23,6 +23,7 @@ from aiosmtplib import SMTPResponse
 
 from relay.config import Secret
 from relay.message import Envelope
+from relay.smtp.wire import dot_stuff
 from relay.upstreams.base import (
     Accepted,
     PermanentError,
@@ -186,7 +187,7 @@ class SMTPUpstream(Upstream):
             await client.rset()
             return Accepted(refused=refused, detail="every recipient refused")
         try:
-            response = await self._data(client, data, _wire_payload(envelope, data))
+            response = await self._data(client, dot_stuff(data, crlf_checked=envelope.crlf_only))
         except aiosmtplib.SMTPServerDisconnected as exc:
             raise TransientError(
                 f"{host} disconnected after the message was sent; it may have been accepted",
@@ -205,18 +206,12 @@ class SMTPUpstream(Upstream):
             detail=f"{response.code} {response.message}",
         )
 
-    async def _data(
-        self, client: aiosmtplib.SMTP, data: bytes, payload: bytes | None
-    ) -> SMTPResponse:
-        """DATA, the message and the final reply.
-
-        Without aiosmtplib's two regex passes over the whole message (line-ending
-        normalisation and dot-stuffing: a third of the relay's CPU at 100 KB) whenever
-        `_wire_payload` could prepare it; otherwise through aiosmtplib's own data().
-        """
+    async def _data(self, client: aiosmtplib.SMTP, payload: bytes) -> SMTPResponse:
+        """DATA, the dot-stuffed `payload` and the final reply, written with aiosmtplib's
+        protocol primitives: its data() would scan the message twice more with regexes."""
         protocol = client.protocol
-        if payload is None or protocol is None or protocol._command_lock is None:
-            return await client.data(data)
+        if protocol is None or protocol._command_lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         try:
             # aiosmtplib's protocol primitives, used as its execute_data_command does
             # (pinned version; the tests send through this path).
@@ -257,11 +252,6 @@ def _queue_id(message: str) -> str:
     return message[:120]
 
 
-def _crlf_only(data: bytes) -> bool:
-    lf = data.count(b"\n")
-    return lf == data.count(b"\r\n") == data.count(b"\r")
-
-
 def _mail_command(envelope: Envelope) -> tuple[bytes, ...]:
     """MAIL written directly: the address was checked when the message was accepted, and
     aiosmtplib's mail() would parse it again with the email package (a tenth of the
@@ -284,16 +274,3 @@ def _address(envelope: Envelope, address: str) -> bytes:
     if any(c in raw for c in b"\r\n<> "):
         raise PermanentError(f"address {address!r} cannot be written in an SMTP command")
     return raw
-
-
-def _wire_payload(envelope: Envelope, data: bytes) -> bytes | None:
-    """The message dot-stuffed and terminated for DATA, or None when its line endings
-    are not all CRLF (then aiosmtplib's data() normalises them). Messages the relay
-    accepted are CRLF-only (bare CR/LF are refused at ingress; the envelope says so), so
-    this is at most one bytes replace, and none when no line starts with a dot."""
-    if not (envelope.crlf_only or _crlf_only(data)):
-        return None
-    payload = b"." + data if data.startswith(b".") else data
-    if b"\r\n." in payload:
-        payload = payload.replace(b"\r\n.", b"\r\n..")
-    return payload + (b".\r\n" if payload.endswith(b"\r\n") else b"\r\n.\r\n")

@@ -40,10 +40,10 @@ from relay.inbound.deliver import (
     WebhookDestinationConfig,
     build_destination_config,
     create_destination,
-    dot_stuff,
     sign_webhook,
 )
 from relay.inbound.parse import ParsedMessage, parse_message
+from relay.smtp.wire import dot_stuff
 from relay.upstreams.base import PermanentError, TransientError
 from tests.fakes.ses_inbound import SIMPLE_MESSAGE
 
@@ -350,6 +350,11 @@ async def test_lmtp_down_is_transient(tmp_path: Path) -> None:
 
 def test_dot_stuffing() -> None:
     assert dot_stuff(b".hidden\n..two\nend") == b"..hidden\r\n...two\r\nend\r\n.\r\n"
+    # A body the listener already checked is not rescanned, and comes out the same.
+    crlf = b".hidden\r\n..two\r\nend\r\n"
+    assert (
+        dot_stuff(crlf, crlf_checked=True) == dot_stuff(crlf) == dot_stuff(b".hidden\n..two\nend")
+    )
 
 
 # -- webhook -------------------------------------------------------------------------------------
