@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import re
 import time
 from collections.abc import Collection, Iterable, Sequence
@@ -34,6 +33,8 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from relay.durable import write_new
 
 if TYPE_CHECKING:
     from relay.config import Config, DKIMConfig
@@ -386,17 +387,10 @@ def generate_key(
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / f"{ascii_domain}.{selector}.pem"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new(path, pem, mode=0o600)
     except FileExistsError:
         raise FileExistsError(
             f"{path} already exists; not overwriting a DKIM key (choose another selector to rotate)"
         ) from None
-    try:
-        os.fchmod(fd, 0o600)  # the umask may only narrow it; make the mode explicit
-        view = memoryview(pem)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    path.chmod(0o600)  # the umask may only narrow it; make the mode explicit
     return path, txt_record(ascii_domain, selector, pem)

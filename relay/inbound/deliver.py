@@ -49,6 +49,7 @@ import aiohttp
 import aiosmtplib
 
 from relay.config import ConfigError, Duration, Secret, build
+from relay.durable import deliver_to_maildir, fsync_dir, make_maildir, write_new
 from relay.inbound.parse import ParsedMessage, safe_filename
 from relay.smtp.wire import dot_stuff
 from relay.upstreams.base import PermanentError, RecipientRefusal, TransientError
@@ -216,25 +217,6 @@ class Destination(abc.ABC):
 # -- maildir ---------------------------------------------------------------------------------
 
 
-def _write_durably(directory: Path, name: str, data: bytes) -> None:
-    fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _recipient_dir(base: Path, recipient: str) -> Path:
     return base / safe_filename(recipient.strip().lower(), default="unknown-recipient")
 
@@ -248,29 +230,15 @@ class MaildirDestination(Destination):
         super().__init__(name)
         self.path = path
         self.per_recipient = per_recipient
-        self._host = socket.gethostname().replace("/", "_").replace(":", "_")
-        self._counter = 0
 
     async def start(self) -> None:
         if not self.per_recipient:
-            await asyncio.to_thread(self._ensure, self.path)
+            await asyncio.to_thread(make_maildir, self.path)
 
     @staticmethod
-    def _ensure(maildir: Path) -> None:
-        for sub in ("tmp", "new", "cur"):
-            (maildir / sub).mkdir(parents=True, exist_ok=True)
-
-    def _unique(self) -> str:
-        self._counter += 1
-        return (
-            f"{time.time_ns()}.P{os.getpid()}Q{self._counter}R{secrets.token_hex(4)}.{self._host}"
-        )
-
-    def _deliver_one(self, maildir: Path, unique: str, raw: bytes) -> None:
-        self._ensure(maildir)
-        _write_durably(maildir / "tmp", unique, raw)
-        os.rename(maildir / "tmp" / unique, maildir / "new" / unique)
-        _fsync_dir(maildir / "new")
+    def _deliver_one(maildir: Path, raw: bytes) -> str:
+        make_maildir(maildir)  # recipients' Maildirs appear as mail first arrives
+        return deliver_to_maildir(maildir, raw)
 
     async def deliver(
         self,
@@ -282,9 +250,8 @@ class MaildirDestination(Destination):
         delivery_id: str | None = None,
     ) -> str:
         if not self.per_recipient:
-            unique = self._unique()
             try:
-                await asyncio.to_thread(self._deliver_one, self.path, unique, raw)
+                unique = await asyncio.to_thread(self._deliver_one, self.path, raw)
             except OSError as exc:
                 raise TransientError(
                     f"maildir {self.path}: {exc.strerror or exc}", upstream_wide=True
@@ -296,10 +263,9 @@ class MaildirDestination(Destination):
         refused: dict[str, RecipientRefusal] = {}
         names: list[str] = []
         for rcpt in recipients:
-            unique = self._unique()
             folder = _recipient_dir(self.path, rcpt)
             try:
-                await asyncio.to_thread(self._deliver_one, folder, unique, raw)
+                unique = await asyncio.to_thread(self._deliver_one, folder, raw)
             except OSError as exc:
                 refused[rcpt] = RecipientRefusal(False, f"{folder}: {exc.strerror or exc}")
                 continue
@@ -338,7 +304,7 @@ def _place_file(directory: Path, name: str, data: bytes) -> str:
     """
     directory.mkdir(parents=True, exist_ok=True)
     tmp = f".relay-tmp-{secrets.token_hex(8)}"
-    _write_durably(directory, tmp, data)
+    write_new(directory / tmp, data)
     try:
         candidate = name
         for n in range(1, 10_000):
@@ -351,7 +317,7 @@ def _place_file(directory: Path, name: str, data: bytes) -> str:
                 if exc.errno not in _LINK_UNSUPPORTED:
                     raise
                 return _place_file_excl(directory, name, data)
-            _fsync_dir(directory)
+            fsync_dir(directory)
             return candidate
         raise FileExistsError(errno.EEXIST, "no free file name", name)
     finally:
@@ -363,11 +329,11 @@ def _place_file_excl(directory: Path, name: str, data: bytes) -> str:
     candidate = name
     for n in range(1, 10_000):
         try:
-            _write_durably(directory, candidate, data)
+            write_new(directory / candidate, data)
         except FileExistsError:
             candidate = _numbered(name, n)
             continue
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return candidate
     raise FileExistsError(errno.EEXIST, "no free file name", name)
 

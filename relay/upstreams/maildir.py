@@ -8,13 +8,11 @@ new/), so a reader never sees a half-written file and a crash leaves nothing in 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relay.durable import deliver_to_maildir, make_maildir
 from relay.message import Envelope
 from relay.upstreams.base import Accepted, TransientError, Upstream
 
@@ -37,8 +35,6 @@ class MaildirUpstream(Upstream):
         super().__init__(name)
         self.path = path
         self.envelope_headers = envelope_headers
-        self._host = socket.gethostname().replace("/", "_").replace(":", "_")
-        self._counter = 0
 
     @classmethod
     def from_config(
@@ -51,38 +47,18 @@ class MaildirUpstream(Upstream):
         )
 
     async def start(self) -> None:
-        for sub in ("tmp", "new", "cur"):
-            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        make_maildir(self.path)
 
     async def send(self, envelope: Envelope, data: bytes) -> Accepted:
-        self._counter += 1
-        unique = f"{time.time_ns()}.P{os.getpid()}Q{self._counter}.{self._host}"
         if self.envelope_headers:
             head = f"X-Relay-Envelope-From: <{envelope.mail_from}>\r\n" + "".join(
                 f"X-Relay-Envelope-To: <{r}>\r\n" for r in envelope.rcpt_tos
             )
             data = head.encode() + data
         try:
-            await asyncio.to_thread(self._deliver, unique, data)
+            unique = await asyncio.to_thread(deliver_to_maildir, self.path, data)
         except OSError as exc:
             raise TransientError(
                 f"maildir {self.path}: {exc.strerror or exc}", upstream_wide=True
             ) from exc
         return Accepted(provider_id=unique)
-
-    def _deliver(self, unique: str, data: bytes) -> None:
-        tmp = self.path / "tmp" / unique
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path / "new" / unique)
-        dir_fd = os.open(self.path / "new", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
