@@ -52,40 +52,35 @@ from relay.config import ConfigError, Duration, Secret, build
 from relay.durable import deliver_to_maildir, fsync_dir, make_maildir, write_new
 from relay.inbound.parse import ParsedMessage, safe_filename
 from relay.smtp.wire import dot_stuff
-from relay.upstreams.base import PermanentError, RecipientRefusal, TransientError
+from relay.upstreams.base import (
+    PermanentError,
+    RecipientRefusal,
+    TransientError,
+    UpstreamError,
+)
 
 log = logging.getLogger("relay.inbound")
 
 # -- outcomes ----------------------------------------------------------------------------
 
 
-class PartialDelivery(Exception):
-    """Mixin for errors raised after some recipients were served: retry only the rest."""
+class PartialDelivery(UpstreamError):
+    """Raised after some recipients were served: retry (or fail) only the rest."""
 
-    delivered: tuple[str, ...]
-    refused: dict[str, RecipientRefusal]
+    def __init__(
+        self, reason: str, *, delivered: Sequence[str], refused: Mapping[str, RecipientRefusal]
+    ) -> None:
+        super().__init__(reason)
+        self.delivered = tuple(delivered)
+        self.refused = dict(refused)
 
 
-class PartialTransient(TransientError, PartialDelivery):
+class PartialTransient(PartialDelivery, TransientError):
     """Some recipients got the message; at least one failure is worth retrying."""
 
-    def __init__(
-        self, reason: str, *, delivered: Sequence[str], refused: Mapping[str, RecipientRefusal]
-    ) -> None:
-        super().__init__(reason)
-        self.delivered = tuple(delivered)
-        self.refused = dict(refused)
 
-
-class PartialPermanent(PermanentError, PartialDelivery):
+class PartialPermanent(PartialDelivery, PermanentError):
     """Some recipients got the message; the others never will."""
-
-    def __init__(
-        self, reason: str, *, delivered: Sequence[str], refused: Mapping[str, RecipientRefusal]
-    ) -> None:
-        super().__init__(reason)
-        self.delivered = tuple(delivered)
-        self.refused = dict(refused)
 
 
 def _raise_for_refusals(
