@@ -17,16 +17,13 @@ than the status (Postmark "API error codes"):
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from relay.config import Secret
-from relay.message import Envelope
-from relay.upstreams import mime_json
 from relay.upstreams.base import PermanentError, TransientError, UpstreamError
-from relay.upstreams.http import HTTPUpstream, Reply, Request, retry_after
-from relay.upstreams.mime_json import JsonMessage, Mailbox
+from relay.upstreams.http import Reply, retry_after
+from relay.upstreams.mime_json import JsonMessage, JsonUpstream, Mailbox
 
 if TYPE_CHECKING:
     from relay.config import Config, UpstreamConfig
@@ -43,10 +40,10 @@ class PostmarkSettings:
     message_stream: str = "outbound"
 
 
-class PostmarkUpstream(HTTPUpstream):
+class PostmarkUpstream(JsonUpstream):
     type_name = "postmark"
     Settings = PostmarkSettings
-    wants_dkim = False  # Postmark rebuilds the message and signs it itself
+    path = "/email"
     max_message_size = 10 * 1000**2  # measured by Postmark after base64, so approximate
     max_recipients = 50  # To, Cc and Bcc together
 
@@ -75,17 +72,8 @@ class PostmarkUpstream(HTTPUpstream):
             message_stream=settings.message_stream,
         )
 
-    def refusal(self, envelope: Envelope, data: bytes) -> str | None:
-        return super().refusal(envelope, data) or mime_json.unrepresentable_reason(envelope, data)
-
-    def build(self, envelope: Envelope, data: bytes) -> Request:
-        payload = self.payload(mime_json.convert(envelope, data))
-        return Request(
-            "/email",
-            json.dumps(payload).encode(),
-            "application/json",
-            {"X-Postmark-Server-Token": self.api_key},
-        )
+    def auth_headers(self) -> dict[str, str]:
+        return {"X-Postmark-Server-Token": self.api_key}
 
     def payload(self, msg: JsonMessage) -> dict[str, Any]:
         """The /email body for one converted message."""

@@ -11,16 +11,13 @@ repeated bad requests, key without permission) are the account's.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from relay.config import Secret
-from relay.message import Envelope
-from relay.upstreams import mime_json
 from relay.upstreams.base import TransientError, UpstreamError
-from relay.upstreams.http import HTTPUpstream, Reply, Request
-from relay.upstreams.mime_json import JsonMessage, Mailbox
+from relay.upstreams.http import Reply
+from relay.upstreams.mime_json import JsonMessage, JsonUpstream, Mailbox
 
 if TYPE_CHECKING:
     from relay.config import Config, UpstreamConfig
@@ -39,10 +36,10 @@ class SendGridSettings:
             raise ValueError("categories: SendGrid allows at most 10")
 
 
-class SendGridUpstream(HTTPUpstream):
+class SendGridUpstream(JsonUpstream):
     type_name = "sendgrid"
     Settings = SendGridSettings
-    wants_dkim = False  # SendGrid rebuilds the message and signs it itself
+    path = "/v3/mail/send"
     # The whole JSON request may be 30 MB; base64 attachments in the MIME are about the
     # same size in the JSON, so the queued size is a fair first check.
     max_message_size = 30 * 1000**2
@@ -76,17 +73,8 @@ class SendGridUpstream(HTTPUpstream):
             categories=settings.categories,
         )
 
-    def refusal(self, envelope: Envelope, data: bytes) -> str | None:
-        return super().refusal(envelope, data) or mime_json.unrepresentable_reason(envelope, data)
-
-    def build(self, envelope: Envelope, data: bytes) -> Request:
-        payload = self.payload(mime_json.convert(envelope, data))
-        return Request(
-            "/v3/mail/send",
-            json.dumps(payload).encode(),
-            "application/json",
-            {"Authorization": f"Bearer {self.api_key}"},
-        )
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     def payload(self, msg: JsonMessage) -> dict[str, Any]:
         """The Mail Send body for one converted message."""
