@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from relay.aws import aws_client
 from relay.inbound.fetch import S3Object
 
 log = logging.getLogger("relay.inbound")
@@ -224,18 +225,13 @@ class Decryptor:
     @property
     def kms(self) -> Any:
         if self._kms is None:
-            import boto3
-            from botocore.config import Config as BotoConfig
-
-            self._kms = boto3.client(
+            self._kms = aws_client(
                 "kms",
-                region_name=self.region,
+                region=self.region,
                 endpoint_url=self.endpoint_url,
-                config=BotoConfig(
-                    connect_timeout=min(self.timeout, 10.0),
-                    read_timeout=self.timeout,
-                    retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                ),
+                connect_timeout=min(self.timeout, 10.0),
+                read_timeout=self.timeout,
+                total_attempts=self.max_attempts + 1,  # max_attempts counts retries
             )
         return self._kms
 

@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.aws import aws_client
+
 log = logging.getLogger("relay.inbound")
 
 #: SES stores messages of up to 40 MB; a little headroom for the encryption overhead.
@@ -70,20 +72,15 @@ class S3Fetcher:
     @property
     def client(self) -> Any:
         if self._client is None:
-            import boto3
-            from botocore.config import Config as BotoConfig
-
             # Cap boto3's own retries: the queue retries with backoff, and a long internal
             # retry loop would hold a worker slot (DESIGN.md: boto3 retries by itself).
-            self._client = boto3.client(
+            self._client = aws_client(
                 "s3",
-                region_name=self.region,
+                region=self.region,
                 endpoint_url=self.endpoint_url,
-                config=BotoConfig(
-                    connect_timeout=min(self.timeout, 10.0),
-                    read_timeout=self.timeout,
-                    retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                ),
+                connect_timeout=min(self.timeout, 10.0),
+                read_timeout=self.timeout,
+                total_attempts=self.max_attempts + 1,  # max_attempts counts retries
             )
         return self._client
 

@@ -34,6 +34,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from relay.aws import aws_client
 from relay.inbound.notify import NotificationError, parse_notification
 from relay.inbound.service import is_ses_setup_notification
 from relay.spool.store import StoreError
@@ -78,19 +79,13 @@ class SQSConsumer:
     @property
     def client(self) -> Any:
         if self._client is None:
-            import boto3
-            from botocore.config import Config as BotoConfig
-
-            self._client = boto3.client(
+            self._client = aws_client(
                 "sqs",
-                region_name=self.aws.region or None,
-                endpoint_url=self.aws.endpoint_url or None,
-                config=BotoConfig(
-                    connect_timeout=10,
-                    # A long poll holds the connection for wait_time: read past it.
-                    read_timeout=float(self.settings.wait_time) + 30,
-                    retries={"max_attempts": 3, "mode": "standard"},
-                ),
+                region=self.aws.region,
+                endpoint_url=self.aws.endpoint_url,
+                # A long poll holds the connection for wait_time: read past it.
+                read_timeout=float(self.settings.wait_time) + 30,
+                total_attempts=4,  # three retries
             )
         return self._client
 

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from relay.aws import aws_client
 from relay.message import Envelope
 from relay.upstreams.base import (
     Accepted,
@@ -218,21 +219,18 @@ class SESUpstream(Upstream):
 
     def _make_client(self) -> Any:
         import boto3
-        from botocore.config import Config as BotoConfig
 
-        boto_config = BotoConfig(
-            region_name=self.region,
+        return aws_client(
+            "sesv2",
+            region=self.region,
+            endpoint_url=self.endpoint_url,
             connect_timeout=min(self.timeout, 10.0),
             read_timeout=self.timeout,
-            # total_max_attempts counts the first try; botocore's "max_attempts" counts retries
-            # only, so max_attempts=1 there would still resend once.
-            retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
+            total_attempts=self.max_attempts,  # SES's max_attempts counts the first try
+            session=boto3.session.Session(),  # one per upstream: sessions aren't thread-safe
             max_pool_connections=max(1, self.max_concurrency),
             tcp_keepalive=True,
         )
-        # One session per upstream: sessions are not thread-safe, clients are.
-        session = boto3.session.Session()
-        return session.client("sesv2", endpoint_url=self.endpoint_url or None, config=boto_config)
 
     async def _run(self, func: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
