@@ -58,6 +58,7 @@ from relay.upstreams.base import (
     TransientError,
     UpstreamError,
 )
+from relay.upstreams.http import retry_after as http_retry_after
 
 log = logging.getLogger("relay.inbound")
 
@@ -679,12 +680,6 @@ def build_multipart(fields: Mapping[str, Any], parsed: ParsedMessage) -> tuple[b
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
-def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return float(value.strip())
-    return None
-
-
 class WebhookDestination(Destination):
     """POST to an application. 2xx done; 408/429/5xx/timeouts retry; other 4xx permanent."""
 
@@ -770,7 +765,7 @@ class WebhookDestination(Destination):
             ) as resp:
                 status = resp.status
                 detail = (await resp.text(errors="replace"))[:200].strip()
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                retry_after = http_retry_after(resp.headers, time.time())
         except aiohttp.ClientConnectorError as exc:
             raise TransientError(
                 f"webhook {url}: cannot connect: {exc.os_error!r}", upstream_wide=True
