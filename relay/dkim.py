@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from relay.durable import write_new
+from relay.message import split_message
 
 if TYPE_CHECKING:
     from relay.config import Config, DKIMConfig
@@ -189,7 +190,7 @@ class DKIMSigner:
         key = self.choose_key(data, envelope_from)
         if key is None:
             return data
-        head = header_block(data)
+        head, body = split_message(data)
         present = {name.lower() for name, _ in iter_headers(head)}
         skip = {h.lower() for h in skip_headers}
         if "from" not in present:
@@ -198,16 +199,20 @@ class DKIMSigner:
         include = [h for h in self.headers if h in present and h not in skip]
         include.append("from")  # oversign: a From added in transit breaks the signature
         linesep = b"\r\n" if b"\r\n" in data[: data.find(b"\n") + 1] else b"\n"
-        return signature_header(key, data, include, linesep, int(time.time())) + data
+        return signature_header(key, head, body, include, linesep, int(time.time())) + data
 
 
 def signature_header(
-    key: SigningKey, data: bytes, include: Sequence[str], linesep: bytes, now: int
+    key: SigningKey,
+    head: bytes,
+    body: bytes,
+    include: Sequence[str],
+    linesep: bytes,
+    now: int,
 ) -> bytes:
-    """The DKIM-Signature field (relaxed/relaxed, rsa-sha256) for `data`, ending in
-    `linesep`. `include` is the h= list, lower-case, repeats allowed (oversigning)."""
-    end = _HEADER_END.search(data)
-    head, body = (data[: end.start()], data[end.end() :]) if end else (data, b"")
+    """The DKIM-Signature field (relaxed/relaxed, rsa-sha256) for a message split into
+    `head` and `body`, ending in `linesep`. `include` is the h= list, lower-case, repeats
+    allowed (oversigning)."""
     body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(body)).digest()).decode()
     tags = [
         "v=1",
@@ -228,7 +233,6 @@ def signature_header(
     return b"DKIM-Signature: " + (value + folded_b).encode() + linesep
 
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _FWS = re.compile(rb"[ \t]+")
 _LINE_END = re.compile(rb"\r?\n")
 _FIELD_START = re.compile(rb"\r?\n(?![ \t])")
@@ -290,14 +294,6 @@ def _fold(tags: Sequence[str], linesep: bytes) -> str:
 # -- header access (bytes in, no full MIME parse: messages can be large) ----------------------
 
 
-def header_block(data: bytes) -> bytes:
-    """The header section of a message, without the blank line that ends it."""
-    match = re.search(rb"\r?\n\r?\n", data)
-    if match is None:
-        return data
-    return data[: match.start()]
-
-
 def iter_headers(head: bytes) -> Iterable[tuple[str, str]]:
     """(name, unfolded value) pairs; non-UTF-8 bytes are replaced, not fatal."""
     name: str | None = None
@@ -320,7 +316,7 @@ def iter_headers(head: bytes) -> Iterable[tuple[str, str]]:
 
 def header_values(data: bytes, field: str) -> list[str]:
     wanted = field.lower()
-    return [v for n, v in iter_headers(header_block(data)) if n.lower() == wanted]
+    return [v for n, v in iter_headers(split_message(data)[0]) if n.lower() == wanted]
 
 
 def header_from_domains(data: bytes) -> list[str]:

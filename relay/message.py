@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -110,3 +111,14 @@ class Event:
     type: EventType
     at: float
     detail: dict[str, object] = field(default_factory=dict)
+
+
+#: The blank line that ends the header section.
+HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def split_message(data: bytes) -> tuple[bytes, bytes]:
+    """(the header section without the blank line that ends it, the body). A message with
+    no blank line is all header."""
+    end = HEADER_END.search(data)
+    return (data, b"") if end is None else (data[: end.start()], data[end.end() :])

@@ -37,7 +37,7 @@ from relay.inbound.fetch import FetchError, S3Fetcher
 from relay.inbound.notify import InboundWork
 from relay.inbound.parse import ParsedMessage, parse_message
 from relay.inbound.settings import InboundSettings, RouteSettings
-from relay.message import EventType
+from relay.message import HEADER_END, EventType
 from relay.spool import queries
 from relay.spool.queries import Claimed
 from relay.spool.store import Spool
@@ -48,7 +48,6 @@ log = logging.getLogger("relay.inbound")
 #: The key a stored notification that can't be acted on carries instead of the work.
 UNUSABLE_KEY = "unusable"
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _SUBJECT = re.compile(rb"(?im)^subject:[ \t]*")
 
 
@@ -67,7 +66,7 @@ def tag_message(raw: bytes, *, spam: bool, virus: bool, verdicts: str) -> bytes:
         added += b"X-Spam-Flag: YES" + eol
     if virus:
         added += b"X-Virus-Flag: YES" + eol
-    end = _HEADER_END.search(raw)
+    end = HEADER_END.search(raw)
     header_len = end.start() if end else len(raw)
     match = _SUBJECT.search(raw, 0, header_len)
     if match:
