@@ -23,7 +23,6 @@ import aiosmtplib
 
 from relay.app import Relay
 from relay.config import parse
-from relay.spool import queries
 from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeSendGrid
 
 
@@ -108,17 +107,17 @@ async def run(messages: int, sessions: int, outage: float, status: int) -> dict[
         await window
 
         async def all_sent() -> bool:
-            counts = await relay.spool.read(queries.counts)
+            counts = await relay.queue.counts()
             return counts.get("sent", 0) == messages
 
         await relay.wait_for(all_sent, timeout=120)
         elapsed = time.time() - started
-        rows = await relay.spool.read(
-            lambda c: c.execute(
-                "SELECT m.id, m.created, e.at FROM messages m JOIN events e ON e.msg_id = m.id"
-                " AND e.type = 'sent'"
-            ).fetchall()
-        )
+        rows = [
+            (row.id, row.created, ev["at"])
+            for row in await relay.queue.search(state="sent", limit=messages)
+            for ev in await relay.queue.timeline(row.id)
+            if ev["type"] == "sent"
+        ]
         attempts = sum(s.attempts for s in relay.router.states)
         per_upstream = {s.name: s.snapshot() for s in relay.router.states}
         await relay.stop()

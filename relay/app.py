@@ -8,14 +8,10 @@ attempts get a grace period, and the queue closes last.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
-import os
 import signal
-import socket
-import sqlite3
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -27,11 +23,11 @@ from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.routing import BreakerSettings, Router
 from relay.dispatch.scheduler import Scheduler
 from relay.dkim import DKIMSigner
-from relay.message import Kind
+from relay.message import Kind, NewMessage
+from relay.queue import open_queue
+from relay.queue.base import StoreError
+from relay.queue.owner import owner_id, process_alive
 from relay.smtp.listener import start_listeners
-from relay.spool import queries
-from relay.spool.queries import NewMessage
-from relay.spool.store import Spool, shard_of, shard_paths
 from relay.upstreams.base import Upstream
 from relay.upstreams.registry import create_upstream
 from relay.web.app import create_app
@@ -44,43 +40,6 @@ log = logging.getLogger("relay.app")
 HISTORY_RETENTION = 7 * 86400.0
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot, or None if it is gone or a
-    zombie. A pid alone is not an identity: pids are reused, and a killed worker whose
-    parent died stays a zombie under an init that does not reap, which kill(pid, 0) still
-    reports as alive."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid()) or 0}"
-
-
-def process_alive(owner: str) -> bool:
-    """Is the process named in a lease owner id still running? Other hosts: assume so,
-    and let the lease's expiry decide."""
-    host, _, rest = owner.partition(":")
-    pid_text, _, started = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True
-    if not Path("/proc/self/stat").exists():  # no procfs: fall back to signal 0
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return _proc_start(int(pid_text)) == started
-
-
 class Relay:
     """One relay process. `start()` and `stop()` are what `relay serve` and tests call."""
 
@@ -89,13 +48,12 @@ class Relay:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.owner = owner_id()
-        # With several workers, worker `shard` owns one queue shard; worker 0 also runs
-        # the web server and inbound, and drains shards no worker owns any more.
+        self.owner = owner_id(config.server.node)
+        # With several workers (`shard` = this worker's number), worker 0 also runs the web
+        # server and inbound. The queue decides what a worker's number means for storage.
         self.shard = shard
         self.workers = workers
-        self.spool = Spool(config.queue_dir, shard=shard, min_free_disk=config.server.min_free_disk)
-        self.spools = [self.spool]
+        self.queue = open_queue(config, owner=self.owner, shard=shard, workers=workers)
         r = config.routing
         self.router = Router(
             settings=BreakerSettings(
@@ -103,14 +61,14 @@ class Relay:
                 cooldown=r.cooldown,
                 cooldown_max=r.cooldown_max,
                 health_half_life=r.health_half_life,
-            )
+            ),
+            store=self.queue.routing,
         )
         self.upstreams: list[Upstream] = []
         self.smtp_servers: list[asyncio.Server] = []
         self.web_runner: web.AppRunner | None = None
         self.web_port: int | None = None
-        self.outbound: Scheduler | None = None  # the primary shard's dispatcher
-        self.schedulers: list[Scheduler] = []
+        self.outbound: Scheduler | None = None
         # Inbound from SES (relay.inbound.service), present when config has [inbound].
         self.inbound: InboundService | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -122,21 +80,14 @@ class Relay:
         self, *, smtp: bool = True, web_server: bool = True, dispatch: bool = True
     ) -> None:
         cfg = self.config
-        if self.shard == 0:
-            self.spools += [
-                Spool(cfg.queue_dir, shard=shard_of(path))
-                for path in shard_paths(cfg.queue_dir)
-                if shard_of(path) >= self.workers
-            ]
-        for spool in self.spools:
-            spool.start()
-            recovered = await spool.write(self._recover)
-            if recovered:
-                log.warning(
-                    "%s: recovered %d message(s) left in flight by a stopped process",
-                    spool.path.name,
-                    len(recovered),
-                )
+        await self.queue.start()
+        recovered = await self._recover()
+        if recovered:
+            log.warning(
+                "%s: recovered %d message(s) left in flight by a stopped process",
+                self.queue.describe,
+                len(recovered),
+            )
         for i, up_cfg in enumerate(cfg.upstream):
             upstream = create_upstream(up_cfg, f"upstream[{i}]", cfg)
             await upstream.start()
@@ -148,48 +99,52 @@ class Relay:
                 max_rate=up_cfg.max_rate,
                 max_concurrency=up_cfg.max_concurrency,
             )
-        self.schedulers = [self._outbound_scheduler(spool) for spool in self.spools]
-        self.outbound = self.schedulers[0]
+        self.outbound = self._outbound_scheduler()
         if dispatch:
-            for scheduler in self.schedulers:
-                self._tasks.append(asyncio.create_task(scheduler.run(), name="dispatch"))
+            with contextlib.suppress(StoreError):
+                await self.router.sync()  # start from what the other processes know
+            self._tasks.append(asyncio.create_task(self.outbound.run(), name="dispatch"))
+            self._tasks.append(asyncio.create_task(self.router.sync_forever(), name="routing"))
             self._tasks.append(asyncio.create_task(self._maintenance(), name="maintenance"))
         if cfg.inbound and self.shard == 0:
             from relay.inbound.service import InboundService
 
-            self.inbound = InboundService(self)
+            self.inbound = InboundService(
+                config=cfg, queue=self.queue, clock=self.clock, on_finish=self.notify_progress
+            )
             await self.inbound.start(dispatch=dispatch)
         if web_server and self.shard == 0:
             await self._start_web()
         if smtp:
             self.smtp_servers = await start_listeners(cfg, self.submit, reuse_port=self.workers > 1)
 
-    def _outbound_scheduler(self, spool: Spool) -> Scheduler:
+    def _outbound_scheduler(self) -> Scheduler:
         cfg = self.config
         policy = RetryPolicy(schedule=tuple(cfg.retry.schedule), max_age=cfg.retry.max_age)
         signer = DKIMSigner.from_config(cfg) if cfg.dkim else None
         bouncer = (
             BounceSender(
-                spool=spool, submit=self.submit, hostname=cfg.server.hostname, clock=self.clock
+                queue=self.queue,
+                submit=self.submit,
+                hostname=cfg.server.hostname,
+                clock=self.clock,
             )
             if cfg.retry.bounces
             else None
         )
         worker = OutboundWorker(
-            spool=spool,
+            queue=self.queue,
             router=self.router,
             policy=policy,
-            owner=self.owner,
             clock=self.clock,
             on_finish=self.notify_progress,
             signer=signer,
             bouncer=bouncer,
         )
         return Scheduler(
-            spool,
+            self.queue,
             worker,
             kind=Kind.OUTBOUND,
-            owner=self.owner,
             concurrency=cfg.retry.concurrency,
             lease_time=cfg.server.lease_time,
             clock=self.clock,
@@ -197,7 +152,8 @@ class Relay:
 
     async def _start_web(self) -> None:
         listen = self.config.web.listen
-        self.web_runner = web.AppRunner(create_app(self), access_log=None)
+        app = create_app(readiness=self.readiness_problems, inbound=self.inbound)
+        self.web_runner = web.AppRunner(app, access_log=None)
         await self.web_runner.setup()
         site = web.TCPSite(self.web_runner, listen.host, listen.port)
         await site.start()
@@ -211,8 +167,8 @@ class Relay:
             server.close()
         for server in self.smtp_servers:
             await server.wait_closed()
-        for scheduler in self.schedulers:
-            await scheduler.stop()
+        if self.outbound is not None:
+            await self.outbound.stop()
         if self.inbound is not None:
             await self.inbound.stop()
         for task in self._tasks:
@@ -222,39 +178,39 @@ class Relay:
             await self.web_runner.cleanup()
         for upstream in self.upstreams:
             await upstream.close()
-        for spool in self.spools:
-            await spool.close()
+        await self.queue.close()
 
     async def _maintenance(self) -> None:
         """Recover leases of processes that died while we run; forget old history."""
         interval = max(min(self.config.server.lease_time / 2, 60.0), 1.0)
         while True:
             await asyncio.sleep(interval)
-            for spool, scheduler in zip(self.spools, self.schedulers, strict=True):
-                if await spool.write(self._recover):
-                    scheduler.wake()
-                    if self.inbound is not None and spool is self.spool:
-                        self.inbound.wake()
-                await spool.write(
-                    functools.partial(
-                        queries.purge_history, older_than=self.clock() - HISTORY_RETENTION
-                    )
-                )
+            try:
+                recovered = await self._recover()
+                await self.queue.purge_history(older_than=self.clock() - HISTORY_RETENTION)
+            except StoreError as exc:
+                log.warning("queue maintenance skipped: %s", exc)
+                continue
+            if recovered:
+                log.warning("recovered %d message(s) from expired leases", len(recovered))
+                if self.outbound is not None:
+                    self.outbound.wake()
+                if self.inbound is not None:
+                    self.inbound.wake()
 
     def _alive(self, owner: str) -> bool:
-        return owner == self.owner or process_alive(owner)
+        return owner == self.owner or process_alive(owner, node=self.config.server.node)
 
-    def _recover(self, conn: sqlite3.Connection) -> list[str]:
-        return queries.recover(conn, now=self.clock(), alive=self._alive)
+    async def _recover(self) -> list[str]:
+        return await self.queue.recover(now=self.clock(), alive=self._alive)
 
     # -- the SMTP layer's entry point ---------------------------------------------------
 
     async def submit(self, message: NewMessage) -> None:
-        """Make the message durable (raises StoreFull / StoreError), then wake dispatch."""
-        self.spool.check_free_space()
-        await self.spool.write(lambda c: queries.insert(c, message))
-        if self.outbound is not None:
-            self.outbound.wake()
+        """Make the message durable (raises StoreFull / StoreError); the queue wakes
+        dispatch."""
+        self.queue.check_accepting()
+        await self.queue.insert(message)
 
     def notify_progress(self) -> None:
         """A unit of work finished a round: wake whoever waits in `wait_for`."""
@@ -272,12 +228,8 @@ class Relay:
     def smtp_ports(self) -> list[int]:
         return [s.sockets[0].getsockname()[1] for s in self.smtp_servers]
 
-    def readiness_problems(self) -> list[str]:
-        problems = []
-        try:
-            self.spool.check_free_space()
-        except Exception as exc:
-            problems.append(str(exc))
+    async def readiness_problems(self) -> list[str]:
+        problems = await self.queue.problems()
         if not self.smtp_servers:
             problems.append("no SMTP listener is running")
         return problems

@@ -1,27 +1,29 @@
 """`relay` command line: serve, check-config, queue (postqueue/postsuper), user, dkim.
 
-Queue commands open the queue database directly, so they work whether or not the server
-runs; the server sees their changes at its next poll (about a second).
+Queue commands go through `relay.queue.admin`, the same code the HTTP API calls, on
+whichever engine the config names; they work whether or not the server runs. A running
+server sees their changes at once on PostgreSQL, within a second on SQLite.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import getpass
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.config import Config, ConfigError, load
-from relay.spool import queries
-from relay.spool.store import connect, shard_paths, transaction
+from relay.queue import open_queue
+from relay.queue.admin import QueueAdmin
+from relay.queue.base import QueueActionError, StoreError
 
 T = TypeVar("T")
 DEFAULT_CONFIG = os.environ.get("RELAY_CONFIG", "config.toml")
@@ -39,46 +41,26 @@ def _load(path: str) -> Config:
         raise SystemExit(1) from None
 
 
-def _shards(args: argparse.Namespace) -> list[Path]:
+def _with_admin(args: argparse.Namespace, fn: Callable[[QueueAdmin], Awaitable[T]]) -> T:
+    """Open the configured queue for operator use, run fn, close it; errors said plainly."""
     cfg = _load(args.config)
-    paths = shard_paths(cfg.queue_dir)
-    if not paths:
-        print(f"relay: no queue under {cfg.queue_dir} yet (has the server run?)", file=sys.stderr)
-        raise SystemExit(1)
-    return paths
 
+    async def run() -> T:
+        queue = open_queue(cfg, owner=_actor())
+        try:
+            await queue.connect()
+            return await fn(QueueAdmin(queue))
+        finally:
+            await queue.close()
 
-def _run(path: Path, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
-    conn = connect(path)
     try:
-        return transaction(conn, fn) if write else fn(conn)
-    except queries.QueueActionError as exc:
+        return asyncio.run(run())
+    except QueueActionError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    finally:
-        conn.close()
-
-
-def _each_shard(
-    args: argparse.Namespace, fn: Callable[[sqlite3.Connection], list[T]], *, write: bool = True
-) -> list[T]:
-    """Run fn on every queue shard (one per worker process) and join the results."""
-    return [item for path in _shards(args) for item in _run(path, fn, write)]
-
-
-def _on_message(
-    args: argparse.Namespace,
-    msg_id: str,
-    fn: Callable[[sqlite3.Connection], T],
-    *,
-    write: bool = True,
-) -> T:
-    """Run fn on the shard that holds the message."""
-    for path in _shards(args):
-        if _run(path, lambda c: queries.get(c, msg_id) is not None, False):
-            return _run(path, fn, write)
-    print(f"relay: no message {msg_id} in the queue", file=sys.stderr)
-    raise SystemExit(1)
+    except StoreError as exc:
+        print(f"relay: the queue is unavailable: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _actor() -> str:
@@ -122,20 +104,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    queue_state = _with_admin(args, lambda a: a.queue.check())
     print(
         f"{args.config}: ok ({len(cfg.smtp.listen)} listener(s), "
-        f"{len(cfg.upstream)} upstream(s), queue {cfg.queue_dir})"
+        f"{len(cfg.upstream)} upstream(s), queue {queue_state})"
     )
     return 0
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    rows = _each_shard(
-        args,
-        lambda c: queries.list_messages(c, state=args.state, kind=args.kind, limit=args.limit),
-        write=False,
-    )
-    rows = sorted(rows, key=lambda r: r.id)[: args.limit]
+    rows = _with_admin(args, lambda a: a.search(state=args.state, kind=args.kind, limit=args.limit))
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
@@ -157,13 +135,11 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
-    def read(c: sqlite3.Connection) -> tuple[Any, list[dict[str, Any]]]:
-        return queries.get(c, args.id), queries.timeline(c, args.id)
-
-    row, events = _on_message(args, args.id, read, write=False)
+    view = _with_admin(args, lambda a: a.show(args.id))
     if args.json:
-        print(json.dumps({"message": row.as_dict(), "timeline": events}, indent=2))
+        print(json.dumps(view.as_dict(), indent=2))
         return 0
+    row = view.message
     print(
         f"id:        {row.id}\nkind:      {row.kind}\nstate:     {row.state}\n"
         f"from:      <{row.mail_from}>\n"
@@ -176,43 +152,92 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     if row.last_error:
         print(f"error:     {row.last_error}")
     print("timeline:")
-    for ev in events:
+    for ev in view.timeline:
         detail = {k: v for k, v in ev.items() if k not in ("at", "type")}
         print(f"  {_fmt_time(ev['at'])}  {ev['type']:9}  {json.dumps(detail, ensure_ascii=False)}")
     return 0
 
 
 def cmd_queue_retry(args: argparse.Namespace) -> int:
-    now = time.time()
     if args.failed:
-        ids = _each_shard(args, lambda c: queries.retry_failed(c, now=now, actor=_actor()))
+        ids = _with_admin(args, lambda a: a.retry_failed(actor=_actor()))
         print(f"{len(ids)} failed message(s) queued again")
         return 0
     if not args.id:
         print("relay: give a message ID or --failed", file=sys.stderr)
         return 2
-    _on_message(args, args.id, lambda c: queries.retry(c, args.id, now=now, actor=_actor()))
+    _with_admin(args, lambda a: a.retry(args.id, actor=_actor()))
     print(f"{args.id}: queued for delivery now")
     return 0
 
 
-def _simple(action: Callable[..., None], done: str) -> Callable[[argparse.Namespace], int]:
+def _simple(action: str, done: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        kwargs: dict[str, Any] = {"actor": _actor()}
-        if action is not queries.delete:
-            kwargs["now"] = time.time()
-        _on_message(args, args.id, lambda c: action(c, args.id, **kwargs))
+        _with_admin(args, lambda a: getattr(a, action)(args.id, actor=_actor()))
         print(f"{args.id}: {done}")
-        if action is queries.delete:
-            logging.getLogger("relay.spool").warning("%s deleted by %s", args.id, _actor())
         return 0
 
     return run
 
 
 def cmd_queue_flush(args: argparse.Namespace) -> int:
-    ids = _each_shard(args, lambda c: queries.flush(c, now=time.time(), actor=_actor()))
+    ids = _with_admin(args, lambda a: a.flush(actor=_actor()))
     print(f"{len(ids)} deferred message(s) due now")
+    return 0
+
+
+def cmd_queue_migrate(args: argparse.Namespace) -> int:
+    said = _with_admin(args, lambda a: a.queue.migrate())
+    print(said)
+    return 0
+
+
+def _record_to_json(record: dict[str, Any]) -> str:
+    body = record["body"]
+    out = {**record, "body": None if body is None else base64.b64encode(body).decode()}
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+
+def _record_from_json(line: str) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads(line)
+    if record.get("body") is not None:
+        record["body"] = base64.b64decode(record["body"])
+    return record
+
+
+def cmd_queue_export(args: argparse.Namespace) -> int:
+    """Every message, state, body and timeline as JSON lines (bodies in base64)."""
+
+    async def export(a: QueueAdmin) -> int:
+        n = 0
+        with open(args.file, "w", encoding="utf-8") if args.file != "-" else sys.stdout as out:
+            async for record in a.queue.export():
+                out.write(_record_to_json(record) + "\n")
+                n += 1
+        return n
+
+    n = _with_admin(args, export)
+    print(f"{n} message(s) exported", file=sys.stderr)
+    return 0
+
+
+def cmd_queue_import(args: argparse.Namespace) -> int:
+    """Load an export into the configured queue; ids already there are kept as they are."""
+
+    async def load_file(a: QueueAdmin) -> tuple[int, int]:
+        added = skipped = 0
+        with open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin as src:
+            for line in src:
+                if not line.strip():
+                    continue
+                if await a.queue.import_record(_record_from_json(line)):
+                    added += 1
+                else:
+                    skipped += 1
+        return added, skipped
+
+    added, skipped = _with_admin(args, load_file)
+    print(f"{added} message(s) imported, {skipped} already present")
     return 0
 
 
@@ -285,17 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     qr.add_argument("id", nargs="?")
     qr.add_argument("--failed", action="store_true", help="every failed message")
     qr.set_defaults(func=cmd_queue_retry)
-    for name, action, done, help_text in (
-        ("hold", queries.hold, "held", "keep a message from being sent"),
-        ("release", queries.release, "released", "undo hold"),
-        ("delete", queries.delete, "deleted", "remove a message for good"),
+    for name, done, help_text in (
+        ("hold", "held", "keep a message from being sent"),
+        ("release", "released", "undo hold"),
+        ("delete", "deleted", "remove a message for good"),
     ):
         qa = q.add_parser(name, help=help_text)
         qa.add_argument("id")
-        qa.set_defaults(func=_simple(action, done))
+        qa.set_defaults(func=_simple(name, done))
     q.add_parser("flush", help="make every deferred message due now").set_defaults(
         func=cmd_queue_flush
     )
+    q.add_parser(
+        "migrate", help="create or upgrade the queue's database schema (PostgreSQL)"
+    ).set_defaults(func=cmd_queue_migrate)
+    qe = q.add_parser("export", help="write every message (state, body, timeline) as JSON lines")
+    qe.add_argument("file", nargs="?", default="-", help="output file (default: stdout)")
+    qe.set_defaults(func=cmd_queue_export)
+    qi = q.add_parser("import", help="load an export into the configured queue")
+    qi.add_argument("file", nargs="?", default="-", help="input file (default: stdin)")
+    qi.set_defaults(func=cmd_queue_import)
 
     u = sub.add_parser("user", help="SMTP users").add_subparsers(dest="user_command", required=True)
     ua = u.add_parser(

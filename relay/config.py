@@ -209,7 +209,15 @@ TLSVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = "relay.localdomain"
-    queue: str = "var/queue"
+    # A directory (SQLite, one host) or a PostgreSQL DSN (a cluster); env:/file: allowed.
+    queue: Secret = Secret("var/queue")
+    # This relay's name in leases; default the host name. Give each host of a cluster its
+    # own when they may share one (containers).
+    node: str = ""
+    # PostgreSQL: create or upgrade the schema at start (else `relay queue migrate`).
+    auto_migrate: bool = True
+    # PostgreSQL: connections per relay process.
+    queue_pool_size: int = 4
     # Refuse new mail (452 4.3.1) when the queue's file system has less than this free.
     min_free_disk: Size = Size(100 * 1000**2)
     # How long a dispatcher may hold a message before another process may take it.
@@ -221,6 +229,8 @@ class ServerConfig:
     def validate(self) -> None:
         if not 0 <= self.workers <= 64:
             raise ValueError("workers must be between 0 (one per CPU) and 64")
+        if not 1 <= self.queue_pool_size <= 100:
+            raise ValueError("queue_pool_size must be between 1 and 100")
 
     @property
     def worker_count(self) -> int:

@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 # Ids need to be unique, not secret: a per-process PRNG seeded from the OS is enough and
 # is much cheaper than a urandom call per message.
@@ -122,3 +123,36 @@ def split_message(data: bytes) -> tuple[bytes, bytes]:
     no blank line is all header."""
     end = HEADER_END.search(data)
     return (data, b"") if end is None else (data[: end.start()], data[end.end() :])
+
+
+@dataclass(slots=True)
+class NewMessage:
+    """A unit of work on its way into the queue: what a listener, the HTTP API, a bounce
+    or an inbound notification hands to `Queue.insert`."""
+
+    id: str
+    kind: Kind
+    envelope: Envelope
+    data: bytes
+    received_at: float
+    received: dict[str, Any]  # the detail of the `received` event
+    dedupe: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A leased unit of work, with everything a worker needs to process it.
+
+    `partition` is where the engine found it (a SQLite shard); callers hand it back
+    unchanged with the item and never interpret it.
+    """
+
+    id: str
+    kind: Kind
+    envelope: Envelope
+    data: bytes
+    created: float
+    attempts: int
+    meta: dict[str, Any]
+    partition: int = 0

@@ -17,8 +17,9 @@ from aiosmtpd.smtp import SMTP as SinkSMTP
 
 from relay.app import Relay
 from relay.config import Config, parse
+from relay.queue.sqlite.engine import SQLiteQueue
+from relay.queue.sqlite.store import Spool
 from relay.smtp.auth import hash_password
-from relay.spool import queries
 
 # The moto server fixtures (`moto`, `moto_session`) for every test that needs AWS.
 pytest_plugins = ("tests.fakes.moto_server",)
@@ -120,8 +121,14 @@ def outbox(relay: Relay, name: str = "outbox") -> list[bytes]:
     return [p.read_bytes() for p in sorted(path.iterdir(), key=lambda p: p.stat().st_mtime_ns)]
 
 
+def sqlite_spool(relay: Relay) -> Spool:
+    """The SQLite shard a relay writes to, for tests that inject storage faults."""
+    assert isinstance(relay.queue, SQLiteQueue)
+    return relay.queue.spool
+
+
 async def states(relay: Relay) -> dict[str, int]:
-    return await relay.spool.read(queries.counts)
+    return await relay.queue.counts()
 
 
 async def wait_states(relay: Relay, timeout: float = 30.0, **expected: int) -> None:

@@ -12,10 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from relay.dsn import build_dsn, dsn_envelope, should_bounce
-from relay.message import EventType, Kind, new_message_id
-from relay.spool import queries
-from relay.spool.queries import Claimed, NewMessage
-from relay.spool.store import Spool, StoreError
+from relay.message import Claimed, EventType, Kind, NewMessage, new_message_id
+from relay.queue.base import Queue, StoreError
 
 log = logging.getLogger("relay.dispatch")
 
@@ -24,12 +22,12 @@ class BounceSender:
     def __init__(
         self,
         *,
-        spool: Spool,
+        queue: Queue,
         submit: Callable[[NewMessage], Awaitable[None]],
         hostname: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.spool = spool
+        self.queue = queue
         self.submit = submit
         self.hostname = hostname
         self.clock = clock
@@ -64,13 +62,15 @@ class BounceSender:
                 "%s: could not queue the bounce to <%s>: %s", item.id, item.envelope.mail_from, exc
             )
             return
-        await self.spool.write(
-            lambda c: queries.add_event(
-                c,
+        try:
+            await self.queue.add_event(
                 item.id,
-                now,
                 EventType.DSN,
+                now,
                 {"dsn_id": dsn_id, "to": item.envelope.mail_from, "recipients": sorted(failed)},
             )
-        )
+        except StoreError as exc:
+            log.error(
+                "%s: bounce %s queued but not noted on the timeline: %s", item.id, dsn_id, exc
+            )
         log.info("%s: bounce %s queued to <%s>", item.id, dsn_id, item.envelope.mail_from)

@@ -20,10 +20,9 @@ from typing import Any, Protocol
 
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.routing import Router
-from relay.message import EventType
-from relay.spool import queries
-from relay.spool.queries import Claimed
-from relay.spool.store import Spool
+from relay.dispatch.scheduler import record_outcome
+from relay.message import Claimed, EventType
+from relay.queue.base import Queue, Round
 from relay.upstreams.base import (
     Accepted,
     PermanentError,
@@ -49,19 +48,17 @@ class OutboundWorker:
     def __init__(
         self,
         *,
-        spool: Spool,
+        queue: Queue,
         router: Router,
         policy: RetryPolicy,
-        owner: str,
         clock: Callable[[], float] = time.time,
         signer: Signer | None = None,
         bouncer: Bouncer | None = None,
         on_finish: Callable[[], None] | None = None,
     ) -> None:
-        self.spool = spool
+        self.queue = queue
         self.router = router
         self.policy = policy
-        self.owner = owner
         self.clock = clock
         self.signer = signer
         self.bouncer = bouncer
@@ -242,7 +239,7 @@ class OutboundWorker:
                     f"{len(all_rcpts) - len(failed)} of {len(all_rcpts)} "
                     f"recipients delivered; failed: {failure}"
                 )
-        rnd = queries.Round(
+        rnd = Round(
             events=events,
             delivered=delivered,
             failed=failed,
@@ -256,11 +253,7 @@ class OutboundWorker:
             fail_detail={"recipients": failed},
             sent_detail={"deliveries": delivered},
         )
-        await self.spool.write(
-            lambda c: queries.record_round(
-                c, item.id, owner=self.owner, now=now, rounds=rounds, rnd=rnd
-            )
-        )
+        await record_outcome(self.queue, item, now=now, rounds=rounds, rnd=rnd)
         if self.on_finish is not None:
             self.on_finish()
         if pending:

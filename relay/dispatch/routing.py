@@ -13,23 +13,42 @@ UpstreamError) and turns them into a score and a breaker state per upstream.
 - Rate (`max_rate`) and concurrency (`max_concurrency`) limits are waited for, never
   counted as failures, and never spill load to a lower priority: a backup provider is
   for outages, not for overflow. Peers of the same priority do share overflow.
+
+Shared state: with a `RoutingStore` (from the queue), decisions are still made from this
+process's copy, without a round trip per message, but every process reports what it saw
+to the store a few times a second (`sync`, at once after a breaker changes) and adopts
+the merged view: the newest breaker transition wins wherever it happened, a run of
+failures counts across processes, health and counters are the whole relay's. `max_rate`
+is taken from one shared budget per upstream, so 14/s means 14/s for the whole cluster.
+`max_concurrency` stays per process. A half-open breaker lets one probe through per
+process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
+from relay.queue.base import (
+    LATENCY_ALPHA,
+    RoutingStore,
+    StoreError,
+    UpstreamDelta,
+    UpstreamShare,
+    heal,
+)
 from relay.upstreams.base import Upstream, UpstreamError
 
-LATENCY_ALPHA = 0.2  # EWMA weight of the newest latency sample
+log = logging.getLogger("relay.dispatch")
+
+SYNC_INTERVAL = 0.25  # seconds between reports to the shared store while there is news
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,9 @@ class UpstreamState:
     opened_at: float = 0.0
     cooldown: float = 0.0
     probing: bool = False
+    changed_at: float = 0.0  # wall-clock time of the breaker's last transition
+    shared_rate: bool = False  # max_rate is taken from the shared budget
+    delta: UpstreamDelta = field(init=False)
     in_flight: int = 0
     latency_ewma: float | None = None
     attempts: int = 0
@@ -106,14 +128,54 @@ class UpstreamState:
 
     def __post_init__(self) -> None:
         self.cooldown = self.settings.cooldown
+        self.delta = UpstreamDelta(self.name)
 
     def current_health(self) -> float:
         now = self.clock()
-        elapsed = max(0.0, now - self.health_stamp)
-        half_life = self.settings.health_half_life
-        missing = (1.0 - self.health) * math.pow(0.5, elapsed / half_life)
-        self.health, self.health_stamp = 1.0 - missing, now
+        self.health = heal(
+            self.health, self.health_stamp, now=now, half_life=self.settings.health_half_life
+        )
+        self.health_stamp = now
         return self.health
+
+    def set_health(self, health: float) -> None:
+        self.delta.health_change += health - self.health
+        self.health = health
+
+    def set_breaker(self, state: BreakerState) -> None:
+        """A transition made here; reported to the other processes at the next sync."""
+        now = self.clock()
+        self.breaker = state
+        if state is BreakerState.OPEN:
+            self.opened_at = now
+        self.changed_at = now
+        self.delta.breaker = (state.value, self.opened_at, self.cooldown, now)
+
+    def take_delta(self) -> UpstreamDelta:
+        delta, self.delta = self.delta, UpstreamDelta(self.name)
+        return delta
+
+    def adopt(self, row: UpstreamShare, failures_to_open: int) -> bool:
+        """Take the merged view. True when that opened the breaker here."""
+        self.attempts, self.successes = row.attempts, row.successes
+        self.failures, self.ambiguous = row.failures, row.ambiguous
+        self.last_error = row.last_error
+        self.latency_ewma = row.latency_ewma
+        self.health, self.health_stamp = row.health, row.health_stamp
+        if row.changed_at > self.changed_at:
+            self.breaker = BreakerState(row.breaker)
+            self.opened_at, self.cooldown, self.changed_at = (
+                row.opened_at,
+                row.cooldown,
+                row.changed_at,
+            )
+            if self.breaker is BreakerState.CLOSED:
+                self.consecutive_failures = 0
+        elif self.breaker is BreakerState.CLOSED and row.consecutive_failures >= failures_to_open:
+            # Each process saw fewer than failures_to_open, together they saw enough.
+            self.set_breaker(BreakerState.OPEN)
+            return True
+        return False
 
     def usable(self) -> bool:
         """May attempts go here (breaker closed or half-open)? Open until the cool-down
@@ -127,7 +189,9 @@ class UpstreamState:
     def has_capacity(self) -> bool:
         if self.breaker is BreakerState.HALF_OPEN and self.probing:
             return False  # wait for the probe's verdict
-        return self.in_flight < self.max_concurrency and self.limiter.wait_time() == 0.0
+        return self.in_flight < self.max_concurrency and (
+            self.shared_rate or self.limiter.wait_time() == 0.0
+        )
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -152,15 +216,20 @@ class Router:
         self,
         *,
         settings: BreakerSettings | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        store: RoutingStore | None = None,
     ) -> None:
         self.settings = settings or BreakerSettings()
+        # Wall-clock time: breaker and health times are compared across hosts.
         self.clock = clock
         self.rng = rng or random.Random()
+        self.store = store
         self.states: list[UpstreamState] = []
         # Set whenever capacity is given back or a probe ends: waiters re-check.
         self._freed = asyncio.Event()
+        self._news = asyncio.Event()  # a breaker changed here: report it now
+        self._store_failing = False
 
     def add(
         self,
@@ -181,6 +250,7 @@ class Router:
                 clock=self.clock,
                 settings=self.settings,
                 health_stamp=self.clock(),
+                shared_rate=self.store is not None and max_rate > 0,
             )
         )
 
@@ -234,19 +304,34 @@ class Router:
                 return
             chosen = next((s for s in usable if s.has_capacity()), None)
             if chosen is not None:
-                break
+                # Held while the shared budget is asked, so no one else takes them meanwhile.
+                chosen.in_flight += 1
+                probe = chosen.breaker is BreakerState.HALF_OPEN
+                chosen.probing |= probe
+                wait = 1.0
+                try:
+                    wait = await self._rate_wait(chosen)
+                finally:
+                    chosen.in_flight -= 1
+                    if wait > 0 and probe:
+                        chosen.probing = False
+                if wait <= 0:
+                    break
+                self._freed.set()
+                await asyncio.sleep(min(wait, 1.0))  # the budget refills with time
+                continue
             self._freed.clear()
             waits = [
                 s.limiter.wait_time()
                 for s in usable
-                if s.in_flight < s.max_concurrency and not s.probing
+                if s.in_flight < s.max_concurrency and not s.probing and not s.shared_rate
             ]
             timeout = max(min(waits), 0.001) if waits else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._freed.wait(), timeout)
-        chosen.limiter.take()
         chosen.in_flight += 1
         chosen.attempts += 1
+        chosen.delta.attempts += 1
         if chosen.breaker is BreakerState.HALF_OPEN:
             chosen.probing = True
         try:
@@ -256,12 +341,32 @@ class Router:
             chosen.probing = False
             self._freed.set()
 
+    async def _rate_wait(self, s: UpstreamState) -> float:
+        """Take a send from the upstream's rate budget: 0.0 when taken, else the wait."""
+        if not s.shared_rate or self.store is None:
+            s.limiter.take()
+            return 0.0
+        try:
+            return await self.store.take_token(s.name, rate=s.limiter.rate, now=self.clock())
+        except StoreError as exc:
+            # The shared budget is out of reach: this process keeps to the whole rate on
+            # its own until it is back (a cluster may briefly exceed it; nothing is lost).
+            self._warn_store(exc)
+            wait = s.limiter.wait_time()
+            if wait <= 0:
+                s.limiter.take()
+            return wait
+
     def record_success(self, s: UpstreamState, latency: float) -> None:
         s.successes += 1
+        s.delta.successes += 1
+        s.delta.reset_run, s.delta.failure_run = True, 0
         s.consecutive_failures = 0
-        s.health = min(1.0, s.current_health() + 0.1)
-        s.breaker = BreakerState.CLOSED
-        s.cooldown = self.settings.cooldown
+        s.set_health(min(1.0, s.current_health() + 0.1))
+        if s.breaker is not BreakerState.CLOSED:
+            s.cooldown = self.settings.cooldown
+            s.set_breaker(BreakerState.CLOSED)
+            self._news.set()
         self._latency(s, latency)
 
     def record_failure(
@@ -269,15 +374,19 @@ class Router:
     ) -> None:
         """`message_fault`: the message was refused on its merits; the upstream is fine."""
         self._latency(s, latency)
-        s.last_error = error.reason
+        s.last_error = s.delta.last_error = error.reason
         if error.ambiguous:
             s.ambiguous += 1
+            s.delta.ambiguous += 1
         if message_fault:
             s.consecutive_failures = 0
+            s.delta.reset_run, s.delta.failure_run = True, 0
             return
         s.failures += 1
+        s.delta.failures += 1
+        s.delta.failure_run += 1
         s.consecutive_failures += 1
-        s.health = s.current_health() * 0.5
+        s.set_health(s.current_health() * 0.5)
         if (
             error.upstream_wide
             or s.breaker is BreakerState.HALF_OPEN
@@ -285,13 +394,78 @@ class Router:
         ):
             if s.breaker is not BreakerState.CLOSED:
                 s.cooldown = min(s.cooldown * 2, self.settings.cooldown_max)
-            s.breaker = BreakerState.OPEN
-            s.opened_at = self.clock()
+            s.set_breaker(BreakerState.OPEN)
+            self._news.set()
 
     @staticmethod
     def _latency(s: UpstreamState, latency: float) -> None:
+        s.delta.latency_sum += latency
+        s.delta.latency_count += 1
         s.latency_ewma = (
             latency
             if s.latency_ewma is None
             else (LATENCY_ALPHA * latency + (1 - LATENCY_ALPHA) * s.latency_ewma)
         )
+
+    # -- sharing with the other processes ---------------------------------------------------
+
+    async def sync(self) -> None:
+        """Report what this process saw since the last sync; adopt the merged view."""
+        if self.store is None:
+            return
+        deltas = [s.take_delta() for s in self.states]
+        try:
+            rows = await self.store.sync(
+                [d for d in deltas if not d.empty],
+                now=self.clock(),
+                half_life=self.settings.health_half_life,
+            )
+        except StoreError as exc:
+            self._warn_store(exc)
+            for s, d in zip(self.states, deltas, strict=True):
+                _fold_back(s, d)
+            return
+        if self._store_failing:
+            log.info("shared routing state reachable again")
+            self._store_failing = False
+        opened = False
+        for s in self.states:
+            row = rows.get(s.name)
+            if row is not None:
+                opened |= s.adopt(row, self.settings.failures_to_open)
+        if opened:
+            self._news.set()
+        self._freed.set()
+
+    async def sync_forever(self, interval: float = SYNC_INTERVAL) -> None:
+        """Run `sync` every `interval`, and at once after a breaker changes here."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._news.wait(), interval)
+            self._news.clear()
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("sharing routing state failed")
+
+    def _warn_store(self, exc: Exception) -> None:
+        if not self._store_failing:
+            log.warning("shared routing state unavailable, deciding locally: %s", exc)
+            self._store_failing = True
+
+
+def _fold_back(s: UpstreamState, old: UpstreamDelta) -> None:
+    """A report that did not reach the store is merged into the next one."""
+    new = s.delta
+    new.attempts += old.attempts
+    new.successes += old.successes
+    new.failures += old.failures
+    new.ambiguous += old.ambiguous
+    if not new.reset_run:
+        new.reset_run = old.reset_run
+        new.failure_run += old.failure_run
+    new.health_change += old.health_change
+    new.latency_sum += old.latency_sum
+    new.latency_count += old.latency_count
+    new.last_error = new.last_error or old.last_error
+    new.breaker = new.breaker or old.breaker

@@ -1,9 +1,11 @@
 """The loop that leases due work from the queue and runs it with bounded concurrency.
 
 One scheduler per kind of work (outbound messages, inbound notifications); the worker it
-drives decides what an attempt is. It sleeps until the next message is due, or until
-`wake()` is called (a new message was queued in this process), and polls the queue every
-`poll_interval` for changes made by other processes (the CLI's flush, retry, release).
+drives decides what an attempt is. It sleeps until the next message is due, or until the
+queue says work arrived (`Queue.on_work`: this process's inserts and operator actions, and
+on PostgreSQL every host's), and polls every `poll_interval` as a fallback for changes the
+engine can't announce (the CLI on SQLite). A queue that can't be read (database down)
+pauses it; it resumes by itself.
 """
 
 from __future__ import annotations
@@ -14,12 +16,40 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from relay.message import Kind
-from relay.spool import queries
-from relay.spool.queries import Claimed
-from relay.spool.store import Spool, StoreError
+from relay.message import Claimed, Kind
+from relay.queue.base import Queue, Round, StoreError
 
 log = logging.getLogger("relay.dispatch")
+
+
+RECORD_RETRY_MAX = 5.0  # seconds between tries to record an outcome while the queue is down
+
+
+async def record_outcome(
+    queue: Queue, item: Claimed, *, now: float, rounds: int, rnd: Round
+) -> bool:
+    """Record a round's outcome, keeping it and trying again while the queue can't write
+    (disk full, database restarting) instead of dropping it: otherwise the message would
+    wait for its lease to expire, and one already delivered would be sent again.
+    False when the lease was lost meanwhile (the work was recovered elsewhere)."""
+    delay, failing = 0.25, False
+    while True:
+        try:
+            recorded = await queue.record_round(item, now=now, rounds=rounds, rnd=rnd)
+        except StoreError as exc:
+            if not failing:
+                log.error(
+                    "%s: outcome kept in memory, the queue can't record it yet: %s", item.id, exc
+                )
+                failing = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECORD_RETRY_MAX)
+            continue
+        if failing:
+            log.info("%s: outcome recorded now that the queue is back", item.id)
+        if not recorded:
+            log.warning("%s: lease lost before the outcome was recorded; it was retried", item.id)
+        return recorded
 
 
 class Worker(Protocol):
@@ -30,20 +60,18 @@ class Worker(Protocol):
 class Scheduler:
     def __init__(
         self,
-        spool: Spool,
+        queue: Queue,
         worker: Worker,
         *,
         kind: Kind,
-        owner: str,
         concurrency: int,
         lease_time: float,
         poll_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.spool = spool
+        self.queue = queue
         self.worker = worker
         self.kind = kind
-        self.owner = owner
         self.concurrency = concurrency
         self.lease_time = lease_time
         self.poll_interval = poll_interval
@@ -53,21 +81,19 @@ class Scheduler:
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self.idle = asyncio.Event()
+        self._store_failing = False
+        queue.on_work(self._on_work)
 
     def wake(self) -> None:
         self._wake.set()
 
+    def _on_work(self, kind: Kind) -> None:
+        if kind is self.kind:
+            self._wake.set()
+
     async def _claim(self, limit: int) -> list[Claimed]:
-        now = self.clock()
-        return await self.spool.write(
-            lambda c: queries.claim(
-                c,
-                kind=self.kind,
-                owner=self.owner,
-                now=now,
-                lease_time=self.lease_time,
-                limit=limit,
-            )
+        return await self.queue.claim(
+            self.kind, now=self.clock(), lease_time=self.lease_time, limit=limit
         )
 
     def _spawn(self, item: Claimed) -> None:
@@ -112,10 +138,16 @@ class Scheduler:
             self._wake.clear()
             try:
                 items = await self._claim(free)
+                due = None if items else await self.queue.next_due(self.kind)
             except StoreError as exc:
-                log.error("cannot read the queue: %s; retrying", exc)
+                if not self._store_failing:
+                    log.error("%s dispatch paused, the queue is unavailable: %s", self.kind, exc)
+                    self._store_failing = True
                 await self._wait(self.poll_interval, self._wake)
                 continue
+            if self._store_failing:
+                log.info("%s dispatch resumed, the queue is available again", self.kind)
+                self._store_failing = False
             for item in items:
                 self._spawn(item)
             if len(items) == free:
@@ -126,7 +158,6 @@ class Scheduler:
                 # messages at a time, hundreds of times a second.
                 await self._wait(self.poll_interval, self._wake)
                 continue
-            due = await self.spool.read(lambda c: queries.next_due(c, self.kind))
             delay = (
                 self.poll_interval if due is None else min(self.poll_interval, due - self.clock())
             )

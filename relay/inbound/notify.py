@@ -196,3 +196,19 @@ def _s3_event(records: Any) -> list[InboundWork]:
             )
         )
     return work
+
+
+#: What SES publishes to a receipt rule's topic when the rule is created: not mail.
+SES_SETUP_NOTIFICATION = "AMAZON_SES_SETUP_NOTIFICATION"
+
+
+def is_ses_setup_notification(payload: str) -> bool:
+    """Whether `payload` (raw, or wrapped in an SNS envelope) is SES's setup test, which
+    is acknowledged and dropped rather than recorded as an unusable notification."""
+    try:
+        doc = json.loads(payload)
+        if isinstance(doc, dict) and isinstance(doc.get("Message"), str):
+            doc = json.loads(doc["Message"])
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("notificationType") == SES_SETUP_NOTIFICATION

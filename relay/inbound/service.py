@@ -1,6 +1,7 @@
 """Inbound from Amazon SES, wired into one relay process.
 
-`Relay.start()` creates an `InboundService` when the config has `[inbound]`. It owns:
+`Relay.start()` creates an `InboundService` when the config has `[inbound]`, handing it the
+queue and the settings it needs (not the relay). It owns:
 
 - the S3 fetcher, the KMS decryptor and one destination object per route (plus the
   quarantine Maildirs), started once and closed at shutdown;
@@ -18,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
+from relay.config import Config
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.scheduler import Scheduler
 from relay.inbound.decrypt import Decryptor
@@ -31,38 +33,31 @@ from relay.inbound.notify import InboundWork
 from relay.inbound.settings import InboundSettings, parse_inbound
 from relay.inbound.sns import Fetcher, HTTPSFetcher
 from relay.inbound.worker import UNUSABLE_KEY, InboundWorker
-from relay.message import Envelope, Kind, new_message_id
-from relay.spool import queries
-from relay.spool.queries import NewMessage
+from relay.message import Envelope, Kind, NewMessage, new_message_id
+from relay.queue.base import Queue
 
 if TYPE_CHECKING:
-    from relay.app import Relay
     from relay.inbound.sqs import SQSConsumer
 
 log = logging.getLogger("relay.inbound")
-
-#: What SES publishes to a receipt rule's topic when the rule is created: not mail.
-SES_SETUP_NOTIFICATION = "AMAZON_SES_SETUP_NOTIFICATION"
-
-
-def is_ses_setup_notification(payload: str) -> bool:
-    """Whether `payload` (raw, or wrapped in an SNS envelope) is SES's setup test, which
-    is acknowledged and dropped rather than recorded as an unusable notification."""
-    try:
-        doc = json.loads(payload)
-        if isinstance(doc, dict) and isinstance(doc.get("Message"), str):
-            doc = json.loads(doc["Message"])
-    except ValueError:
-        return False
-    return isinstance(doc, dict) and doc.get("notificationType") == SES_SETUP_NOTIFICATION
 
 
 class InboundService:
     """Inbound work for one relay process: see the module docstring."""
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.settings: InboundSettings = parse_inbound(relay.config.inbound, relay.config)
+    def __init__(
+        self,
+        *,
+        config: Config,
+        queue: Queue,
+        clock: Callable[[], float] = time.time,
+        on_finish: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.clock = clock
+        self.on_finish = on_finish
+        self.settings: InboundSettings = parse_inbound(config.inbound, config)
         aws = self.settings.aws
         self.fetcher = S3Fetcher(
             region=aws.region or None,
@@ -93,7 +88,7 @@ class InboundService:
         The consumer runs even without dispatch: like the SMTP listener, it only records
         work durably; what it records waits in the queue for a dispatching process.
         """
-        relay, cfg = self.relay, self.relay.config
+        cfg = self.config
         for route in self.settings.routes:
             dest = create_destination(route.destination, name=route.name, base_dir=cfg.base_dir)
             self.destinations[route.name] = dest
@@ -105,25 +100,23 @@ class InboundService:
             await dest.start()
             self._started.append(dest)
         worker = InboundWorker(
-            spool=relay.spool,
+            queue=self.queue,
             settings=self.settings,
             fetcher=self.fetcher,
             decryptor=self.decryptor,
             destinations=self.destinations,
             quarantines=self.quarantines,
             policy=RetryPolicy(schedule=tuple(cfg.retry.schedule), max_age=cfg.retry.max_age),
-            owner=relay.owner,
-            clock=relay.clock,
-            on_finish=relay.notify_progress,
+            clock=self.clock,
+            on_finish=self.on_finish,
         )
         self.scheduler = Scheduler(
-            relay.spool,
+            self.queue,
             worker,
             kind=Kind.INBOUND,
-            owner=relay.owner,
             concurrency=self.settings.concurrency,
             lease_time=cfg.server.lease_time,
-            clock=relay.clock,
+            clock=self.clock,
         )
         if dispatch:
             self._run_task = asyncio.create_task(self.scheduler.run(), name="inbound-dispatch")
@@ -163,24 +156,16 @@ class InboundService:
         if self.scheduler is not None:
             self.scheduler.wake()
 
-    def add_routes(self, app: web.Application) -> None:
-        """Register POST /inbound/sns (when [inbound.sns] is on) on the relay's web app."""
-        if self.settings.sns is None:
-            return
-        from relay.web.inbound import setup
-
-        setup(app, self, self.settings.sns)
-
     # -- recording work ------------------------------------------------------------------
 
     async def enqueue(self, work: InboundWork, *, via: str, extra: dict[str, Any]) -> bool:
         """Record `work` durably and wake the worker. False: the same stored message was
         already recorded (an SNS retry, an SQS redelivery, or both paths configured).
 
-        Raises relay.spool.store.StoreError (StoreFull) when the queue can't take it: the
+        Raises relay.queue.base.StoreError (StoreFull) when the queue can't take it: the
         caller must then not acknowledge the notification, so AWS delivers it again.
         """
-        now = self.relay.clock()
+        now = self.clock()
         received: dict[str, Any] = {
             "via": via,
             "object": f"s3://{work.bucket}/{work.key}",
@@ -233,7 +218,7 @@ class InboundService:
         """Record an authentic notification the relay can't act on as failed work, so the
         operator sees it in `relay queue list` (a dead letter with its reason) instead of
         it vanishing into a log line or being redelivered by AWS forever."""
-        now = self.relay.clock()
+        now = self.clock()
         message = NewMessage(
             id=new_message_id(now),
             kind=Kind.INBOUND,
@@ -250,9 +235,8 @@ class InboundService:
         return inserted
 
     async def _insert(self, message: NewMessage) -> bool:
-        spool = self.relay.spool
-        spool.check_free_space()
-        inserted: bool = await spool.write(lambda c: queries.insert(c, message))
+        self.queue.check_accepting()
+        inserted = await self.queue.insert(message)
         if inserted:
             self.wake()
         return inserted

@@ -35,9 +35,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from relay.aws import aws_client
-from relay.inbound.notify import NotificationError, parse_notification
-from relay.inbound.service import is_ses_setup_notification
-from relay.spool.store import StoreError
+from relay.inbound.notify import NotificationError, is_ses_setup_notification, parse_notification
+from relay.queue.base import StoreError
 
 if TYPE_CHECKING:
     from relay.inbound.service import InboundService

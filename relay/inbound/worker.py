@@ -31,16 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.dispatch.retry import RetryPolicy
+from relay.dispatch.scheduler import record_outcome
 from relay.inbound.decrypt import DecryptError, Decryptor
 from relay.inbound.deliver import Destination, PartialDelivery
 from relay.inbound.fetch import FetchError, S3Fetcher
 from relay.inbound.notify import InboundWork
 from relay.inbound.parse import ParsedMessage, parse_message
 from relay.inbound.settings import InboundSettings, RouteSettings
-from relay.message import HEADER_END, EventType
-from relay.spool import queries
-from relay.spool.queries import Claimed
-from relay.spool.store import Spool
+from relay.message import HEADER_END, Claimed, EventType
+from relay.queue.base import Queue, Round
 from relay.upstreams.base import PermanentError, TransientError, UpstreamError
 
 log = logging.getLogger("relay.inbound")
@@ -118,18 +117,17 @@ class InboundWorker:
     def __init__(
         self,
         *,
-        spool: Spool,
+        queue: Queue,
         settings: InboundSettings,
         fetcher: S3Fetcher,
         decryptor: Decryptor,
         destinations: Mapping[str, Destination],
         quarantines: Mapping[str, Destination],
         policy: RetryPolicy,
-        owner: str,
         clock: Callable[[], float] = time.time,
         on_finish: Callable[[], None] | None = None,
     ) -> None:
-        self.spool = spool
+        self.queue = queue
         self.settings = settings
         self.fetcher = fetcher
         self.decryptor = decryptor
@@ -137,7 +135,6 @@ class InboundWorker:
         self.destinations = dict(destinations)
         self.quarantines = dict(quarantines)
         self.policy = policy
-        self.owner = owner
         self.clock = clock
         self.on_finish = on_finish
 
@@ -403,7 +400,7 @@ class InboundWorker:
             if rnd.delivered or len(original) > len(all_failed):
                 summary = f"partly delivered; failed: {summary}"
 
-        rnd_record = queries.Round(
+        rnd_record = Round(
             events=rnd.events,
             delivered=rnd.delivered,
             failed=all_failed,
@@ -416,11 +413,7 @@ class InboundWorker:
             fail_detail={"recipients": all_failed} if all_failed else {},
             sent_detail={"outcome": "delivered", "deliveries": rnd.delivered},
         )
-        await self.spool.write(
-            lambda c: queries.record_round(
-                c, item.id, owner=self.owner, now=now, rounds=rounds, rnd=rnd_record
-            )
-        )
+        await record_outcome(self.queue, item, now=now, rounds=rounds, rnd=rnd_record)
         if self.on_finish is not None:
             self.on_finish()
         if retrying:

@@ -16,11 +16,10 @@ from email.utils import formatdate
 from typing import Any
 
 from relay.config import ListenConfig, SMTPConfig
-from relay.message import Envelope, Kind, new_message_id
+from relay.message import Envelope, Kind, NewMessage, new_message_id
+from relay.queue.base import StoreError, StoreFull
 from relay.smtp import replies
 from relay.smtp.auth import Authenticator, sender_allowed
-from relay.spool.queries import NewMessage
-from relay.spool.store import StoreError, StoreFull
 
 log = logging.getLogger("relay.smtp")
 

@@ -1,16 +1,22 @@
 """The relay's HTTP side: one aiohttp application (health now; admin, API, webhooks and
-inbound endpoints are added by their own modules through `create_app`)."""
+inbound endpoints are added by their own modules through `create_app`).
+
+`create_app` receives the parts it serves (a readiness check, the inbound service), never
+the relay object: the web side depends on the stages, not the other way round.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from relay.app import Relay
+    from relay.inbound.service import InboundService
 
-RELAY_KEY: web.AppKey[Relay] = web.AppKey("relay")
+Readiness = Callable[[], Awaitable[list[str]]]
+READINESS_KEY: web.AppKey[Readiness] = web.AppKey("readiness")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -18,18 +24,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    relay = request.app[RELAY_KEY]
-    problems = relay.readiness_problems()
+    problems = await request.app[READINESS_KEY]()
     if problems:
         return web.json_response({"status": "not ready", "problems": problems}, status=503)
     return web.json_response({"status": "ready"})
 
 
-def create_app(relay: Relay) -> web.Application:
+def create_app(*, readiness: Readiness, inbound: InboundService | None = None) -> web.Application:
     app = web.Application()
-    app[RELAY_KEY] = relay
+    app[READINESS_KEY] = readiness
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    if relay.inbound is not None:
-        relay.inbound.add_routes(app)
+    if inbound is not None and inbound.settings.sns is not None:
+        from relay.web.inbound import setup
+
+        setup(app, inbound, inbound.settings.sns)
     return app

@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from relay.inbound.notify import NotificationError, parse_notification
-from relay.inbound.service import is_ses_setup_notification
+from relay.inbound.notify import NotificationError, is_ses_setup_notification, parse_notification
 from relay.inbound.sns import HTTPSFetcher, SNSError, SNSMessage, SNSVerifier
-from relay.spool.store import StoreError, StoreFull
+from relay.queue.base import StoreError, StoreFull
 
 if TYPE_CHECKING:
     from relay.inbound.service import InboundService

@@ -11,7 +11,6 @@ import pytest
 
 from relay.app import Relay
 from relay.message import Envelope
-from relay.spool import queries
 from relay.upstreams.base import PermanentError
 from relay.upstreams.smtp import _rcpt_command
 from tests.conftest import (
@@ -44,8 +43,8 @@ async def send(
 
 
 async def timeline(relay: Relay) -> list[dict[str, object]]:
-    [row] = await relay.spool.read(queries.list_messages)
-    return await relay.spool.read(lambda c: queries.timeline(c, row.id))
+    [row] = await relay.queue.search()
+    return await relay.queue.timeline(row.id)
 
 
 async def test_smarthost_receives_message_byte_for_byte_with_envelope(
@@ -82,12 +81,12 @@ async def test_smarthost_down_defers_then_everything_goes_when_it_is_back(
     for i in range(5):
         await send(relay, make_message(subject=f"m{i}"), [f"r{i}@example.org"])
     await wait_states(relay, deferred=5)
-    rows = await relay.spool.read(queries.list_messages)
+    rows = await relay.queue.search()
     assert all(r.last_error for r in rows), rows
     assert any("cannot connect to 127.0.0.1" in (r.last_error or "") for r in rows)
 
     await sink.start(port)
-    await relay.spool.write(lambda c: queries.flush(c, now=time.time(), actor="test"))
+    await relay.queue.flush(now=time.time(), actor="test")
     assert relay.outbound is not None
     relay.outbound.wake()
     await wait_states(relay, sent=5)
@@ -102,14 +101,14 @@ async def test_permanent_refusal_fails_without_retry_and_says_why(
     relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
     await send(relay, make_message(), ["a@example.org"])
     await wait_states(relay, failed=1)
-    [row] = await relay.spool.read(queries.list_messages)
+    [row] = await relay.queue.search()
     assert row.attempts == 1
     assert "554 5.7.1 Message rejected by content policy" in (row.last_error or "")
     events = await timeline(relay)
     assert [e["type"] for e in events] == ["received", "attempt", "failed"]
     assert events[1]["outcome"] == "permanent"
     # Nothing comes due again: a flush leaves it alone.
-    flushed = await relay.spool.write(lambda c: queries.flush(c, now=time.time(), actor="t"))
+    flushed = await relay.queue.flush(now=time.time(), actor="t")
     assert flushed == []
     assert await states(relay) == {"failed": 1}
 
@@ -124,19 +123,19 @@ async def test_each_recipient_gets_its_own_outcome(
     relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
     await send(relay, make_message(), ["ok@example.org", "gone@example.org", "busy@example.org"])
     await wait_states(relay, deferred=1)
-    [row] = await relay.spool.read(queries.list_messages)
+    [row] = await relay.queue.search()
     assert row.rcpts == ["busy@example.org"]
     assert sink.messages[0].rcpt_tos == ["ok@example.org"]
 
     sink.rcpt_replies = {}
-    await relay.spool.write(lambda c: queries.flush(c, now=time.time(), actor="test"))
+    await relay.queue.flush(now=time.time(), actor="test")
     assert relay.outbound is not None
     relay.outbound.wake()
     # busy@ is delivered on the next round; gone@ stays failed, so the message is failed.
     await wait_states(relay, failed=1)
     await sink.wait_count(2)
     assert sink.messages[1].rcpt_tos == ["busy@example.org"]
-    [row] = await relay.spool.read(queries.list_messages)
+    [row] = await relay.queue.search()
     assert "gone@example.org: smarthost" not in (row.last_error or "")
     assert "2 of 3 recipients delivered" in (row.last_error or ""), row.last_error
     assert "550 5.1.1 No such user" in (row.last_error or "")
@@ -154,7 +153,7 @@ async def test_message_past_max_age_fails_with_the_last_error(
     )
     await send(relay, make_message(), ["a@example.org"])
     await wait_states(relay, failed=1)
-    [row] = await relay.spool.read(queries.list_messages)
+    [row] = await relay.queue.search()
     assert "retry.max_age" in (row.last_error or "")
     assert "cannot connect" in (row.last_error or "")
 
@@ -188,7 +187,7 @@ async def test_refused_sender_fails_and_the_connection_serves_the_next_message(
     relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
     await send(relay, make_message(subject="refused"), ["a@example.org"])
     await wait_states(relay, failed=1)
-    [row] = await relay.spool.read(queries.list_messages)
+    [row] = await relay.queue.search()
     assert "553 5.7.1 Sender address rejected" in (row.last_error or "")
     sink.mail_reply = None
     await send(relay, make_message(subject="next"), ["b@example.org"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import functools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 
 from relay.app import Relay
 from relay.dkim import generate_key
-from relay.spool import queries
 from tests.conftest import RelayFactory, make_message, wait_states
 from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeProvider, FakeSendGrid
 from tests.upstreams.conftest import RICH
@@ -86,8 +84,8 @@ async def send(
 
 
 async def timelines(relay: Relay) -> list[list[dict[str, Any]]]:
-    rows = await relay.spool.read(queries.list_messages)
-    return [await relay.spool.read(functools.partial(queries.timeline, msg_id=r.id)) for r in rows]
+    rows = await relay.queue.search()
+    return [await relay.queue.timeline(r.id) for r in rows]
 
 
 async def test_failover_when_primary_returns_503(
@@ -146,14 +144,14 @@ async def test_all_upstreams_down_defers_then_delivers_everything_once(
     for i in range(6):
         await send(relay, make_message(subject=f"m{i}"))
     await wait_states(relay, deferred=6)
-    rows = await relay.spool.read(queries.list_messages)
+    rows = await relay.queue.search()
     assert all(r.last_error for r in rows)
 
     mailgun.reset()
     sendgrid.reset()
     for name in ("mailgun", "sendgrid"):
         relay.router.state(name).opened_at -= 1.0
-    await relay.spool.write(lambda c: queries.flush(c, now=time.time(), actor="test"))
+    await relay.queue.flush(now=time.time(), actor="test")
     assert relay.outbound is not None
     relay.outbound.wake()
     await wait_states(relay, sent=6)
@@ -179,11 +177,11 @@ async def test_permanent_400_is_not_retried_and_bounces(
     await send(relay, make_message(), sender="app@example.com")
     # The failed message, plus its bounce delivered to the sender.
     await wait_states(relay, failed=1, sent=1)
-    rows = {r.state: r for r in await relay.spool.read(queries.list_messages)}
+    rows = {r.state: r for r in await relay.queue.search()}
     failed, bounce = rows["failed"], rows["sent"]
     assert failed.attempts == 1 and "not a valid address" in (failed.last_error or "")
     assert bounce.mail_from == "" and bounce.meta["rcpts_original"] == ["app@example.com"]
-    events = await relay.spool.read(lambda c: queries.timeline(c, failed.id))
+    events = await relay.queue.timeline(failed.id)
     assert [e["type"] for e in events] == ["received", "attempt", "failed", "dsn"]
     # The bounce went out through routing (mailgun, raw MIME) as a delivery report.
     report = email.message_from_bytes(mailgun.requests[0].body["message"][0])

@@ -37,9 +37,8 @@ from relay.cli import main as cli_main
 from relay.config import ConfigError
 from relay.inbound.deliver import sign_webhook
 from relay.inbound.worker import tag_message
-from relay.spool import queries
-from relay.spool.queries import MessageRow
-from tests.conftest import RelayFactory, SMTPSink, relay_config, wait_states
+from relay.queue.base import MessageRow
+from tests.conftest import RelayFactory, SMTPSink, relay_config, sqlite_spool, wait_states
 from tests.fakes.moto_server import MotoEndpoint
 from tests.fakes.ses_inbound import (
     ACCOUNT,
@@ -140,9 +139,7 @@ class Inbound:
         return self.signer.sign(sns_envelope(json.dumps(notification), **kw))
 
     async def rows(self) -> list[MessageRow]:
-        rows: list[MessageRow] = await self.relay.spool.read(
-            lambda c: queries.list_messages(c, kind="inbound")
-        )
+        rows: list[MessageRow] = await self.relay.queue.search(kind="inbound")
         return rows
 
     async def only(self) -> MessageRow:
@@ -150,16 +147,12 @@ class Inbound:
         return row
 
     async def timeline(self, msg_id: str) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = await self.relay.spool.read(
-            lambda c: queries.timeline(c, msg_id)
-        )
+        events: list[dict[str, Any]] = await self.relay.queue.timeline(msg_id)
         return events
 
     async def flush(self) -> None:
         """`relay queue flush`, then wake the inbound scheduler (no waiting for its poll)."""
-        await self.relay.spool.write(
-            lambda c: queries.flush(c, now=self.relay.clock(), actor="test")
-        )
+        await self.relay.queue.flush(now=self.relay.clock(), actor="test")
         assert self.relay.inbound is not None
         self.relay.inbound.wake()
 
@@ -262,7 +255,7 @@ async def test_work_is_durable_before_the_200(start: Start, tmp_path: Path) -> N
     env = await start([{"recipients": ["*"], "destination": maildir(tmp_path / "box")}])
     status, _ = await env.post(env.signed(env.ses()))
     assert status == 200
-    conn = sqlite3.connect(env.relay.spool.path)
+    conn = sqlite3.connect(sqlite_spool(env.relay).path)
     try:
         (count,) = conn.execute("SELECT COUNT(*) FROM messages WHERE kind='inbound'").fetchone()
     finally:
@@ -410,7 +403,7 @@ async def test_oversized_sns_body_gets_413(start: Start, tmp_path: Path) -> None
 
 async def test_queue_that_cannot_take_the_work_answers_503(start: Start, tmp_path: Path) -> None:
     env = await start([{"recipients": ["*"], "destination": maildir(tmp_path / "box")}])
-    env.relay.spool.min_free_disk = 1 << 62  # no disk is that big: StoreFull
+    sqlite_spool(env.relay).min_free_disk = 1 << 62  # no disk is that big: StoreFull
     status, answer = await env.post(env.signed(env.ses()))
     assert (status, answer["error"]) == (503, "queue_full")  # SNS retries later
     assert await env.rows() == []
@@ -550,7 +543,7 @@ async def test_sqs_message_stays_in_sqs_when_the_local_queue_is_full(
     env = await start(
         [{"recipients": ["*"], "destination": maildir(tmp_path / "box")}], sns=False, sqs=True
     )
-    spool = env.relay.spool
+    spool = sqlite_spool(env.relay)
     spool.min_free_disk = 1 << 62  # no disk is that big: StoreFull
     spool._free_checked_at = 0.0
     assert env.relay.inbound is not None and env.relay.inbound.sqs is not None

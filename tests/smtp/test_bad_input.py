@@ -10,8 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from relay.app import Relay
-from relay.spool import queries
-from tests.conftest import PASSWORD, USER, RelayFactory, make_message, states
+from tests.conftest import PASSWORD, USER, RelayFactory, make_message, sqlite_spool, states
 
 
 class RawSession:
@@ -56,7 +55,9 @@ async def smtp(relay: Relay) -> AsyncIterator[RawSession]:
 async def assert_queue_empty(relay: Relay) -> None:
     assert await states(relay) == {}
     assert (
-        await relay.spool.read(lambda c: c.execute("SELECT COUNT(*) FROM bodies").fetchone()[0])
+        await sqlite_spool(relay).read(
+            lambda c: c.execute("SELECT COUNT(*) FROM bodies").fetchone()[0]
+        )
         == 0
     )
 
@@ -275,8 +276,10 @@ async def test_queue_refuses_when_disk_is_nearly_full(make_relay: RelayFactory) 
 
 async def test_queue_write_error_gives_451_and_no_partial_message(relay: Relay) -> None:
     # SQLite's own "database or disk is full" path: cap the database at its current size.
-    pages = await relay.spool.write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
-    await relay.spool.write(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 1}").fetchone())
+    pages = await sqlite_spool(relay).write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await sqlite_spool(relay).write(
+        lambda c: c.execute(f"PRAGMA max_page_count = {pages + 1}").fetchone()
+    )
     s = await RawSession.open(relay.smtp_ports()[0])
     await s.cmd("EHLO client.test")
     await s.cmd("MAIL FROM:<app@example.com>")
@@ -286,13 +289,15 @@ async def test_queue_write_error_gives_451_and_no_partial_message(relay: Relay) 
     assert reply.startswith("451 4.3.0 Could not store the message"), reply
     await assert_queue_empty(relay)
     # Once storage is back, the same session goes on.
-    await relay.spool.write(lambda c: c.execute("PRAGMA max_page_count = 1073741823").fetchone())
+    await sqlite_spool(relay).write(
+        lambda c: c.execute("PRAGMA max_page_count = 1073741823").fetchone()
+    )
     await s.cmd("MAIL FROM:<app@example.com>")
     await s.cmd("RCPT TO:<a@example.org>")
     await s.cmd("DATA")
     assert (await s.cmd(make_message() + b".\r\n")).startswith("250 2.0.0 Ok: queued as")
     await s.close()
-    rows = await relay.spool.read(queries.list_messages)
+    rows = await relay.queue.search()
     assert len(rows) == 1
 
 
@@ -301,7 +306,7 @@ async def test_null_sender_is_accepted(smtp: RawSession, relay: Relay) -> None:
     await smtp.cmd("RCPT TO:<a@example.org>")
     await smtp.cmd("DATA")
     assert (await smtp.cmd(make_message() + b".\r\n")).startswith("250 2.0.0")
-    [row] = await relay.spool.read(queries.list_messages)
+    [row] = await relay.queue.search()
     assert row.mail_from == ""
 
 
@@ -319,8 +324,8 @@ async def test_control_characters_in_helo_stay_out_of_the_received_header(
         assert (await session.cmd(make_message() + b".\r\n")).startswith("250 2.0.0")
     finally:
         await session.close()
-    [row] = await relay.spool.read(queries.list_messages)
-    stored = await relay.spool.read(lambda c: queries.body(c, row.id))
+    [row] = await relay.queue.search()
+    stored = await relay.queue.body(row.id)
     assert stored is not None
     assert stored.startswith(b"Received: from evil?host?name ([127.0.0.1])\r\n")
     lf = stored.count(b"\n")

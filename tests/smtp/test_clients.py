@@ -14,7 +14,6 @@ import aiosmtplib
 import pytest
 
 from relay.app import Relay
-from relay.spool import queries
 from tests.conftest import (
     PASSWORD,
     USER,
@@ -155,8 +154,8 @@ async def test_message_lands_in_maildir_byte_for_byte(
     [delivered] = outbox(relay3)
     assert strip_received(delivered) == data
 
-    [row] = await relay3.spool.read(lambda c: queries.list_messages(c))
-    timeline = await relay3.spool.read(lambda c: queries.timeline(c, row.id))
+    [row] = await relay3.queue.search()
+    timeline = await relay3.queue.timeline(row.id)
     received = timeline[0]
     assert received["type"] == "received"
     assert received["tls"] is (mode != PLAIN)

@@ -1,9 +1,11 @@
 """Queue operations as plain functions of a sqlite3 connection.
 
-The server runs them through `Spool.write`/`Spool.read` (group-committed, off the event
-loop); the CLI runs the same functions in its own transactions while the server is up.
 Every state change writes its timeline event in the same transaction, so the timeline can
 never disagree with the state.
+
+The SQLite engine (`relay.queue.sqlite.engine`) runs them through `Spool.write`/`Spool.read`
+(group-committed, off the event loop), and its operator actions run the same functions in
+their own transactions on any shard. Nothing outside `relay.queue.sqlite` calls them.
 
 Leases: a dispatcher claims a message by setting state=sending, lease_owner and
 lease_until. Completing it checks the owner, so an operator's hold/delete or a recovery by
@@ -15,58 +17,10 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from relay.message import Envelope, EventType, Kind, Status
-
-
-@dataclass(slots=True)
-class NewMessage:
-    id: str
-    kind: Kind
-    envelope: Envelope
-    data: bytes
-    received_at: float
-    received: dict[str, Any]  # the detail of the `received` event
-    dedupe: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Claimed:
-    """A leased unit of work, with everything a worker needs to process it."""
-
-    id: str
-    kind: Kind
-    envelope: Envelope
-    data: bytes
-    created: float
-    attempts: int
-    meta: dict[str, Any]
-
-
-@dataclass(slots=True)
-class MessageRow:
-    id: str
-    kind: str
-    state: str
-    mail_from: str
-    rcpts: list[str]
-    size: int
-    created: float
-    updated: float
-    next_attempt: float
-    attempts: int
-    last_error: str | None
-    meta: dict[str, Any]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-
-class QueueActionError(ValueError):
-    """An operator action that does not apply (unknown id, wrong state): said plainly."""
+from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status
+from relay.queue.base import MessageRow, QueueActionError, Round
 
 
 def _event(
@@ -118,7 +72,14 @@ def insert(conn: sqlite3.Connection, msg: NewMessage) -> bool:
 
 
 def claim(
-    conn: sqlite3.Connection, *, kind: Kind, owner: str, now: float, lease_time: float, limit: int
+    conn: sqlite3.Connection,
+    *,
+    kind: Kind,
+    owner: str,
+    now: float,
+    lease_time: float,
+    limit: int,
+    partition: int = 0,
 ) -> list[Claimed]:
     """Lease up to `limit` due messages of one kind, oldest due first."""
     rows = conn.execute(
@@ -141,7 +102,16 @@ def claim(
             queue_id=msg_id,
         )
         claimed.append(
-            Claimed(msg_id, kind, env, bytes(body[0]) if body else b"", created, attempts, meta)
+            Claimed(
+                msg_id,
+                kind,
+                env,
+                bytes(body[0]) if body else b"",
+                created,
+                attempts,
+                meta,
+                partition,
+            )
         )
     return claimed
 
@@ -277,27 +247,6 @@ def recover(
         )
         recovered.append(msg_id)
     return recovered
-
-
-@dataclass(slots=True)
-class Round:
-    """What one delivery round did to a leased unit of work, for `record_round`."""
-
-    events: list[tuple[EventType, float, dict[str, Any]]]
-    delivered: list[dict[str, Any]]
-    # Recipients refused for good, this round and earlier ones (kept in meta.rcpts_failed).
-    failed: dict[str, str]
-    new_failures: bool
-    # Retry: the recipients still to do (or the whole item) and when.
-    retry: bool
-    pending: tuple[str, ...] = ()
-    next_attempt: float = 0.0
-    reason: str = ""
-    # Set when the item failed for good: what the operator reads.
-    failure: str | None = None
-    defer_detail: dict[str, Any] = field(default_factory=dict)
-    fail_detail: dict[str, Any] = field(default_factory=dict)
-    sent_detail: dict[str, Any] = field(default_factory=dict)
 
 
 def record_round(
@@ -523,3 +472,60 @@ def flush(conn: sqlite3.Connection, *, now: float, actor: str) -> list[str]:
         conn.execute("UPDATE messages SET next_attempt = ? WHERE id = ?", (now, msg_id))
         _event(conn, msg_id, now, EventType.FLUSHED, {"by": actor})
     return ids
+
+
+# -- moving a queue between engines ----------------------------------------------------------
+
+
+def export_rows(conn: sqlite3.Connection, *, after: str, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` messages with ids after `after`, each with its body and timeline
+    (the record format of `Queue.export`)."""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS}, dedupe FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+        (after, limit),
+    ).fetchall()
+    return [
+        {
+            **_row(r).as_dict(),
+            "dedupe": r[12],
+            "body": body(conn, r[0]),
+            "events": timeline(conn, r[0]),
+        }
+        for r in rows
+    ]
+
+
+def import_row(conn: sqlite3.Connection, rec: dict[str, Any]) -> bool:
+    """Store an export record as it was; a lease it had is dropped (the work is due)."""
+    state = Status.QUEUED.value if rec["state"] == Status.SENDING else rec["state"]
+    cur = conn.execute(
+        "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
+        " next_attempt, attempts, last_error, dedupe, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT DO NOTHING",
+        (
+            rec["id"],
+            rec["kind"],
+            state,
+            rec["mail_from"],
+            json.dumps(rec["rcpts"]),
+            rec["size"],
+            rec["created"],
+            rec["updated"],
+            rec["next_attempt"],
+            rec["attempts"],
+            rec["last_error"],
+            rec["dedupe"],
+            json.dumps(rec["meta"]),
+        ),
+    )
+    if cur.rowcount == 0:
+        return False
+    if rec["body"] is not None:
+        conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (rec["id"], rec["body"]))
+    for ev in rec["events"]:
+        detail = {k: v for k, v in ev.items() if k not in ("at", "type")}
+        conn.execute(
+            "INSERT INTO events (msg_id, at, type, detail) VALUES (?, ?, ?, ?)",
+            (rec["id"], ev["at"], ev["type"], json.dumps(detail, separators=(",", ":"))),
+        )
+    return True

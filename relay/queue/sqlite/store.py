@@ -7,8 +7,7 @@ moment and commits them as one transaction (group commit), so twenty concurrent 
 sessions share one fsync instead of paying twenty. `synchronous=FULL` makes every commit
 durable before its futures resolve: "250 queued" is only sent after that.
 
-SQLite also gives the CLI (`relay queue ...`) safe concurrent access while the server runs,
-and the same table layout carries over to PostgreSQL for a cluster later.
+SQLite also gives the CLI (`relay queue ...`) safe concurrent access while the server runs.
 """
 
 from __future__ import annotations
@@ -25,7 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-log = logging.getLogger("relay.spool")
+from relay.queue.base import StoreError, StoreFull
+
+log = logging.getLogger("relay.queue")
 
 T = TypeVar("T")
 
@@ -67,14 +68,6 @@ CREATE INDEX IF NOT EXISTS events_msg ON events (msg_id, seq);
 
 # A batch this large already amortises the fsync; bigger ones only add latency.
 MAX_BATCH = 512
-
-
-class StoreError(Exception):
-    """The queue could not make a write durable (I/O error, disk full, corruption)."""
-
-
-class StoreFull(StoreError):
-    """The queue's file system is below `server.min_free_disk`: refuse new mail for now."""
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:

@@ -1,0 +1,373 @@
+"""The storage seam: what the relay asks of its queue, whichever engine keeps it.
+
+Callers (the SMTP listener, dispatch, inbound, the CLI, the web side) see only `Queue`
+and the storage-neutral types here and in `relay.message`. Each engine keeps the same
+invariants; `relay.queue`'s docstring lists them.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.message import Claimed, EventType, Kind, NewMessage
+
+
+class StoreError(Exception):
+    """The queue could not make a write durable (I/O error, disk full, database down)."""
+
+
+class StoreFull(StoreError):
+    """The queue's file system is below `server.min_free_disk`: refuse new mail for now."""
+
+
+class QueueActionError(ValueError):
+    """An operator action that does not apply (unknown id, wrong state): said plainly."""
+
+
+@dataclass(slots=True)
+class MessageRow:
+    """One message as the operator surface shows it (no body)."""
+
+    id: str
+    kind: str
+    state: str
+    mail_from: str
+    rcpts: list[str]
+    size: int
+    created: float
+    updated: float
+    next_attempt: float
+    attempts: int
+    last_error: str | None
+    meta: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+TimelineEvent = tuple[EventType, float, dict[str, Any]]
+
+
+@dataclass(slots=True)
+class Round:
+    """What one delivery round did to a leased unit of work, for `record_round`."""
+
+    events: list[TimelineEvent]
+    delivered: list[dict[str, Any]]
+    # Recipients refused for good, this round and earlier ones (kept in meta.rcpts_failed).
+    failed: dict[str, str]
+    new_failures: bool
+    # Retry: the recipients still to do (or the whole item) and when.
+    retry: bool
+    pending: tuple[str, ...] = ()
+    next_attempt: float = 0.0
+    reason: str = ""
+    # Set when the item failed for good: what the operator reads.
+    failure: str | None = None
+    defer_detail: dict[str, Any] = field(default_factory=dict)
+    fail_detail: dict[str, Any] = field(default_factory=dict)
+    sent_detail: dict[str, Any] = field(default_factory=dict)
+
+
+# -- routing state shared by every process (and host) ---------------------------------------
+
+
+@dataclass(slots=True)
+class UpstreamShare:
+    """One upstream's routing state as every process sees it.
+
+    Times are wall-clock seconds (they cross hosts). `changed_at` orders breaker
+    transitions: the newest one wins, wherever it happened.
+    """
+
+    name: str
+    breaker: str = "closed"
+    opened_at: float = 0.0
+    cooldown: float = 0.0
+    changed_at: float = 0.0
+    consecutive_failures: int = 0
+    health: float = 1.0
+    health_stamp: float = 0.0
+    latency_ewma: float | None = None
+    attempts: int = 0
+    successes: int = 0
+    failures: int = 0
+    ambiguous: int = 0
+    last_error: str | None = None
+
+
+@dataclass(slots=True)
+class UpstreamDelta:
+    """What one process saw of an upstream since its previous sync."""
+
+    name: str
+    attempts: int = 0
+    successes: int = 0
+    failures: int = 0
+    ambiguous: int = 0
+    # A success in this batch ends the shared run of failures; `failure_run` is the run
+    # of failures at the end of the batch (after its last success, if any).
+    reset_run: bool = False
+    failure_run: int = 0
+    health_change: float = 0.0
+    latency_sum: float = 0.0
+    latency_count: int = 0
+    last_error: str | None = None
+    # A breaker transition made here: (state, opened_at, cooldown, changed_at).
+    breaker: tuple[str, float, float, float] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.attempts or self.breaker or self.latency_count or self.health_change)
+
+
+LATENCY_ALPHA = 0.2  # EWMA weight of the newest latency sample
+
+
+def merge_share(
+    row: UpstreamShare, delta: UpstreamDelta, *, now: float, half_life: float
+) -> UpstreamShare:
+    """The rule every engine applies when a process reports a delta: counters add, the
+    newer breaker transition wins, health moves by the reported change after healing."""
+    row.attempts += delta.attempts
+    row.successes += delta.successes
+    row.failures += delta.failures
+    row.ambiguous += delta.ambiguous
+    if delta.reset_run:
+        row.consecutive_failures = delta.failure_run
+    else:
+        row.consecutive_failures += delta.failure_run
+    if delta.last_error is not None:
+        row.last_error = delta.last_error
+    if delta.latency_count:
+        mean = delta.latency_sum / delta.latency_count
+        row.latency_ewma = (
+            mean
+            if row.latency_ewma is None
+            else LATENCY_ALPHA * mean + (1 - LATENCY_ALPHA) * row.latency_ewma
+        )
+    healed = heal(row.health, row.health_stamp, now=now, half_life=half_life)
+    row.health = min(1.0, max(0.01, healed + delta.health_change))
+    row.health_stamp = now
+    if delta.breaker is not None and delta.breaker[3] > row.changed_at:
+        row.breaker, row.opened_at, row.cooldown, row.changed_at = delta.breaker
+        if row.breaker == "closed":
+            row.consecutive_failures = 0
+    return row
+
+
+def heal(health: float, stamp: float, *, now: float, half_life: float) -> float:
+    """Health recovers by itself: the missing part halves every `half_life` seconds."""
+    elapsed = max(0.0, now - stamp)
+    factor: float = 0.5 ** (elapsed / max(half_life, 0.001))
+    return 1.0 - (1.0 - health) * factor
+
+
+SHARE_COLUMNS = (
+    "name, breaker, opened_at, cooldown, changed_at, consecutive_failures, health,"
+    " health_stamp, latency_ewma, attempts, successes, failures, ambiguous, last_error"
+)
+
+
+def share_values(row: UpstreamShare) -> tuple[object, ...]:
+    return (
+        row.name,
+        row.breaker,
+        row.opened_at,
+        row.cooldown,
+        row.changed_at,
+        row.consecutive_failures,
+        row.health,
+        row.health_stamp,
+        row.latency_ewma,
+        row.attempts,
+        row.successes,
+        row.failures,
+        row.ambiguous,
+        row.last_error,
+    )
+
+
+def bucket_take(tokens: float, stamp: float, *, rate: float, now: float) -> tuple[float, float]:
+    """(tokens left, wait): a token bucket of one second's burst. wait 0.0 = one taken."""
+    burst = max(rate, 1.0)
+    tokens = min(burst, tokens + max(0.0, now - stamp) * rate)
+    if tokens >= 1.0:
+        return tokens - 1.0, 0.0
+    return tokens, (1.0 - tokens) / rate
+
+
+class RoutingStore(abc.ABC):
+    """Breakers, health and rate budgets where every process and host reads them."""
+
+    @abc.abstractmethod
+    async def sync(
+        self, deltas: list[UpstreamDelta], *, now: float, half_life: float
+    ) -> dict[str, UpstreamShare]:
+        """Apply this process's deltas (`merge_share`) and return every upstream's row."""
+
+    @abc.abstractmethod
+    async def take_token(self, name: str, *, rate: float, now: float) -> float:
+        """Take one send from `name`'s shared budget of `rate` per second (burst: one
+        second's worth). 0.0 when taken; otherwise how long to wait before asking again."""
+
+
+# -- the queue --------------------------------------------------------------------------------
+
+WorkListener = Callable[[Kind], None]
+
+
+class Queue(abc.ABC):
+    """The relay's one durable queue: outbound messages and inbound notifications.
+
+    `owner` names this process in leases (host:pid:start time). Every method that changes
+    state writes its timeline event in the same transaction.
+    """
+
+    owner: str
+    #: A short name for logs and /readyz ("sqlite:var/queue", "postgresql://host/db").
+    describe: str
+
+    def __init__(self) -> None:
+        self._listeners: list[WorkListener] = []
+
+    # -- lifecycle
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the store for operator use only (the CLI): no dispatching, no schema
+        changes. Reading, operator actions, export and import work after this."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open the store to serve: create or check its schema, start writers and the
+        work announcements."""
+
+    @abc.abstractmethod
+    async def check(self) -> str:
+        """Can the relay use this store as it is? A line for `relay check-config`, or
+        StoreError saying what is wrong and what to run."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> str:
+        """Create or upgrade the schema; says what it did."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def check_accepting(self) -> None:
+        """Raise StoreFull/StoreError at once when new work cannot be made durable now
+        (disk nearly full, database known to be down), before a client sends a body."""
+
+    @abc.abstractmethod
+    async def problems(self) -> list[str]:
+        """What keeps this queue from taking work right now (for /readyz); [] when ready."""
+
+    # -- work arriving
+
+    def on_work(self, listener: WorkListener) -> None:
+        """Call `listener(kind)` when work of that kind may have become due: inserted or
+        made due by an operator in this process, and, where the engine can tell, in any
+        other process or host."""
+        self._listeners.append(listener)
+
+    def _work_arrived(self, kind: Kind) -> None:
+        for listener in self._listeners:
+            listener(kind)
+
+    # -- the delivery path
+
+    @abc.abstractmethod
+    async def insert(self, msg: NewMessage) -> bool:
+        """Store a new message and its `received` event durably before returning.
+        False when `msg.dedupe` was recorded before (nothing is written)."""
+
+    @abc.abstractmethod
+    async def claim(
+        self, kind: Kind, *, now: float, lease_time: float, limit: int
+    ) -> list[Claimed]:
+        """Lease up to `limit` due units of work of `kind`, oldest due first."""
+
+    @abc.abstractmethod
+    async def record_round(self, item: Claimed, *, now: float, rounds: int, rnd: Round) -> bool:
+        """The round's events and the item's new state, in one transaction. False when the
+        lease was lost meanwhile (recovered elsewhere, or an operator acted): nothing written."""
+
+    @abc.abstractmethod
+    async def add_event(
+        self, msg_id: str, type_: EventType, at: float, detail: dict[str, Any]
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def recover(self, *, now: float, alive: Callable[[str], bool]) -> list[str]:
+        """Make work leased by dead processes due again (expired lease, or `alive(owner)`
+        false). Returns the ids."""
+
+    @abc.abstractmethod
+    async def next_due(self, kind: Kind) -> float | None: ...
+
+    @abc.abstractmethod
+    async def purge_history(self, *, older_than: float) -> int:
+        """Forget sent messages (and their timelines) finished before `older_than`."""
+
+    # -- reading, for the operator surface
+
+    @abc.abstractmethod
+    async def get(self, msg_id: str) -> MessageRow | None: ...
+
+    @abc.abstractmethod
+    async def timeline(self, msg_id: str) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def body(self, msg_id: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def search(
+        self, *, state: str | None = None, kind: str | None = None, limit: int = 1000
+    ) -> list[MessageRow]:
+        """Messages in id (arrival) order."""
+
+    @abc.abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """Messages per state, over the whole queue."""
+
+    # -- operator actions (postsuper / postqueue equivalents); `relay.queue.admin` wraps them
+
+    @abc.abstractmethod
+    async def hold(self, msg_id: str, *, now: float, actor: str) -> None: ...
+
+    @abc.abstractmethod
+    async def release(self, msg_id: str, *, now: float, actor: str) -> None: ...
+
+    @abc.abstractmethod
+    async def retry(self, msg_id: str, *, now: float, actor: str) -> None: ...
+
+    @abc.abstractmethod
+    async def retry_failed(self, *, now: float, actor: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def delete(self, msg_id: str, *, actor: str) -> None: ...
+
+    @abc.abstractmethod
+    async def flush(self, *, now: float, actor: str) -> list[str]: ...
+
+    # -- shared routing state
+
+    @property
+    @abc.abstractmethod
+    def routing(self) -> RoutingStore: ...
+
+    # -- moving a queue between engines
+
+    @abc.abstractmethod
+    def export(self) -> AsyncIterator[dict[str, Any]]:
+        """Every message with its state, body and timeline, as JSON-ready records."""
+
+    @abc.abstractmethod
+    async def import_record(self, record: dict[str, Any]) -> bool:
+        """Store one record of `export` as it was (state, lease cleared). False when a
+        message with that id is already here."""

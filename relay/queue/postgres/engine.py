@@ -1,0 +1,736 @@
+"""The PostgreSQL engine: one queue for a cluster of relay hosts.
+
+- Durability: every write is a transaction committed with `synchronous_commit = on`.
+  Concurrent inserts are grouped (`_InsertBatcher`) into shared transactions, as the
+  SQLite writer does, so twenty sessions share one WAL flush.
+- Bodies live in the database (bytea): any host can send any message.
+- Claiming: `FOR UPDATE SKIP LOCKED`, so hosts never wait for each other's rows; the lease
+  names the owner (node:pid:start) and its expiry; any host recovers an expired lease.
+- Wake-ups: inserts and operator actions `NOTIFY relay_work, '<kind>'` in their
+  transaction; every process LISTENs and wakes its dispatcher. Polling stays as fallback.
+- An unreachable database raises StoreError everywhere: SMTP answers 451, HTTP 503,
+  dispatch pauses and resumes by itself; the pool reconnects when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status
+from relay.queue.base import MessageRow, Queue, QueueActionError, Round, RoutingStore, StoreError
+from relay.queue.postgres import schema
+from relay.queue.postgres.routing import PostgresRouting
+
+log = logging.getLogger("relay.queue")
+
+T = TypeVar("T")
+CHANNEL = "relay_work"
+MAX_BATCH = 512
+_COLUMNS = (
+    "id, kind, state, mail_from, rcpts, size, created, updated, next_attempt,"
+    " attempts, last_error, meta"
+)
+# Errors that mean "the database can't be reached or used right now", not a bug of ours.
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.DiskFullError,
+    asyncpg.InsufficientResourcesError,
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _row(r: asyncpg.Record) -> MessageRow:
+    return MessageRow(
+        r["id"],
+        r["kind"],
+        r["state"],
+        r["mail_from"],
+        json.loads(r["rcpts"]),
+        r["size"],
+        r["created"],
+        r["updated"],
+        r["next_attempt"],
+        r["attempts"],
+        r["last_error"],
+        json.loads(r["meta"]),
+    )
+
+
+def _redact(dsn: str) -> str:
+    """The DSN without its password, for logs and /readyz."""
+    scheme, sep, rest = dsn.partition("://")
+    if "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        rest = f"{creds.split(':', 1)[0]}@{host}"
+    return f"{scheme}{sep}{rest}"
+
+
+class PostgresQueue(Queue):
+    def __init__(
+        self, dsn: str, *, owner: str, pool_size: int = 4, auto_migrate: bool = True
+    ) -> None:
+        super().__init__()
+        self.dsn = dsn
+        self.owner = owner
+        self.describe = _redact(dsn)
+        self.pool_size = pool_size
+        self.auto_migrate = auto_migrate
+        self._pool: asyncpg.Pool | None = None
+        self._batcher: _InsertBatcher | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._routing = PostgresRouting(self._transaction)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def _open(self, *, min_size: int) -> asyncpg.Pool:
+        if self._pool is None:
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self.dsn,
+                    min_size=min_size,
+                    max_size=self.pool_size,
+                    command_timeout=30,
+                    timeout=10,
+                    server_settings={"synchronous_commit": "on", "application_name": "relay"},
+                )
+            except _UNAVAILABLE as exc:
+                raise StoreError(f"cannot reach PostgreSQL at {self.describe}: {exc}") from None
+            except asyncpg.PostgresError as exc:
+                raise StoreError(f"PostgreSQL at {self.describe} refused: {exc}") from None
+        return self._pool
+
+    async def connect(self) -> None:
+        await self._open(min_size=0)
+
+    async def start(self) -> None:
+        await self._open(min_size=1)
+        if self.auto_migrate:
+            said = await self.migrate()
+            log.info("%s", said)
+        else:
+            await self.check()
+        self._batcher = _InsertBatcher(self)
+        self._listen_task = asyncio.create_task(self._listen(), name="queue-listen")
+
+    async def close(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            await asyncio.gather(self._listen_task, return_exceptions=True)
+            self._listen_task = None
+        if self._batcher is not None:
+            await self._batcher.close()
+            self._batcher = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 5)
+            self._pool = None
+
+    async def check(self) -> str:
+        version = await self._with_conn(schema.require_current)
+        return f"{self.describe} (schema version {version})"
+
+    async def migrate(self) -> str:
+        applied = await self._with_conn(schema.migrate)
+        if not applied:
+            return f"{self.describe}: queue schema is current (version {schema.LATEST})"
+        return f"{self.describe}: queue schema migrated to version {applied[-1]}"
+
+    def check_accepting(self) -> None:
+        """Nothing to know ahead: an unreachable database fails the insert itself (451)."""
+
+    async def problems(self) -> list[str]:
+        try:
+            await asyncio.wait_for(self._with_conn(lambda c: c.fetchval("SELECT 1")), 3)
+        except (StoreError, TimeoutError) as exc:
+            return [f"the queue database is unavailable: {exc or 'timed out'}"]
+        return []
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own; reconnect when the database comes back."""
+        delay = 0.5
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=10)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, self._notified)
+                delay = 0.5
+                # Work that arrived while nobody listened is found by the pollers; wake
+                # them now rather than at their next poll.
+                for kind in Kind:
+                    self._work_arrived(kind)
+                while not lost.is_set() and not conn.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 5)
+                    if not lost.is_set():
+                        await conn.execute("SELECT 1")  # notices a dead peer
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("queue listener: %s", exc)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            self._work_arrived(Kind(payload))
+
+    # -- running statements ----------------------------------------------------------------
+
+    async def _with_conn(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        pool = await self._open(min_size=0)
+        try:
+            async with pool.acquire() as conn:
+                return await fn(conn)
+        except _UNAVAILABLE as exc:
+            raise StoreError(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from None
+        except asyncpg.PostgresError as exc:
+            log.error("queue statement failed: %s: %s", type(exc).__name__, exc)
+            raise StoreError(f"queue write failed: {exc}") from None
+
+    async def _transaction(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        async def run(conn: asyncpg.Connection) -> T:
+            async with conn.transaction():
+                return await fn(conn)
+
+        return await self._with_conn(run)
+
+    # -- the delivery path ---------------------------------------------------------------
+
+    async def insert(self, msg: NewMessage) -> bool:
+        if self._batcher is None:
+            return (await self._transaction(lambda c: _insert_batch(c, [msg])))[0]
+        inserted = await self._batcher.submit(msg)
+        if inserted:
+            self._work_arrived(msg.kind)  # no need to wait for our own NOTIFY
+        return inserted
+
+    async def claim(
+        self, kind: Kind, *, now: float, lease_time: float, limit: int
+    ) -> list[Claimed]:
+        rows = await self._with_conn(
+            lambda c: c.fetch(
+                "WITH due AS (SELECT id FROM messages WHERE kind = $1"
+                " AND state IN ('queued', 'deferred') AND next_attempt <= $2"
+                " ORDER BY next_attempt LIMIT $3 FOR UPDATE SKIP LOCKED)"
+                " UPDATE messages m SET state = 'sending', lease_owner = $4, lease_until = $5"
+                " FROM due WHERE m.id = due.id"
+                " RETURNING m.id, m.mail_from, m.rcpts, m.created, m.attempts, m.meta,"
+                " (SELECT data FROM bodies b WHERE b.id = m.id) AS data",
+                kind.value,
+                now,
+                limit,
+                self.owner,
+                now + lease_time,
+            )
+        )
+        claimed = []
+        for r in sorted(rows, key=lambda r: r["id"]):
+            meta = json.loads(r["meta"])
+            env = Envelope(
+                r["mail_from"],
+                tuple(json.loads(r["rcpts"])),
+                smtputf8=bool(meta.get("smtputf8")),
+                body_8bit=bool(meta.get("8bit")),
+                crlf_only=bool(meta.get("crlf")),
+                queue_id=r["id"],
+            )
+            claimed.append(
+                Claimed(r["id"], kind, env, r["data"] or b"", r["created"], r["attempts"], meta)
+            )
+        return claimed
+
+    async def record_round(self, item: Claimed, *, now: float, rounds: int, rnd: Round) -> bool:
+        async def run(conn: asyncpg.Connection) -> bool:
+            events = list(rnd.events)
+            meta_patch: dict[str, Any] = {}
+            if rnd.new_failures:
+                meta_patch["rcpts_failed"] = rnd.failed
+            if rnd.delivered and (rnd.retry or rnd.failure):
+                events.append((EventType.NOTE, now, {"partial": True, "delivered": rnd.delivered}))
+            if rnd.retry:
+                sets = "state = 'deferred', rcpts = $4::jsonb, next_attempt = $5, last_error = $6"
+                params: tuple[Any, ...] = (_dumps(list(rnd.pending)), rnd.next_attempt, rnd.reason)
+                detail = {"reason": rnd.reason, "next_attempt": rnd.next_attempt}
+                events.append((EventType.DEFERRED, now, {**detail, **rnd.defer_detail}))
+            elif rnd.failure is not None:
+                sets = "state = 'failed', last_error = $4"
+                params = (rnd.failure,)
+                events.append((EventType.FAILED, now, {"reason": rnd.failure, **rnd.fail_detail}))
+            else:
+                sets = "state = 'sent', rcpts = '[]', last_error = NULL"
+                params = ()
+                events.append((EventType.SENT, now, rnd.sent_detail))
+            n = len(params) + 4
+            updated = await conn.fetchval(
+                f"UPDATE messages SET {sets}, updated = $2, attempts = $3,"
+                f" meta = meta || ${n}::jsonb, lease_owner = NULL, lease_until = NULL"
+                f" WHERE id = $1 AND state = 'sending' AND lease_owner = ${n + 1} RETURNING 1",
+                item.id,
+                now,
+                rounds,
+                *params,
+                _dumps(meta_patch),
+                self.owner,
+            )
+            if updated is None:
+                return False
+            if not rnd.retry and rnd.failure is None:
+                await conn.execute("DELETE FROM bodies WHERE id = $1", item.id)
+            await _add_events(conn, [(item.id, t, at, d) for t, at, d in events])
+            return True
+
+        return await self._transaction(run)
+
+    async def add_event(
+        self, msg_id: str, type_: EventType, at: float, detail: dict[str, Any]
+    ) -> None:
+        await self._with_conn(lambda c: _add_events(c, [(msg_id, type_, at, detail)]))
+
+    async def recover(self, *, now: float, alive: Callable[[str], bool]) -> list[str]:
+        async def run(conn: asyncpg.Connection) -> list[str]:
+            owners = [
+                r["lease_owner"]
+                for r in await conn.fetch(
+                    "SELECT DISTINCT lease_owner FROM messages WHERE state = 'sending'"
+                )
+            ]
+            dead = [o for o in owners if o and not alive(o)]
+            rows = await conn.fetch(
+                "UPDATE messages SET state = 'queued', next_attempt = $1, updated = $1,"
+                " lease_owner = NULL, lease_until = NULL"
+                " WHERE id IN (SELECT id FROM messages WHERE state = 'sending'"
+                " AND (lease_until <= $1 OR lease_owner = ANY($2::text[]))"
+                " FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, kind",
+                now,
+                dead,
+            )
+            await _add_events(
+                conn,
+                [
+                    (
+                        r["id"],
+                        EventType.RECOVERED,
+                        now,
+                        {"reason": "the lease was abandoned (process stopped or crashed)"},
+                    )
+                    for r in rows
+                ],
+            )
+            for kind in {r["kind"] for r in rows}:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, kind)
+            return [r["id"] for r in rows]
+
+        return await self._transaction(run)
+
+    async def next_due(self, kind: Kind) -> float | None:
+        due: float | None = await self._with_conn(
+            lambda c: c.fetchval(
+                "SELECT min(next_attempt) FROM messages"
+                " WHERE kind = $1 AND state IN ('queued', 'deferred')",
+                kind.value,
+            )
+        )
+        return due
+
+    async def purge_history(self, *, older_than: float) -> int:
+        async def run(conn: asyncpg.Connection) -> int:
+            ids = [
+                r["id"]
+                for r in await conn.fetch(
+                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+                    " WHERE state = 'sent' AND updated < $1 LIMIT 5000) RETURNING id",
+                    older_than,
+                )
+            ]
+            if ids:
+                await conn.execute("DELETE FROM events WHERE msg_id = ANY($1::text[])", ids)
+                await conn.execute("DELETE FROM bodies WHERE id = ANY($1::text[])", ids)
+            return len(ids)
+
+        return await self._transaction(run)
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def get(self, msg_id: str) -> MessageRow | None:
+        r = await self._with_conn(
+            lambda c: c.fetchrow(f"SELECT {_COLUMNS} FROM messages WHERE id = $1", msg_id)
+        )
+        return _row(r) if r else None
+
+    async def timeline(self, msg_id: str) -> list[dict[str, Any]]:
+        return await self._with_conn(lambda c: _timeline(c, msg_id))
+
+    async def body(self, msg_id: str) -> bytes | None:
+        data: bytes | None = await self._with_conn(
+            lambda c: c.fetchval("SELECT data FROM bodies WHERE id = $1", msg_id)
+        )
+        return data
+
+    async def search(
+        self, *, state: str | None = None, kind: str | None = None, limit: int = 1000
+    ) -> list[MessageRow]:
+        rows = await self._with_conn(
+            lambda c: c.fetch(
+                f"SELECT {_COLUMNS} FROM messages WHERE ($1::text IS NULL OR state = $1)"
+                " AND ($2::text IS NULL OR kind = $2) ORDER BY id LIMIT $3",
+                state,
+                kind,
+                limit,
+            )
+        )
+        return [_row(r) for r in rows]
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._with_conn(
+            lambda c: c.fetch("SELECT state, count(*) AS n FROM messages GROUP BY state")
+        )
+        return {r["state"]: r["n"] for r in rows}
+
+    # -- operator actions --------------------------------------------------------------------
+
+    async def _act(
+        self, msg_id: str, fn: Callable[[asyncpg.Connection, MessageRow], Awaitable[None]]
+    ) -> None:
+        async def run(conn: asyncpg.Connection) -> None:
+            r = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM messages WHERE id = $1 FOR UPDATE", msg_id
+            )
+            if r is None:
+                raise QueueActionError(f"no message {msg_id} in the queue")
+            row = _row(r)
+            if row.state == Status.SENDING:
+                raise QueueActionError(
+                    f"message {msg_id} is being delivered right now; try again once the"
+                    " attempt ends"
+                )
+            await fn(conn, row)
+
+        await self._transaction(run)
+
+    async def hold(self, msg_id: str, *, now: float, actor: str) -> None:
+        async def run(conn: asyncpg.Connection, row: MessageRow) -> None:
+            if row.state not in (Status.QUEUED, Status.DEFERRED):
+                raise QueueActionError(
+                    f"message {msg_id} is {row.state}; only queued or deferred messages can be held"
+                )
+            await conn.execute(
+                "UPDATE messages SET state = 'held', updated = $2,"
+                " meta = meta || jsonb_build_object('held_from', state) WHERE id = $1",
+                msg_id,
+                now,
+            )
+            await _add_events(conn, [(msg_id, EventType.HELD, now, {"by": actor})])
+
+        await self._act(msg_id, run)
+
+    async def release(self, msg_id: str, *, now: float, actor: str) -> None:
+        async def run(conn: asyncpg.Connection, row: MessageRow) -> None:
+            if row.state != Status.HELD:
+                raise QueueActionError(f"message {msg_id} is {row.state}, not held")
+            await conn.execute(
+                "UPDATE messages SET state = 'queued', next_attempt = $2, updated = $2"
+                " WHERE id = $1",
+                msg_id,
+                now,
+            )
+            await _add_events(conn, [(msg_id, EventType.RELEASED, now, {"by": actor})])
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, row.kind)
+
+        await self._act(msg_id, run)
+
+    async def retry(self, msg_id: str, *, now: float, actor: str) -> None:
+        await self._act(msg_id, lambda c, row: _retry(c, row, now=now, actor=actor))
+
+    async def retry_failed(self, *, now: float, actor: str) -> list[str]:
+        async def run(conn: asyncpg.Connection) -> list[str]:
+            done = []
+            for r in await conn.fetch(
+                f"SELECT {_COLUMNS} FROM messages WHERE state = 'failed' FOR UPDATE"
+            ):
+                async with conn.transaction():  # a savepoint: one refusal skips one message
+                    try:
+                        await _retry(conn, _row(r), now=now, actor=actor)
+                    except QueueActionError:
+                        continue
+                done.append(r["id"])
+            return done
+
+        return await self._transaction(run)
+
+    async def delete(self, msg_id: str, *, actor: str) -> None:
+        async def run(conn: asyncpg.Connection, row: MessageRow) -> None:
+            await conn.execute("DELETE FROM bodies WHERE id = $1", msg_id)
+            await conn.execute("DELETE FROM events WHERE msg_id = $1", msg_id)
+            await conn.execute("DELETE FROM messages WHERE id = $1", msg_id)
+
+        await self._act(msg_id, run)
+
+    async def flush(self, *, now: float, actor: str) -> list[str]:
+        async def run(conn: asyncpg.Connection) -> list[str]:
+            rows = await conn.fetch(
+                "UPDATE messages SET next_attempt = $1 WHERE state = 'deferred'"
+                " AND next_attempt > $1 RETURNING id, kind",
+                now,
+            )
+            await _add_events(
+                conn, [(r["id"], EventType.FLUSHED, now, {"by": actor}) for r in rows]
+            )
+            for kind in {r["kind"] for r in rows}:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, kind)
+            return [r["id"] for r in rows]
+
+        return await self._transaction(run)
+
+    @property
+    def routing(self) -> RoutingStore:
+        return self._routing
+
+    # -- export / import -------------------------------------------------------------------
+
+    async def export(self) -> AsyncIterator[dict[str, Any]]:
+        after = ""
+        while True:
+            batch = await self._with_conn(functools.partial(_export_batch, after=after))
+            if not batch:
+                return
+            for record in batch:
+                yield record
+            after = batch[-1]["id"]
+
+    async def import_record(self, record: dict[str, Any]) -> bool:
+        return await self._transaction(lambda c: _import(c, record))
+
+
+# -- statements shared by the methods above ---------------------------------------------------
+
+
+async def _add_events(
+    conn: asyncpg.Connection, events: list[tuple[str, EventType, float, dict[str, Any]]]
+) -> None:
+    if events:
+        await conn.execute(
+            "INSERT INTO events (msg_id, type, at, detail)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[])",
+            [e[0] for e in events],
+            [e[1].value for e in events],
+            [e[2] for e in events],
+            [_dumps(e[3]) for e in events],
+        )
+
+
+async def _timeline(conn: asyncpg.Connection, msg_id: str) -> list[dict[str, Any]]:
+    return [
+        {"at": r["at"], "type": r["type"], **json.loads(r["detail"])}
+        for r in await conn.fetch(
+            "SELECT at, type, detail FROM events WHERE msg_id = $1 ORDER BY seq", msg_id
+        )
+    ]
+
+
+async def _retry(conn: asyncpg.Connection, row: MessageRow, *, now: float, actor: str) -> None:
+    """Make a failed, held or deferred message due now (postsuper -r)."""
+    if row.state == Status.SENT:
+        raise QueueActionError(f"message {row.id} was already sent; nothing to retry")
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM bodies WHERE id = $1)", row.id):
+        raise QueueActionError(f"message {row.id} has no stored body left to send")
+    rcpts = row.rcpts
+    if row.state == Status.FAILED:
+        # Only the recipients that failed: the others already have their copy. A failed
+        # message starts a new max_age window, as if it had just arrived.
+        rcpts = list(row.meta.get("rcpts_failed") or {}) or rcpts or row.meta["rcpts_original"]
+    await conn.execute(
+        "UPDATE messages SET state = 'queued', next_attempt = $2, updated = $2,"
+        " rcpts = $3::jsonb, created = CASE WHEN state = 'failed' THEN $2 ELSE created END,"
+        " meta = meta - 'rcpts_failed' WHERE id = $1",
+        row.id,
+        now,
+        _dumps(rcpts),
+    )
+    await _add_events(
+        conn, [(row.id, EventType.RETRY, now, {"by": actor, "from_state": row.state})]
+    )
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, row.kind)
+
+
+def _meta_for(msg: NewMessage) -> dict[str, Any]:
+    env = msg.envelope
+    meta = dict(msg.meta)
+    meta["rcpts_original"] = list(env.rcpt_tos)
+    if env.smtputf8:
+        meta["smtputf8"] = True
+    if env.body_8bit:
+        meta["8bit"] = True
+    if env.crlf_only:
+        meta["crlf"] = True
+    return meta
+
+
+async def _insert_batch(conn: asyncpg.Connection, msgs: list[NewMessage]) -> list[bool]:
+    """Insert many messages in the caller's transaction; per message: inserted or a dedupe
+    duplicate."""
+    inserted = {
+        r["id"]
+        for r in await conn.fetch(
+            "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
+            " next_attempt, dedupe, meta)"
+            " SELECT i, k, 'queued', f, r::jsonb, s, t, t, t, d, m::jsonb FROM unnest("
+            "$1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[],"
+            " $7::text[], $8::text[]) AS u(i, k, f, r, s, t, d, m)"
+            " ON CONFLICT DO NOTHING RETURNING id",
+            [m.id for m in msgs],
+            [m.kind.value for m in msgs],
+            [m.envelope.mail_from for m in msgs],
+            [_dumps(list(m.envelope.rcpt_tos)) for m in msgs],
+            [len(m.data) for m in msgs],
+            [m.received_at for m in msgs],
+            [m.dedupe for m in msgs],
+            [_dumps(_meta_for(m)) for m in msgs],
+        )
+    }
+    new = [m for m in msgs if m.id in inserted]
+    if new:
+        await conn.execute(
+            "INSERT INTO bodies (id, data) SELECT * FROM unnest($1::text[], $2::bytea[])",
+            [m.id for m in new],
+            [m.data for m in new],
+        )
+        await _add_events(
+            conn, [(m.id, EventType.RECEIVED, m.received_at, m.received) for m in new]
+        )
+        for kind in {m.kind.value for m in new}:
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, kind)
+    return [m.id in inserted for m in msgs]
+
+
+async def _export_batch(conn: asyncpg.Connection, *, after: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS}, dedupe FROM messages WHERE id > $1 ORDER BY id LIMIT 200", after
+    )
+    out = []
+    for r in rows:
+        out.append(
+            {
+                **_row(r).as_dict(),
+                "dedupe": r["dedupe"],
+                "body": await conn.fetchval("SELECT data FROM bodies WHERE id = $1", r["id"]),
+                "events": await _timeline(conn, r["id"]),
+            }
+        )
+    return out
+
+
+async def _import(conn: asyncpg.Connection, rec: dict[str, Any]) -> bool:
+    state = Status.QUEUED.value if rec["state"] == Status.SENDING else rec["state"]
+    added = await conn.fetchval(
+        "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
+        " next_attempt, attempts, last_error, dedupe, meta)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)"
+        " ON CONFLICT DO NOTHING RETURNING 1",
+        rec["id"],
+        rec["kind"],
+        state,
+        rec["mail_from"],
+        _dumps(rec["rcpts"]),
+        rec["size"],
+        rec["created"],
+        rec["updated"],
+        rec["next_attempt"],
+        rec["attempts"],
+        rec["last_error"],
+        rec["dedupe"],
+        _dumps(rec["meta"]),
+    )
+    if added is None:
+        return False
+    if rec["body"] is not None:
+        await conn.execute("INSERT INTO bodies (id, data) VALUES ($1, $2)", rec["id"], rec["body"])
+    events = [
+        (
+            rec["id"],
+            EventType(ev["type"]),
+            ev["at"],
+            {k: v for k, v in ev.items() if k not in ("at", "type")},
+        )
+        for ev in rec["events"]
+    ]
+    await _add_events(conn, events)
+    return True
+
+
+class _InsertBatcher:
+    """Group commit: inserts waiting at the same moment share one transaction (and one WAL
+    flush). Two batches may be in flight at once, so a commit's round trip does not idle
+    the next batch."""
+
+    def __init__(self, queue: PostgresQueue, *, lanes: int = 2) -> None:
+        self.queue = queue
+        self._waiting: asyncio.Queue[tuple[NewMessage, asyncio.Future[bool]]] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._lane(), name="queue-insert") for _ in range(lanes)]
+
+    async def submit(self, msg: NewMessage) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self._waiting.put((msg, future))
+        return await future
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while not self._waiting.empty():
+            _msg, future = self._waiting.get_nowait()
+            if not future.done():
+                future.set_exception(StoreError("the queue is closing"))
+
+    async def _lane(self) -> None:
+        while True:
+            batch = [await self._waiting.get()]
+            while len(batch) < MAX_BATCH and not self._waiting.empty():
+                batch.append(self._waiting.get_nowait())
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[NewMessage, asyncio.Future[bool]]]) -> None:
+        msgs = [m for m, _ in batch]
+        try:
+            results = await self.queue._transaction(lambda c: _insert_batch(c, msgs))
+        except StoreError as exc:
+            if len(batch) > 1 and "unavailable" not in str(exc):
+                # One message the database refused (bad data) must not fail the others.
+                for item in batch:
+                    await self._commit([item])
+                return
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except asyncio.CancelledError:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreError("the queue is closing"))
+            raise
+        for (_, future), ok in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(ok)

@@ -1,0 +1,123 @@
+"""The PostgreSQL queue's schema, versioned: the relay creates and upgrades it itself.
+
+Each entry of MIGRATIONS takes the schema from the previous version to its own; they run
+in one transaction under an advisory lock, so hosts starting together migrate once.
+Times are epoch seconds (double precision), as in the SQLite engine, so export and import
+carry them over unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from relay.queue.base import StoreError
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE messages (
+            id           text PRIMARY KEY,
+            kind         text NOT NULL,
+            state        text NOT NULL,
+            mail_from    text NOT NULL,
+            rcpts        jsonb NOT NULL,
+            size         bigint NOT NULL,
+            created      double precision NOT NULL,
+            updated      double precision NOT NULL,
+            next_attempt double precision NOT NULL,
+            attempts     integer NOT NULL DEFAULT 0,
+            lease_owner  text,
+            lease_until  double precision,
+            last_error   text,
+            dedupe       text,
+            meta         jsonb NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX messages_due ON messages (kind, next_attempt)
+            WHERE state IN ('queued', 'deferred');
+        CREATE INDEX messages_state ON messages (state, updated);
+        CREATE INDEX messages_leased ON messages (lease_until) WHERE state = 'sending';
+        CREATE UNIQUE INDEX messages_dedupe ON messages (dedupe) WHERE dedupe IS NOT NULL;
+        CREATE TABLE bodies (
+            id   text PRIMARY KEY,
+            data bytea NOT NULL
+        );
+        CREATE TABLE events (
+            seq    bigserial PRIMARY KEY,
+            msg_id text NOT NULL,
+            at     double precision NOT NULL,
+            type   text NOT NULL,
+            detail text NOT NULL
+        );
+        CREATE INDEX events_msg ON events (msg_id, seq);
+        CREATE TABLE upstream_state (
+            name text PRIMARY KEY, breaker text NOT NULL, opened_at double precision NOT NULL,
+            cooldown double precision NOT NULL, changed_at double precision NOT NULL,
+            consecutive_failures integer NOT NULL, health double precision NOT NULL,
+            health_stamp double precision NOT NULL, latency_ewma double precision,
+            attempts bigint NOT NULL, successes bigint NOT NULL, failures bigint NOT NULL,
+            ambiguous bigint NOT NULL, last_error text
+        );
+        CREATE TABLE rate_budget (
+            name text PRIMARY KEY, tokens double precision NOT NULL,
+            stamp double precision NOT NULL
+        );
+        """,
+    ),
+]
+
+LATEST = MIGRATIONS[-1][0]
+# Any constant will do; it only keeps two hosts from migrating at the same moment.
+MIGRATION_LOCK = 0x72656C6179
+
+
+async def current_version(conn: asyncpg.Connection) -> int | None:
+    """The schema's version, or None when the relay's tables were never created."""
+    exists = await conn.fetchval("SELECT to_regclass('relay_schema') IS NOT NULL")
+    if not exists:
+        return None
+    version: int | None = await conn.fetchval("SELECT max(version) FROM relay_schema")
+    return version
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply what is missing; the versions applied (none when current)."""
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS relay_schema"
+            " (version integer PRIMARY KEY, applied double precision NOT NULL)"
+        )
+        version = await current_version(conn) or 0
+        for number, sql in MIGRATIONS:
+            if number > version:
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO relay_schema (version, applied)"
+                    " VALUES ($1, extract(epoch from now()))",
+                    number,
+                )
+                applied.append(number)
+    return applied
+
+
+async def require_current(conn: asyncpg.Connection) -> int:
+    """The version, or StoreError saying what to run."""
+    version = await current_version(conn)
+    if version is None:
+        raise StoreError(
+            "the queue's tables do not exist in this database: run `relay queue migrate`"
+            " or set server.auto_migrate = true"
+        )
+    if version < LATEST:
+        raise StoreError(
+            f"the queue's schema is version {version}, this relay needs {LATEST}:"
+            " run `relay queue migrate` (or set server.auto_migrate = true)"
+        )
+    if version > LATEST:
+        raise StoreError(
+            f"the queue's schema is version {version}, newer than this relay knows ({LATEST}):"
+            " upgrade the relay"
+        )
+    return version

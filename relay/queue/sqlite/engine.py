@@ -1,0 +1,282 @@
+"""The SQLite engine: one host, one shard per worker process.
+
+With `server.workers = N`, worker i owns shard i (`queue.db` for 0, `queue-i.db` for the
+others): its own writer thread and group commit, so no two processes wait for the same
+write lock. Worker 0 also drains shards that no worker owns any more (after `workers` was
+lowered). Everything an operator does (search, hold, retry, ...) works on every shard,
+through its own short transactions, whether or not a server runs: SQLite's locking keeps
+them safe beside the workers' writers. Shard file names are known here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.message import Claimed, EventType, Kind, NewMessage
+from relay.queue.base import MessageRow, Queue, QueueActionError, Round, RoutingStore
+from relay.queue.sqlite import queries
+from relay.queue.sqlite.routing import SQLiteRouting
+from relay.queue.sqlite.store import Spool, connect, shard_of, shard_paths, transaction
+
+T = TypeVar("T")
+
+
+class SQLiteQueue(Queue):
+    def __init__(
+        self,
+        queue_dir: Path,
+        *,
+        owner: str,
+        shard: int = 0,
+        workers: int = 1,
+        min_free_disk: int = 0,
+    ) -> None:
+        super().__init__()
+        self.queue_dir = queue_dir
+        self.owner = owner
+        self.describe = f"sqlite:{queue_dir}"
+        self.shard = shard
+        self.workers = workers
+        # The shard this process writes new work to (also what tests use to inject faults).
+        self.spool = Spool(queue_dir, shard=shard, min_free_disk=min_free_disk)
+        self._spools: dict[int, Spool] = {shard: self.spool}
+        self._routing = SQLiteRouting(queue_dir / "routing.db")
+        self._direct: dict[Path, tuple[sqlite3.Connection, threading.Lock]] = {}
+        self._direct_lock = threading.Lock()
+        self._serving = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Nothing to open ahead: each operator action opens the shard it needs."""
+
+    async def check(self) -> str:
+        shards = shard_paths(self.queue_dir)
+        if not shards:
+            return f"{self.queue_dir} (no queue yet; created at the first start)"
+        return f"{self.queue_dir} ({len(shards)} shard(s))"
+
+    async def migrate(self) -> str:
+        return f"{self.queue_dir}: SQLite queues create their tables when they open; nothing to do"
+
+    async def start(self) -> None:
+        """Open this process's shard (and, for shard 0, the orphaned ones) for serving."""
+        if self.shard == 0:
+            for path in shard_paths(self.queue_dir):
+                n = shard_of(path)
+                if n >= self.workers and n not in self._spools:
+                    self._spools[n] = Spool(self.queue_dir, shard=n)
+        for spool in self._spools.values():
+            spool.start()
+        self._serving = True
+
+    async def close(self) -> None:
+        if self._serving:
+            for spool in self._spools.values():
+                await spool.close()
+            self._serving = False
+        with self._direct_lock:
+            for conn, _lock in self._direct.values():
+                conn.close()
+            self._direct.clear()
+        self._routing.close()
+
+    def check_accepting(self) -> None:
+        self.spool.check_free_space()
+
+    async def problems(self) -> list[str]:
+        try:
+            self.spool.check_free_space()
+        except Exception as exc:
+            return [str(exc)]
+        return []
+
+    # -- the delivery path (this process's shards) ----------------------------------------
+
+    async def insert(self, msg: NewMessage) -> bool:
+        inserted = await self.spool.write(lambda c: queries.insert(c, msg))
+        if inserted:
+            self._work_arrived(msg.kind)
+        return inserted
+
+    async def claim(
+        self, kind: Kind, *, now: float, lease_time: float, limit: int
+    ) -> list[Claimed]:
+        claimed: list[Claimed] = []
+        for n, spool in self._spools.items():
+            want = limit - len(claimed)
+            if want <= 0:
+                break
+            claimed += await spool.write(
+                functools.partial(
+                    queries.claim,
+                    kind=kind,
+                    owner=self.owner,
+                    now=now,
+                    lease_time=lease_time,
+                    limit=want,
+                    partition=n,
+                )
+            )
+        return claimed
+
+    async def record_round(self, item: Claimed, *, now: float, rounds: int, rnd: Round) -> bool:
+        spool = self._spools[item.partition]
+        return await spool.write(
+            lambda c: queries.record_round(
+                c, item.id, owner=self.owner, now=now, rounds=rounds, rnd=rnd
+            )
+        )
+
+    async def add_event(
+        self, msg_id: str, type_: EventType, at: float, detail: dict[str, Any]
+    ) -> None:
+        await self._on_message(msg_id, lambda c: queries.add_event(c, msg_id, at, type_, detail))
+
+    async def recover(self, *, now: float, alive: Callable[[str], bool]) -> list[str]:
+        recovered: list[str] = []
+        for spool in self._spools.values():
+            recovered += await spool.write(lambda c: queries.recover(c, now=now, alive=alive))
+        return recovered
+
+    async def next_due(self, kind: Kind) -> float | None:
+        dues = [await s.read(lambda c: queries.next_due(c, kind)) for s in self._spools.values()]
+        known = [d for d in dues if d is not None]
+        return min(known) if known else None
+
+    async def purge_history(self, *, older_than: float) -> int:
+        purged = 0
+        for spool in self._spools.values():
+            purged += await spool.write(lambda c: queries.purge_history(c, older_than=older_than))
+        return purged
+
+    # -- every shard, for the operator -------------------------------------------------
+
+    def _connection(self, path: Path) -> tuple[sqlite3.Connection, threading.Lock]:
+        with self._direct_lock:
+            if path not in self._direct:
+                self._direct[path] = (connect(path), threading.Lock())
+            return self._direct[path]
+
+    async def _on_shard(
+        self, path: Path, fn: Callable[[sqlite3.Connection], T], *, write: bool = True
+    ) -> T:
+        def run() -> T:
+            conn, lock = self._connection(path)
+            with lock:
+                return transaction(conn, fn) if write else fn(conn)
+
+        return await asyncio.to_thread(run)
+
+    async def _each_shard(
+        self, fn: Callable[[sqlite3.Connection], list[T]], *, write: bool = True
+    ) -> list[T]:
+        out: list[T] = []
+        for path in shard_paths(self.queue_dir):
+            out += await self._on_shard(path, fn, write=write)
+        return out
+
+    async def _on_message(self, msg_id: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn on the shard that holds the message."""
+        for path in shard_paths(self.queue_dir):
+            if await self._on_shard(
+                path, lambda c: queries.get(c, msg_id) is not None, write=False
+            ):
+                return await self._on_shard(path, fn)
+        raise QueueActionError(f"no message {msg_id} in the queue")
+
+    async def get(self, msg_id: str) -> MessageRow | None:
+        found = await self._each_shard(
+            lambda c: [r] if (r := queries.get(c, msg_id)) else [], write=False
+        )
+        return found[0] if found else None
+
+    async def timeline(self, msg_id: str) -> list[dict[str, Any]]:
+        return await self._each_shard(lambda c: queries.timeline(c, msg_id), write=False)
+
+    async def body(self, msg_id: str) -> bytes | None:
+        found = await self._each_shard(
+            lambda c: [b] if (b := queries.body(c, msg_id)) else [], write=False
+        )
+        return found[0] if found else None
+
+    async def search(
+        self, *, state: str | None = None, kind: str | None = None, limit: int = 1000
+    ) -> list[MessageRow]:
+        rows = await self._each_shard(
+            lambda c: queries.list_messages(c, state=state, kind=kind, limit=limit), write=False
+        )
+        return sorted(rows, key=lambda r: r.id)[:limit]
+
+    async def counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for per_shard in await self._each_shard(lambda c: [queries.counts(c)], write=False):
+            for state, n in per_shard.items():
+                total[state] = total.get(state, 0) + n
+        return total
+
+    async def _made_due(self, msg_id: str) -> None:
+        row = await self.get(msg_id)
+        if row is not None:
+            self._work_arrived(Kind(row.kind))
+
+    async def hold(self, msg_id: str, *, now: float, actor: str) -> None:
+        await self._on_message(msg_id, lambda c: queries.hold(c, msg_id, now=now, actor=actor))
+
+    async def release(self, msg_id: str, *, now: float, actor: str) -> None:
+        await self._on_message(msg_id, lambda c: queries.release(c, msg_id, now=now, actor=actor))
+        await self._made_due(msg_id)
+
+    async def retry(self, msg_id: str, *, now: float, actor: str) -> None:
+        await self._on_message(msg_id, lambda c: queries.retry(c, msg_id, now=now, actor=actor))
+        await self._made_due(msg_id)
+
+    async def retry_failed(self, *, now: float, actor: str) -> list[str]:
+        ids = await self._each_shard(lambda c: queries.retry_failed(c, now=now, actor=actor))
+        if ids:
+            self._wake_all()
+        return ids
+
+    async def delete(self, msg_id: str, *, actor: str) -> None:
+        await self._on_message(msg_id, lambda c: queries.delete(c, msg_id, actor=actor))
+
+    async def flush(self, *, now: float, actor: str) -> list[str]:
+        ids = await self._each_shard(lambda c: queries.flush(c, now=now, actor=actor))
+        if ids:
+            self._wake_all()
+        return ids
+
+    def _wake_all(self) -> None:
+        for kind in Kind:
+            self._work_arrived(kind)
+
+    @property
+    def routing(self) -> RoutingStore:
+        return self._routing
+
+    # -- export / import ------------------------------------------------------------------
+
+    async def export(self) -> AsyncIterator[dict[str, Any]]:
+        for path in shard_paths(self.queue_dir):
+            after = ""
+            while True:
+                batch = await self._on_shard(
+                    path,
+                    functools.partial(queries.export_rows, after=after, limit=200),
+                    write=False,
+                )
+                if not batch:
+                    break
+                for record in batch:
+                    yield record
+                after = batch[-1]["id"]
+
+    async def import_record(self, record: dict[str, Any]) -> bool:
+        path = self.spool.path
+        return await self._on_shard(path, lambda c: queries.import_row(c, record))

@@ -1,0 +1,115 @@
+"""Shared routing state for the relay processes of one host: `routing.db` beside the shards.
+
+Every worker process reads and writes the same small database, so a breaker opened by one
+worker is open for all and `max_rate` is one budget for the host. It holds nothing that
+must survive a crash (a lost breaker state heals by itself), so commits skip the fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from relay.queue.base import (
+    SHARE_COLUMNS,
+    RoutingStore,
+    UpstreamDelta,
+    UpstreamShare,
+    bucket_take,
+    merge_share,
+    share_values,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS upstream_state (
+    name TEXT PRIMARY KEY, breaker TEXT NOT NULL, opened_at REAL NOT NULL,
+    cooldown REAL NOT NULL, changed_at REAL NOT NULL, consecutive_failures INTEGER NOT NULL,
+    health REAL NOT NULL, health_stamp REAL NOT NULL, latency_ewma REAL,
+    attempts INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL,
+    ambiguous INTEGER NOT NULL, last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS rate_budget (
+    name TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL
+);
+"""
+
+
+class SQLiteRouting(RoutingStore):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = OFF")
+            conn.executescript(SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            with self._lock:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
+
+        return await asyncio.to_thread(run)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    async def sync(
+        self, deltas: list[UpstreamDelta], *, now: float, half_life: float
+    ) -> dict[str, UpstreamShare]:
+        def run(conn: sqlite3.Connection) -> dict[str, UpstreamShare]:
+            rows = {
+                r[0]: UpstreamShare(*r)
+                for r in conn.execute(f"SELECT {SHARE_COLUMNS} FROM upstream_state")
+            }
+            for delta in deltas:
+                row = rows.get(delta.name) or UpstreamShare(delta.name, health_stamp=now)
+                rows[delta.name] = merge_share(row, delta, now=now, half_life=half_life)
+                conn.execute(
+                    f"INSERT OR REPLACE INTO upstream_state ({SHARE_COLUMNS})"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    share_values(rows[delta.name]),
+                )
+            return rows
+
+        return await self._run(run)
+
+    async def take_token(self, name: str, *, rate: float, now: float) -> float:
+        def run(conn: sqlite3.Connection) -> float:
+            row = conn.execute(
+                "SELECT tokens, stamp FROM rate_budget WHERE name = ?", (name,)
+            ).fetchone()
+            tokens, stamp = row if row else (max(rate, 1.0), now)
+            tokens, wait = bucket_take(tokens, stamp, rate=rate, now=now)
+            conn.execute(
+                "INSERT OR REPLACE INTO rate_budget (name, tokens, stamp) VALUES (?, ?, ?)",
+                (name, tokens, now),
+            )
+            return wait
+
+        return await self._run(run)
