@@ -15,11 +15,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/relay --config config.toml serve
 
-# Debian packages the tests drive the relay with (swaks). Installed only when missing.
+# Debian packages the tests use: swaks (a client) and postgresql (the cluster queue's
+# engine; the tests start a private throwaway cluster). Installed only when missing.
 system-deps:
-	@command -v swaks >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq swaks >/dev/null; \
-	  else echo "swaks missing: run 'sudo apt-get install swaks'"; exit 1; fi; }
+	@missing=""; \
+	command -v swaks >/dev/null 2>&1 || missing="$$missing swaks"; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing: run 'sudo apt-get install$$missing'"; exit 1; fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests bench

@@ -22,7 +22,7 @@ from relay.queue.sqlite.store import Spool
 from relay.smtp.auth import hash_password
 
 # The moto server fixtures (`moto`, `moto_session`) for every test that needs AWS.
-pytest_plugins = ("tests.fakes.moto_server",)
+pytest_plugins = ("tests.fakes.moto_server", "tests.fakes.postgres")
 
 USER, PASSWORD = "scanner", "s3cret-pass"
 

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -18,63 +17,11 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
+from tests.fakes.relay_process import RelayProcess, free_port
+
 MESSAGES = 300
 CONCURRENCY = 20
 KILL_AFTER_ACKS = 100
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class RelayProcess:
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.proc: asyncio.subprocess.Process | None = None
-        self.log: list[str] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "relay",
-            "--config",
-            str(self.config),
-            "serve",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        ready = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.create_task(self._read(ready))
-        await asyncio.wait_for(ready, 30)
-
-    async def _read(self, ready: asyncio.Future[None]) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
-            if "relay ready" in line and not ready.done():
-                ready.set_result(None)
-        if not ready.done():
-            ready.set_exception(RuntimeError("relay exited:\n" + "\n".join(self.log[-30:])))
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        if self._reader:
-            await self._reader
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(self.proc.wait(), 30)
-        if self._reader:
-            await self._reader
 
 
 RelayFiles = Callable[[int], tuple[RelayProcess, int, Path]]

@@ -230,6 +230,7 @@ class Router:
         self._freed = asyncio.Event()
         self._news = asyncio.Event()  # a breaker changed here: report it now
         self._store_failing = False
+        self._sync_lock = asyncio.Lock()  # one report at a time, in order
 
     def add(
         self,
@@ -413,9 +414,13 @@ class Router:
         """Report what this process saw since the last sync; adopt the merged view."""
         if self.store is None:
             return
+        async with self._sync_lock:
+            await self._sync(self.store)
+
+    async def _sync(self, store: RoutingStore) -> None:
         deltas = [s.take_delta() for s in self.states]
         try:
-            rows = await self.store.sync(
+            rows = await store.sync(
                 [d for d in deltas if not d.empty],
                 now=self.clock(),
                 half_life=self.settings.health_half_life,
@@ -428,6 +433,7 @@ class Router:
         if self._store_failing:
             log.info("shared routing state reachable again")
             self._store_failing = False
+        self._sync_lock = asyncio.Lock()  # one report at a time, in order
         opened = False
         for s in self.states:
             row = rows.get(s.name)

@@ -19,6 +19,7 @@ import base64
 import binascii
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any, Literal
@@ -72,6 +73,8 @@ class FakeProvider(abc.ABC):
         self.requests: list[Recorded] = []
         self.keep_requests = True  # the benchmark only counts, it does not keep them
         self.accepted_count = 0
+        self.requests_seen = 0  # every request, refused or not
+        self.arrivals: list[float] = []  # time.monotonic() of each accepted request
         self.hanging = asyncio.Event()
         self._release = asyncio.Event()
         self._mode: _Mode | None = None
@@ -132,6 +135,7 @@ class FakeProvider(abc.ABC):
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()  # the whole request has arrived before any failure
+        self.requests_seen += 1
         mode = self._take_mode()
         if mode is not None and mode.kind == "status":
             return self.error(mode.status, mode.message, mode.code, headers=mode.headers)
@@ -152,6 +156,7 @@ class FakeProvider(abc.ABC):
             return self.error(exc.status, exc.message, exc.code)
         pid = self.new_id(next(self._ids))
         self.accepted_count += 1
+        self.arrivals.append(time.monotonic())
         if self.keep_requests:
             self.requests.append(Recorded(request.path, request.headers, body, pid))
         return self.accepted(pid, body)

@@ -43,6 +43,7 @@ _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection left mid-operation by a lost server
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
@@ -205,7 +206,9 @@ class PostgresQueue(Queue):
             async with pool.acquire() as conn:
                 return await fn(conn)
         except _UNAVAILABLE as exc:
-            raise StoreError(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from None
+            raise StoreError(
+                f"cannot reach PostgreSQL at {self.describe}: {type(exc).__name__}: {exc}"
+            ) from None
         except asyncpg.PostgresError as exc:
             log.error("queue statement failed: %s: %s", type(exc).__name__, exc)
             raise StoreError(f"queue write failed: {exc}") from None
@@ -716,8 +719,11 @@ class _InsertBatcher:
         msgs = [m for m, _ in batch]
         try:
             results = await self.queue._transaction(lambda c: _insert_batch(c, msgs))
-        except StoreError as exc:
-            if len(batch) > 1 and "unavailable" not in str(exc):
+        except Exception as exc:
+            if not isinstance(exc, StoreError):
+                log.exception("queue insert failed unexpectedly")
+                exc = StoreError(f"queue write failed: {type(exc).__name__}: {exc}")
+            if len(batch) > 1 and "cannot reach" not in str(exc):
                 # One message the database refused (bad data) must not fail the others.
                 for item in batch:
                     await self._commit([item])

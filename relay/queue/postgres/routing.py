@@ -43,6 +43,13 @@ class PostgresRouting(RoutingStore):
         async def run(conn: asyncpg.Connection) -> dict[str, UpstreamShare]:
             if deltas:
                 names = sorted(d.name for d in deltas)  # one lock order for every host
+                # Rows exist before they are locked: two hosts reporting an upstream for
+                # the first time must not both merge into an empty row.
+                await conn.executemany(
+                    f"INSERT INTO upstream_state ({SHARE_COLUMNS}) VALUES ({_PLACEHOLDERS})"
+                    " ON CONFLICT (name) DO NOTHING",
+                    [share_values(UpstreamShare(name, health_stamp=now)) for name in names],
+                )
                 await conn.execute(
                     "SELECT name FROM upstream_state WHERE name = ANY($1::text[])"
                     " ORDER BY name FOR UPDATE",

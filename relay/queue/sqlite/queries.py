@@ -252,7 +252,14 @@ def recover(
 def record_round(
     conn: sqlite3.Connection, msg_id: str, *, owner: str, now: float, rounds: int, rnd: Round
 ) -> bool:
-    """The round's attempts and the item's new state, in one transaction."""
+    """The round's attempts and the item's new state, in one transaction; nothing at all
+    when the lease was lost meanwhile."""
+    holds = conn.execute(
+        "SELECT 1 FROM messages WHERE id = ? AND state = 'sending' AND lease_owner = ?",
+        (msg_id, owner),
+    ).fetchone()
+    if holds is None:
+        return False
     for type_, at, detail in rnd.events:
         _event(conn, msg_id, at, type_, detail)
     if rnd.delivered and (rnd.retry or rnd.failure):
