@@ -467,8 +467,14 @@ class RelayProcess(Server):
         log_level: str,
         workers: int | None,
         name: str = "relay",
+        queue: str | None = None,
+        server_extra: str = "",
+        src: Path = REPO_ROOT,
     ) -> None:
+        """`queue`: a PostgreSQL DSN instead of a queue directory under `top`; `src`: the
+        source tree to run (another revision's checkout, for before/after runs)."""
         self.name = name
+        self.src = src
         self.log_level = log_level
         self.top = top
         self.port = free_port()
@@ -480,13 +486,13 @@ class RelayProcess(Server):
         top.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
             RELAY_CONFIG.format(
-                queue=top / "queue",
+                queue=queue or top / "queue",
                 host=HOST,
                 port=self.port,
                 schedule=", ".join(f'"{s}"' for s in schedule),
                 concurrency=2 * UPSTREAM_CONCURRENCY,
                 upstream=upstream,
-                workers="" if workers is None else f"workers = {workers}\n",
+                workers=("" if workers is None else f"workers = {workers}\n") + server_extra,
             )
         )
 
@@ -500,7 +506,7 @@ class RelayProcess(Server):
         started = time.monotonic()
         self.proc = subprocess.Popen(
             self.argv("serve", "--log-level", self.log_level),
-            cwd=REPO_ROOT,
+            cwd=self.src,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=self._log_file,
