@@ -22,14 +22,9 @@ from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.routing import Router
 from relay.dispatch.scheduler import record_outcome
 from relay.message import Claimed, EventType
+from relay.outcomes import Accepted, PermanentError, TransientError, UpstreamError
 from relay.queue.base import Queue, Round
-from relay.upstreams.base import (
-    Accepted,
-    PermanentError,
-    TransientError,
-    Upstream,
-    UpstreamError,
-)
+from relay.upstreams.base import Upstream
 
 log = logging.getLogger("relay.dispatch")
 

@@ -36,6 +36,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from relay.outcomes import UpstreamError
 from relay.queue.base import (
     LATENCY_ALPHA,
     RoutingStore,
@@ -44,7 +45,7 @@ from relay.queue.base import (
     UpstreamShare,
     heal,
 )
-from relay.upstreams.base import Upstream, UpstreamError
+from relay.upstreams.base import Upstream
 
 log = logging.getLogger("relay.dispatch")
 

@@ -1,7 +1,7 @@
 """Inbound destinations: where a decrypted, parsed message ends up.
 
 Each destination is a class with `async deliver(raw, parsed, recipients) -> str` (a short
-description of what was done, for the timeline) that raises the upstream contract's
+description of what was done, for the timeline) that raises `relay.outcomes`'
 `TransientError` (retry later, with backoff) or `PermanentError` (dead-letter, no retry),
 so the queue worker treats inbound and outbound failures alike (DESIGN.md invariant 3):
 
@@ -51,13 +51,8 @@ import aiosmtplib
 from relay.config import ConfigError, Duration, Secret, build
 from relay.durable import deliver_to_maildir, fsync_dir, make_maildir, write_new
 from relay.inbound.parse import ParsedMessage, safe_filename
+from relay.outcomes import PermanentError, RecipientRefusal, TransientError, UpstreamError
 from relay.smtp.wire import dot_stuff
-from relay.upstreams.base import (
-    PermanentError,
-    RecipientRefusal,
-    TransientError,
-    UpstreamError,
-)
 from relay.upstreams.http import retry_after as http_retry_after
 
 log = logging.getLogger("relay.inbound")

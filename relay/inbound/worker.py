@@ -39,8 +39,8 @@ from relay.inbound.notify import InboundWork
 from relay.inbound.parse import ParsedMessage, parse_message
 from relay.inbound.settings import InboundSettings, RouteSettings
 from relay.message import HEADER_END, Claimed, EventType
+from relay.outcomes import PermanentError, TransientError, UpstreamError
 from relay.queue.base import Queue, Round
-from relay.upstreams.base import PermanentError, TransientError, UpstreamError
 
 log = logging.getLogger("relay.inbound")
 

@@ -1,7 +1,8 @@
 """The contract between the dispatcher and every upstream (provider, smarthost, maildir).
 
 An upstream knows nothing of the queue: it gets an envelope and the exact bytes to hand
-over, and either returns `Accepted` or raises one of the two typed errors below. The
+over, and either returns `Accepted` or raises `TransientError` or `PermanentError` (the
+attempt outcomes, defined in `relay.outcomes` because inbound destinations share them). The
 dispatcher turns those into queue state; routing turns `upstream_wide` errors into breaker
 trips. New providers plug in by subclassing `Upstream` and registering in `registry.py`.
 """
@@ -9,79 +10,10 @@ trips. New providers plug in by subclassing `Upstream` and registering in `regis
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 from relay.message import Envelope
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientRefusal:
-    """One recipient the upstream would not take while it took the others."""
-
-    permanent: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """The upstream took the message for every recipient not listed in `refused`."""
-
-    provider_id: str | None = None
-    refused: dict[str, RecipientRefusal] = field(default_factory=dict)
-    detail: str = ""
-
-
-class UpstreamError(Exception):
-    """Base of the two outcomes an upstream may raise. `reason` is what operators read."""
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        upstream_wide: bool = False,
-        ambiguous: bool = False,
-        sender_scoped: bool = False,
-    ):
-        super().__init__(reason)
-        self.reason = reason
-        # True when the fault is the provider's or our account's (auth, quota, outage),
-        # not this message's: routing opens the breaker instead of blaming the message.
-        self.upstream_wide = upstream_wide
-        # True when the request left us and no answer came back: the provider may have
-        # accepted it, so a retry elsewhere may duplicate. Recorded as such on the timeline.
-        self.ambiguous = ambiguous
-        # True when this upstream refuses the message's identities (a sender it has not
-        # verified, a recipient outside SES's sandbox list): another upstream may take it,
-        # and the upstream stays healthy for everyone else, so no breaker counts it.
-        self.sender_scoped = sender_scoped
-
-
-class TransientError(UpstreamError):
-    """Try again: another upstream now, or this one after `retry_after` seconds."""
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        retry_after: float | None = None,
-        upstream_wide: bool = False,
-        ambiguous: bool = False,
-        sender_scoped: bool = False,
-    ):
-        super().__init__(
-            reason, upstream_wide=upstream_wide, ambiguous=ambiguous, sender_scoped=sender_scoped
-        )
-        self.retry_after = retry_after
-
-
-class PermanentError(UpstreamError):
-    """This message can't be delivered by any upstream: no retry, a DSN to the sender.
-
-    With `upstream_wide=True` it means the upstream itself is unusable (bad API key, account
-    suspended): routing opens the breaker and the dispatcher treats it like a transient
-    error for the message, which may still go out through another upstream.
-    """
+from relay.outcomes import Accepted
 
 
 class Upstream(abc.ABC):

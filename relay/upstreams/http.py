@@ -39,13 +39,8 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from relay.message import Envelope
-from relay.upstreams.base import (
-    Accepted,
-    PermanentError,
-    TransientError,
-    Upstream,
-    UpstreamError,
-)
+from relay.outcomes import Accepted, PermanentError, TransientError, UpstreamError
+from relay.upstreams.base import Upstream
 
 log = logging.getLogger("relay.upstreams")
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from relay.durable import deliver_to_maildir, make_maildir
 from relay.message import Envelope
-from relay.upstreams.base import Accepted, TransientError, Upstream
+from relay.outcomes import Accepted, TransientError
+from relay.upstreams.base import Upstream
 
 if TYPE_CHECKING:
     from relay.config import Config, UpstreamConfig

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from relay.config import Secret
 from relay.message import Envelope
-from relay.upstreams.base import PermanentError, UpstreamError
+from relay.outcomes import PermanentError, UpstreamError
 from relay.upstreams.http import HTTPUpstream, Reply, Request
 
 if TYPE_CHECKING:

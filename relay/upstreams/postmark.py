@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from relay.config import Secret
-from relay.upstreams.base import PermanentError, TransientError, UpstreamError
+from relay.outcomes import PermanentError, TransientError, UpstreamError
 from relay.upstreams.http import Reply, retry_after
 from relay.upstreams.mime_json import JsonMessage, JsonUpstream, Mailbox
 

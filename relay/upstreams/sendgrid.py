@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from relay.config import Secret
-from relay.upstreams.base import TransientError, UpstreamError
+from relay.outcomes import TransientError, UpstreamError
 from relay.upstreams.http import Reply
 from relay.upstreams.mime_json import JsonMessage, JsonUpstream, Mailbox
 

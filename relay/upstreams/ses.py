@@ -33,14 +33,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from relay.aws import aws_client
 from relay.message import Envelope
-from relay.upstreams.base import (
-    Accepted,
-    PermanentError,
-    RecipientRefusal,
-    TransientError,
-    Upstream,
-    UpstreamError,
-)
+from relay.outcomes import Accepted, PermanentError, RecipientRefusal, TransientError, UpstreamError
+from relay.upstreams.base import Upstream
 
 if TYPE_CHECKING:
     from relay.config import Config, UpstreamConfig

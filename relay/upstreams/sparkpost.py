@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay.config import Secret
 from relay.message import Envelope
-from relay.upstreams.base import TransientError, UpstreamError
+from relay.outcomes import TransientError, UpstreamError
 from relay.upstreams.http import HTTPUpstream, Reply, Request, retry_after
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ import pytest
 
 from relay.app import Relay
 from relay.message import Envelope
-from relay.upstreams.base import PermanentError
+from relay.outcomes import PermanentError
 from relay.upstreams.smtp import _rcpt_command
 from tests.conftest import (
     RelayFactory,

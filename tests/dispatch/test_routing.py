@@ -8,7 +8,8 @@ import random
 
 from relay.dispatch.routing import BreakerSettings, BreakerState, Router
 from relay.message import Envelope
-from relay.upstreams.base import Accepted, PermanentError, TransientError, Upstream
+from relay.outcomes import Accepted, PermanentError, TransientError
+from relay.upstreams.base import Upstream
 
 
 class Clock:

@@ -43,8 +43,8 @@ from relay.inbound.deliver import (
     sign_webhook,
 )
 from relay.inbound.parse import ParsedMessage, parse_message
+from relay.outcomes import PermanentError, TransientError
 from relay.smtp.wire import dot_stuff
-from relay.upstreams.base import PermanentError, TransientError
 from tests.fakes.ses_inbound import SIMPLE_MESSAGE
 
 RAW = SIMPLE_MESSAGE

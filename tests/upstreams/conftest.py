@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from relay.message import Envelope
-from relay.upstreams.base import Accepted, PermanentError, TransientError, UpstreamError
+from relay.outcomes import Accepted, PermanentError, TransientError, UpstreamError
 from relay.upstreams.http import HTTPUpstream, shared_session
 from relay.upstreams.mailgun import MailgunUpstream
 from relay.upstreams.postmark import PostmarkUpstream

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from relay.upstreams.base import PermanentError, TransientError
+from relay.outcomes import PermanentError, TransientError
 from relay.upstreams.mailgun import MailgunUpstream
 from tests.upstreams.conftest import ENVELOPE, MESSAGE, RICH, RICH_ENVELOPE, FailureCase, Pair
 

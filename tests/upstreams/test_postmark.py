@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from relay.message import Envelope
-from relay.upstreams.base import PermanentError, TransientError, UpstreamError
+from relay.outcomes import PermanentError, TransientError, UpstreamError
 from tests.upstreams.conftest import ENVELOPE, MESSAGE, RICH, RICH_ENVELOPE, FailureCase, Pair
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from relay.config import Config, Duration, UpstreamConfig
 from relay.message import Envelope
-from relay.upstreams.base import TransientError
+from relay.outcomes import TransientError
 from relay.upstreams.http import retry_after, shared_session
 from relay.upstreams.mime_json import convert
 from relay.upstreams.registry import create_upstream

@@ -21,7 +21,7 @@ from botocore.exceptions import (
 
 from relay.config import Config, ConfigError, Duration, UpstreamConfig
 from relay.message import Envelope
-from relay.upstreams.base import PermanentError, TransientError
+from relay.outcomes import PermanentError, TransientError
 from relay.upstreams.registry import create_upstream
 from relay.upstreams.ses import SESUpstream, classify
 from tests.fakes.moto_server import REGION, MotoEndpoint

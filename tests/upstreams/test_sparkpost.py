@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from relay.message import Envelope
-from relay.upstreams.base import TransientError
+from relay.outcomes import TransientError
 from tests.upstreams.conftest import ENVELOPE, MESSAGE, FailureCase, Pair
 
 
