@@ -52,8 +52,8 @@ from relay.config import ConfigError, Duration, Secret, build
 from relay.durable import deliver_to_maildir, fsync_dir, make_maildir, write_new
 from relay.inbound.parse import ParsedMessage, safe_filename
 from relay.outcomes import PermanentError, RecipientRefusal, TransientError, UpstreamError
-from relay.smtp.wire import dot_stuff
 from relay.upstreams.http import retry_after as http_retry_after
+from relay.wire import dot_stuff
 
 log = logging.getLogger("relay.inbound")
 

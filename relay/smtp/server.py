@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, _AuthMechAttr
 
 from relay.smtp import replies
 from relay.smtp.auth import Authenticator
-from relay.smtp.wire import crlf_only
+from relay.wire import crlf_only
 
 log = logging.getLogger("relay.smtp")
 

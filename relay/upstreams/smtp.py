@@ -24,8 +24,8 @@ from aiosmtplib import SMTPResponse
 from relay.config import Secret
 from relay.message import Envelope
 from relay.outcomes import Accepted, PermanentError, RecipientRefusal, TransientError
-from relay.smtp.wire import dot_stuff
 from relay.upstreams.base import Upstream
+from relay.wire import dot_stuff
 
 if TYPE_CHECKING:
     from relay.config import Config, UpstreamConfig

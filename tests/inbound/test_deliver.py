@@ -44,7 +44,7 @@ from relay.inbound.deliver import (
 )
 from relay.inbound.parse import ParsedMessage, parse_message
 from relay.outcomes import PermanentError, TransientError
-from relay.smtp.wire import dot_stuff
+from relay.wire import dot_stuff
 from tests.fakes.ses_inbound import SIMPLE_MESSAGE
 
 RAW = SIMPLE_MESSAGE

@@ -1,9 +1,11 @@
 """SMTP's DATA wire format (RFC 5321 4.5.2): line ends and dot-stuffing.
 
-One place for what the listener checks when it reads a message and what the smtp upstream
-and the LMTP destination write: whole-message byte scans are a large part of the CPU a
-100 KB message costs, so each is done once, with bytes methods (aiosmtplib's own data()
-made two regex passes over every message).
+One place for what the SMTP listener checks when it reads a message and what the smtp
+upstream and the inbound LMTP destination write: whole-message byte scans are a large part
+of the CPU a 100 KB message costs, so each is done once, with bytes methods (aiosmtplib's
+own data() made two regex passes over every message). It sits at the top level, not in
+`smtp/` (the listener), because the upstreams and inbound use it too and should not import
+the listener's package for it.
 """
 
 from __future__ import annotations
