@@ -33,6 +33,7 @@ log = logging.getLogger("relay.queue")
 
 T = TypeVar("T")
 CHANNEL = "relay_work"
+CONNECT_TIMEOUT = 3.0
 MAX_BATCH = 512
 _COLUMNS = (
     "id, kind, state, mail_from, rcpts, size, created, updated, next_attempt,"
@@ -108,7 +109,9 @@ class PostgresQueue(Queue):
                     min_size=min_size,
                     max_size=self.pool_size,
                     command_timeout=30,
-                    timeout=10,
+                    # A database that is shutting down can take a connection and never
+                    # answer: give up soon, so SMTP clients get their 451 in time.
+                    timeout=CONNECT_TIMEOUT,
                     server_settings={"synchronous_commit": "on", "application_name": "relay"},
                 )
             except _UNAVAILABLE as exc:
@@ -169,7 +172,7 @@ class PostgresQueue(Queue):
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=10)
+                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._notified)
