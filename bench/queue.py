@@ -224,6 +224,7 @@ def run(settings: Settings, args: argparse.Namespace) -> str:
     ensure_postfix()
     lines: list[str] = []
     top = Path(tempfile.mkdtemp(prefix="relay-queue-bench-"))
+    top.chmod(0o755)  # the postgres user (PostgreSQL refuses root) must reach its directory
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: subprocess.run(["rm", "-rf", str(top)], check=False))
         sink = Sink(top)
