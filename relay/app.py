@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from relay.checks import check
 from relay.config import Config
 from relay.dispatch.bounces import BounceSender
 from relay.dispatch.outbound import OutboundWorker
@@ -46,6 +47,9 @@ class Relay:
     def __init__(
         self, config: Config, *, clock: Any = time.time, shard: int = 0, workers: int = 1
     ) -> None:
+        # The sections relay.config leaves to their packages (upstreams, DKIM, inbound):
+        # a config made by config.parse() in-process fails here, with the key, not later.
+        check(config)
         self.config = config
         self.clock = clock
         self.owner = owner_id(config.server.node)

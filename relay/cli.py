@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.config import Config, ConfigError, load
+from relay.checks import load_checked
+from relay.config import Config, ConfigError
 from relay.queue import open_queue
 from relay.queue.admin import QueueAdmin
 from relay.queue.base import QueueActionError, StoreError
@@ -34,8 +35,9 @@ def _fmt_time(ts: float) -> str:
 
 
 def _load(path: str) -> Config:
+    """The config, fully checked (every command gets the same errors check-config gives)."""
     try:
-        return load(path)
+        return load_checked(path)
     except ConfigError as exc:
         print(f"relay: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

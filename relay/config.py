@@ -4,6 +4,11 @@ One generic converter (`build`) walks a dataclass's type hints, so every section
 each upstream type's own settings, is validated the same way: unknown keys, wrong types,
 bad sizes, durations and addresses are all reported as `ConfigError("smtp.listen[0].tls:
 ...")`. Secrets are never literal in the file: `env:NAME` and `file:PATH` are resolved here.
+
+This module is data only: it imports no relay package, because the packages it configures
+import it. The sections those packages define (each upstream type's `Settings`, the DKIM
+keys, `[inbound]`) are kept raw here and checked by `relay.checks.check()`, which every
+caller that loads a config for use runs.
 """
 
 from __future__ import annotations
@@ -387,6 +392,7 @@ def _split_upstreams(raw: Any) -> Any:
 
 
 def parse(data: dict[str, Any], path: Path) -> Config:
+    """The file's tables as a Config; see `relay.checks` for the sections not checked here."""
     global _base_dir_for_secrets
     data = dict(data)
     if "upstream" in data:
@@ -401,22 +407,6 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"upstream: the name {name!r} is used twice")
-    # Each upstream type checks its own keys now, so `check-config` catches them.
-    from relay.upstreams.registry import validate_upstream
-
-    for i, up in enumerate(cfg.upstream):
-        validate_upstream(up, f"upstream[{i}]", cfg)
-    if cfg.dkim:
-        from relay.dkim import DKIMSigner
-
-        try:
-            DKIMSigner.from_configs(cfg.dkim)
-        except ValueError as exc:
-            raise ConfigError(f"dkim: {exc}") from None
-    if cfg.inbound:
-        from relay.inbound.settings import parse_inbound
-
-        parse_inbound(cfg.inbound, cfg)  # raises ConfigError naming the inbound key
     return cfg
 
 

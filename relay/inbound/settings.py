@@ -1,9 +1,9 @@
 """The `[inbound]` section: where notifications come from, and where each recipient's mail goes.
 
-`relay.config.parse()` keeps `[inbound]` as a raw table and calls `parse_inbound()` on it,
-so `relay check-config` reports inbound mistakes with their key (`inbound.route[0].
-destination.type: ...`) exactly like the rest of the file, while the inbound package (and
-boto3) is only imported by configs that use it.
+`relay.config.parse()` keeps `[inbound]` as a raw table and `relay.checks.check()` calls
+`parse_inbound()` on it, so `relay check-config` reports inbound mistakes with their key
+(`inbound.route[0].destination.type: ...`) exactly like the rest of the file, while the
+inbound package (and boto3) is only imported by configs that use it.
 
     [inbound.aws]        region, endpoint_url (VPC endpoint or a local emulator)
     [inbound.sns]        the POST /inbound/sns endpoint: topics allowlist, max_age

@@ -33,6 +33,7 @@ from aiohttp import web
 from aiosmtpd.lmtp import LMTP
 
 from relay.app import Relay
+from relay.checks import check
 from relay.cli import main as cli_main
 from relay.config import ConfigError
 from relay.inbound.deliver import sign_webhook
@@ -1079,8 +1080,9 @@ async def test_queue_list_show_and_retry_for_inbound_work(start: Start, tmp_path
 def test_config_errors_name_the_inbound_key(
     tmp_path: Path, inbound: dict[str, Any], match: str
 ) -> None:
+    cfg = relay_config(tmp_path, inbound=inbound)  # parse() leaves [inbound] raw
     with pytest.raises(ConfigError, match=match):
-        relay_config(tmp_path, inbound=inbound)
+        check(cfg)
 
 
 def test_config_check_passes_for_a_complete_inbound_section(tmp_path: Path) -> None:
@@ -1100,6 +1102,7 @@ def test_config_check_passes_for_a_complete_inbound_section(tmp_path: Path) -> N
             ],
         },
     )
+    check(cfg)
     from relay.inbound.settings import parse_inbound
 
     settings = parse_inbound(cfg.inbound, cfg)
