@@ -108,7 +108,7 @@ def relay(
         top / name,
         upstream=smtp_upstream(sink.port),
         schedule=["5s", "30s"],
-        log_level="warning",
+        log_level="info",  # "relay ready" is an info line; as bench.perf runs it
         workers=workers if workers is not None else settings.relay_workers,
         name=name,
         queue=queue,
