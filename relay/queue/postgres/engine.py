@@ -227,7 +227,7 @@ class PostgresQueue(Queue):
 
     async def insert(self, msg: NewMessage) -> bool:
         if self._batcher is None:
-            return (await self._transaction(lambda c: _insert_batch(c, [msg])))[0]
+            return (await self._with_conn(lambda c: _insert_batch(c, [msg])))[0]
         inserted = await self._batcher.submit(msg)
         if inserted:
             self._work_arrived(msg.kind)  # no need to wait for our own NOTIFY
@@ -269,46 +269,60 @@ class PostgresQueue(Queue):
         return claimed
 
     async def record_round(self, item: Claimed, *, now: float, rounds: int, rnd: Round) -> bool:
-        async def run(conn: asyncpg.Connection) -> bool:
-            events = list(rnd.events)
-            meta_patch: dict[str, Any] = {}
-            if rnd.new_failures:
-                meta_patch["rcpts_failed"] = rnd.failed
-            if rnd.delivered and (rnd.retry or rnd.failure):
-                events.append((EventType.NOTE, now, {"partial": True, "delivered": rnd.delivered}))
-            if rnd.retry:
-                sets = "state = 'deferred', rcpts = $4::jsonb, next_attempt = $5, last_error = $6"
-                params: tuple[Any, ...] = (_dumps(list(rnd.pending)), rnd.next_attempt, rnd.reason)
-                detail = {"reason": rnd.reason, "next_attempt": rnd.next_attempt}
-                events.append((EventType.DEFERRED, now, {**detail, **rnd.defer_detail}))
-            elif rnd.failure is not None:
-                sets = "state = 'failed', last_error = $4"
-                params = (rnd.failure,)
-                events.append((EventType.FAILED, now, {"reason": rnd.failure, **rnd.fail_detail}))
-            else:
-                sets = "state = 'sent', rcpts = '[]', last_error = NULL"
-                params = ()
-                events.append((EventType.SENT, now, rnd.sent_detail))
-            n = len(params) + 4
-            updated = await conn.fetchval(
-                f"UPDATE messages SET {sets}, updated = $2, attempts = $3,"
-                f" meta = meta || ${n}::jsonb, lease_owner = NULL, lease_until = NULL"
-                f" WHERE id = $1 AND state = 'sending' AND lease_owner = ${n + 1} RETURNING 1",
+        events = list(rnd.events)
+        meta_patch: dict[str, Any] = {}
+        if rnd.new_failures:
+            meta_patch["rcpts_failed"] = rnd.failed
+        if rnd.delivered and (rnd.retry or rnd.failure):
+            events.append((EventType.NOTE, now, {"partial": True, "delivered": rnd.delivered}))
+        rcpts: str | None = None  # None: unchanged
+        next_attempt: float | None = None
+        if rnd.retry:
+            state, rcpts, next_attempt, error = (
+                Status.DEFERRED,
+                _dumps(list(rnd.pending)),
+                rnd.next_attempt,
+                rnd.reason,
+            )
+            detail = {"reason": rnd.reason, "next_attempt": rnd.next_attempt}
+            events.append((EventType.DEFERRED, now, {**detail, **rnd.defer_detail}))
+        elif rnd.failure is not None:
+            state, error = Status.FAILED, rnd.failure
+            events.append((EventType.FAILED, now, {"reason": rnd.failure, **rnd.fail_detail}))
+        else:
+            state, rcpts, error = Status.SENT, "[]", None
+            events.append((EventType.SENT, now, rnd.sent_detail))
+        # One statement, so one round trip: the state change only while the lease holds,
+        # and the events and the body's removal only if it did.
+        updated = await self._with_conn(
+            lambda c: c.fetchval(
+                "WITH upd AS (UPDATE messages SET state = $5, updated = $2, attempts = $3,"
+                " meta = meta || $6::jsonb, rcpts = COALESCE($7::jsonb, rcpts),"
+                " next_attempt = COALESCE($8, next_attempt), last_error = $9,"
+                " lease_owner = NULL, lease_until = NULL"
+                " WHERE id = $1 AND state = 'sending' AND lease_owner = $4 RETURNING id),"
+                " del AS (DELETE FROM bodies WHERE $10 AND id IN (SELECT id FROM upd)),"
+                " ev AS (INSERT INTO events (msg_id, type, at, detail)"
+                " SELECT upd.id, e.type, e.at, e.detail FROM upd, unnest($11::text[],"
+                " $12::float8[], $13::text[]) WITH ORDINALITY AS e(type, at, detail, n)"
+                " ORDER BY e.n)"
+                " SELECT count(*) FROM upd",
                 item.id,
                 now,
                 rounds,
-                *params,
-                _dumps(meta_patch),
                 self.owner,
+                state.value,
+                _dumps(meta_patch),
+                rcpts,
+                next_attempt,
+                error,
+                state is Status.SENT,
+                [t.value for t, _, _ in events],
+                [at for _, at, _ in events],
+                [_dumps(d) for _, _, d in events],
             )
-            if updated is None:
-                return False
-            if not rnd.retry and rnd.failure is None:
-                await conn.execute("DELETE FROM bodies WHERE id = $1", item.id)
-            await _add_events(conn, [(item.id, t, at, d) for t, at, d in events])
-            return True
-
-        return await self._transaction(run)
+        )
+        return bool(updated)
 
     async def add_event(
         self, msg_id: str, type_: EventType, at: float, detail: dict[str, Any]
@@ -596,39 +610,34 @@ def _meta_for(msg: NewMessage) -> dict[str, Any]:
 
 
 async def _insert_batch(conn: asyncpg.Connection, msgs: list[NewMessage]) -> list[bool]:
-    """Insert many messages in the caller's transaction; per message: inserted or a dedupe
-    duplicate."""
-    inserted = {
-        r["id"]
-        for r in await conn.fetch(
-            "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
-            " next_attempt, dedupe, meta)"
-            " SELECT i, k, 'queued', f, r::jsonb, s, t, t, t, d, m::jsonb FROM unnest("
-            "$1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[],"
-            " $7::text[], $8::text[]) AS u(i, k, f, r, s, t, d, m)"
-            " ON CONFLICT DO NOTHING RETURNING id",
-            [m.id for m in msgs],
-            [m.kind.value for m in msgs],
-            [m.envelope.mail_from for m in msgs],
-            [_dumps(list(m.envelope.rcpt_tos)) for m in msgs],
-            [len(m.data) for m in msgs],
-            [m.received_at for m in msgs],
-            [m.dedupe for m in msgs],
-            [_dumps(_meta_for(m)) for m in msgs],
-        )
-    }
-    new = [m for m in msgs if m.id in inserted]
-    if new:
-        await conn.execute(
-            "INSERT INTO bodies (id, data) SELECT * FROM unnest($1::text[], $2::bytea[])",
-            [m.id for m in new],
-            [m.data for m in new],
-        )
-        await _add_events(
-            conn, [(m.id, EventType.RECEIVED, m.received_at, m.received) for m in new]
-        )
-        for kind in {m.kind.value for m in new}:
-            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, kind)
+    """Insert many messages, their bodies and `received` events, and announce them, in one
+    statement (one round trip, one commit); per message: inserted, or a dedupe duplicate."""
+    rows = await conn.fetch(
+        "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
+        " $5::bigint[], $6::float8[], $7::text[], $8::text[], $9::bytea[], $10::text[])"
+        " AS u(i, k, f, r, s, t, d, m, data, detail)),"
+        " ins AS (INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created,"
+        " updated, next_attempt, dedupe, meta)"
+        " SELECT i, k, 'queued', f, r::jsonb, s, t, t, t, d, m::jsonb FROM u"
+        " ON CONFLICT DO NOTHING RETURNING id, kind),"
+        " b AS (INSERT INTO bodies (id, data) SELECT u.i, u.data FROM u JOIN ins ON ins.id = u.i),"
+        " e AS (INSERT INTO events (msg_id, type, at, detail)"
+        " SELECT u.i, 'received', u.t, u.detail FROM u JOIN ins ON ins.id = u.i ORDER BY u.i),"
+        " n AS (SELECT pg_notify($11, kind) FROM (SELECT DISTINCT kind FROM ins) k)"
+        " SELECT id FROM ins UNION ALL SELECT NULL FROM n",
+        [m.id for m in msgs],
+        [m.kind.value for m in msgs],
+        [m.envelope.mail_from for m in msgs],
+        [_dumps(list(m.envelope.rcpt_tos)) for m in msgs],
+        [len(m.data) for m in msgs],
+        [m.received_at for m in msgs],
+        [m.dedupe for m in msgs],
+        [_dumps(_meta_for(m)) for m in msgs],
+        [m.data for m in msgs],
+        [_dumps(m.received) for m in msgs],
+        CHANNEL,
+    )
+    inserted = {r["id"] for r in rows}
     return [m.id in inserted for m in msgs]
 
 
@@ -721,7 +730,7 @@ class _InsertBatcher:
     async def _commit(self, batch: list[tuple[NewMessage, asyncio.Future[bool]]]) -> None:
         msgs = [m for m, _ in batch]
         try:
-            results = await self.queue._transaction(lambda c: _insert_batch(c, msgs))
+            results = await self.queue._with_conn(lambda c: _insert_batch(c, msgs))
         except Exception as exc:
             if not isinstance(exc, StoreError):
                 log.exception("queue insert failed unexpectedly")
