@@ -13,6 +13,9 @@ of them so the web handler and the SQS consumer share one parser:
 
 When SNS fans out to SQS without raw delivery, the SQS body is the SNS envelope and the
 notification is its `Message` string; that wrapping is undone here.
+
+`WorkRecorder` is what a notification path needs to record the work it parsed; the
+`InboundService` provides it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import unquote_plus
 
 log = logging.getLogger("relay.inbound")
@@ -85,6 +88,26 @@ class InboundWork:
         fields = dict(data)
         fields["recipients"] = tuple(fields.get("recipients", ()))
         return cls(**fields)
+
+
+class WorkRecorder(Protocol):
+    """Where a notification path (the SQS consumer) records what it parsed, durably.
+
+    `relay.inbound.service.InboundService` implements it. The consumer gets this rather
+    than the service class because the service creates the consumer: importing the class
+    back, even for type checking only, would make the two modules a circle.
+    """
+
+    async def enqueue(self, work: InboundWork, *, via: str, extra: dict[str, Any]) -> bool:
+        """Record `work`; False when it was recorded before. Raises StoreError when the
+        queue can't take it (the notification must then not be acknowledged)."""
+        ...
+
+    async def enqueue_unusable(
+        self, reason: str, payload: str, *, via: str, dedupe: str, extra: dict[str, Any]
+    ) -> bool:
+        """Record an authentic notification that can't be acted on as failed work."""
+        ...
 
 
 def parse_notification(payload: str | bytes | Mapping[str, Any]) -> list[InboundWork]:

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from relay.config import Config
 from relay.dispatch.retry import RetryPolicy
@@ -32,12 +32,10 @@ from relay.inbound.fetch import S3Fetcher
 from relay.inbound.notify import InboundWork
 from relay.inbound.settings import InboundSettings, parse_inbound
 from relay.inbound.sns import Fetcher, HTTPSFetcher
+from relay.inbound.sqs import SQSConsumer
 from relay.inbound.worker import UNUSABLE_KEY, InboundWorker
 from relay.message import Envelope, Kind, NewMessage, new_message_id
 from relay.queue.base import Queue
-
-if TYPE_CHECKING:
-    from relay.inbound.sqs import SQSConsumer
 
 log = logging.getLogger("relay.inbound")
 
@@ -121,9 +119,9 @@ class InboundService:
         if dispatch:
             self._run_task = asyncio.create_task(self.scheduler.run(), name="inbound-dispatch")
         if self.settings.sqs is not None:
-            from relay.inbound.sqs import SQSConsumer
-
-            self.sqs = SQSConsumer(self, self.settings.sqs, aws=self.settings.aws)
+            self.sqs = SQSConsumer(
+                self, self.settings.sqs, aws=self.settings.aws, sns=self.settings.sns
+            )
             self.sqs.start()
         log.info(
             "inbound ready: %d route(s)%s%s",

@@ -35,12 +35,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from relay.aws import aws_client
-from relay.inbound.notify import NotificationError, is_ses_setup_notification, parse_notification
+from relay.inbound.notify import (
+    NotificationError,
+    WorkRecorder,
+    is_ses_setup_notification,
+    parse_notification,
+)
 from relay.queue.base import StoreError
 
 if TYPE_CHECKING:
-    from relay.inbound.service import InboundService
-    from relay.inbound.settings import AWSSettings, SQSSettings
+    from relay.inbound.settings import AWSSettings, SNSSettings, SQSSettings
 
 log = logging.getLogger("relay.inbound")
 
@@ -52,19 +56,25 @@ BACKOFF_MAX = 60.0
 
 
 class SQSConsumer:
-    """Long-polls one SQS queue and feeds `InboundService.enqueue()`."""
+    """Long-polls one SQS queue and feeds `recorder.enqueue()` (the InboundService's).
+
+    `sns`, when configured, is the SNS endpoint's settings: an SNS envelope from a topic
+    not in its allowlist is recorded as unusable, as the endpoint would refuse it.
+    """
 
     def __init__(
         self,
-        service: InboundService,
+        recorder: WorkRecorder,
         settings: SQSSettings,
         *,
         aws: AWSSettings,
+        sns: SNSSettings | None,
         client: Any = None,
     ) -> None:
-        self.service = service
+        self.recorder = recorder
         self.settings = settings
         self.aws = aws
+        self.sns = sns
         self._client = client
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -206,14 +216,13 @@ class SQSConsumer:
                 if is_ses_setup_notification(body):
                     log.info("sqs: ses setup notification %s acknowledged", sqs_id)
                     return True
-                await self.service.enqueue_unusable(
+                await self.recorder.enqueue_unusable(
                     exc.reason, body, via="sqs", dedupe=f"sqs:{sqs_id}", extra=extra
                 )
                 return True
             topic = _sns_topic(body)
-            sns = self.service.settings.sns
-            if topic is not None and sns is not None and topic not in sns.topics:
-                await self.service.enqueue_unusable(
+            if topic is not None and self.sns is not None and topic not in self.sns.topics:
+                await self.recorder.enqueue_unusable(
                     f"SNS topic {topic} is not in inbound.sns.topics",
                     body,
                     via="sqs",
@@ -222,7 +231,7 @@ class SQSConsumer:
                 )
                 return True
             for work in works:
-                await self.service.enqueue(work, via="sqs", extra=extra)
+                await self.recorder.enqueue(work, via="sqs", extra=extra)
         except StoreError as exc:
             log.error("sqs: message %s not recorded, left in SQS for later: %s", sqs_id, exc)
             return False
