@@ -10,7 +10,9 @@ unless a subclass knows better from the provider's own error codes:
 
 - 429: transient with Retry-After, not upstream-wide: routing paces the upstream and
   counts repeats, as for SES throttling.
-- 5xx: transient and upstream-wide (the provider is failing), with Retry-After.
+- 5xx: transient, with Retry-After. Not upstream-wide: one stray 500 must not stop a
+  provider for everyone for the cooldown (with a single provider, all mail would wait);
+  repeats open the breaker through routing's `failures_to_open`.
 - 401, 403: the account is unusable (bad key, suspended): permanent, upstream-wide.
 - 3xx, 404, 405, 415: wrong endpoint or request format: permanent, upstream-wide.
 - 408: transient; 413: too large *for this provider*, so transient (another may take it).
@@ -178,7 +180,7 @@ def classify_status(
     """The default reading of an unsuccessful status (see the module docstring)."""
     reason = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
     if status >= 500:
-        return TransientError(reason, retry_after=retry_after(headers, now), upstream_wide=True)
+        return TransientError(reason, retry_after=retry_after(headers, now))
     if status in (408, 429):
         return TransientError(reason, retry_after=retry_after(headers, now))
     if status in (401, 403):

@@ -409,7 +409,8 @@ def _classify_client_error(exc: Any, upstream: str) -> UpstreamError:
         # Invalid input such as a malformed address: the message as given can't be sent.
         return PermanentError(reason)
     if status >= 500 or code in ("InternalFailure", "ServiceUnavailable", "InternalServerError"):
-        return TransientError(reason, upstream_wide=True)
+        # Counted towards failures_to_open: one stray 500 is not an outage.
+        return TransientError(reason)
     if 400 <= status < 500:
         return PermanentError(reason)
     return TransientError(reason, upstream_wide=True)

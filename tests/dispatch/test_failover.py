@@ -307,3 +307,21 @@ async def test_unverified_sender_fails_over_and_the_provider_stays_up_for_others
         await send(relay, make_message(subject=f"verified {i}"))
     await wait_states(relay, sent=6)
     assert len(sendgrid.requests) == 2
+
+
+async def test_one_stray_500_does_not_stop_the_only_provider(
+    make_relay: RelayFactory, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[sendgrid_upstream(sendgrid)],
+        routing={"failures_to_open": 5, "cooldown": "1h"},
+        retry={"schedule": ["1h"], "max_age": "1d", "bounces": False},
+    )
+    sendgrid.fail(500, times=1)
+    await send(relay, make_message(subject="unlucky"))
+    await wait_states(relay, deferred=1)
+    # Before: the 500 opened the breaker for the whole cooldown, and this one waited too.
+    await send(relay, make_message(subject="next"))
+    await wait_states(relay, deferred=1, sent=1)
+    assert relay.router.state("sendgrid").breaker.value == "closed"
+    assert relay.router.state("sendgrid").consecutive_failures == 0

@@ -210,13 +210,13 @@ FAILURE_CASES = [
         reason="429",
     ),
     FailureCase(
-        "unavailable", lambda p: p.fake.fail(503), TransientError, upstream_wide=True, reason="503"
+        "unavailable", lambda p: p.fake.fail(503), TransientError, upstream_wide=False, reason="503"
     ),
     FailureCase(
         "server_error",
         lambda p: p.fake.fail(500),
         TransientError,
-        upstream_wide=True,
+        upstream_wide=False,  # counted towards failures_to_open, not an outage at once
         reason="500",
     ),
     FailureCase(

@@ -301,8 +301,8 @@ def client_error(code: str, message: str, status: int = 400) -> ClientError:
             False,
             False,
         ),
-        (client_error("InternalFailure", "oops", 500), TransientError, True, False),
-        (client_error("ServiceUnavailable", "down", 503), TransientError, True, False),
+        (client_error("InternalFailure", "oops", 500), TransientError, False, False),
+        (client_error("ServiceUnavailable", "down", 503), TransientError, False, False),
         (
             ReadTimeoutError(endpoint_url="https://email.eu-west-1.amazonaws.com"),
             TransientError,
