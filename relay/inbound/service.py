@@ -27,7 +27,9 @@ from relay.config import Config
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.scheduler import Scheduler
 from relay.inbound.decrypt import Decryptor
-from relay.inbound.deliver import Destination, MaildirDestination, create_destination
+from relay.inbound.destinations.base import Destination
+from relay.inbound.destinations.maildir import MaildirDestination
+from relay.inbound.destinations.registry import create_destination
 from relay.inbound.fetch import S3Fetcher
 from relay.inbound.notify import InboundWork
 from relay.inbound.settings import InboundSettings, parse_inbound

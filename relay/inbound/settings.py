@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from relay.config import ConfigError, Duration, Size, build
-from relay.inbound.deliver import DestinationConfig, build_destination_config
+from relay.inbound.destinations.registry import DestinationConfig, build_destination_config
 
 if TYPE_CHECKING:
     from relay.config import Config

@@ -33,7 +33,7 @@ from typing import Any
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.scheduler import record_outcome
 from relay.inbound.decrypt import DecryptError, Decryptor
-from relay.inbound.deliver import Destination, PartialDelivery
+from relay.inbound.destinations.base import Destination, PartialDelivery
 from relay.inbound.fetch import FetchError, S3Fetcher
 from relay.inbound.notify import InboundWork
 from relay.inbound.parse import ParsedMessage, parse_message

@@ -27,19 +27,18 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import ConfigError, Secret
-from relay.inbound.deliver import (
-    DirectoryDestination,
-    DirectoryDestinationConfig,
+from relay.inbound.destinations.base import PartialPermanent, PartialTransient
+from relay.inbound.destinations.directory import DirectoryDestination, DirectoryDestinationConfig
+from relay.inbound.destinations.maildir import MaildirDestination
+from relay.inbound.destinations.registry import build_destination_config, create_destination
+from relay.inbound.destinations.smtp import (
     LMTPDestination,
-    MaildirDestination,
-    PartialPermanent,
-    PartialTransient,
     SMTPDestination,
     SMTPDestinationConfig,
+)
+from relay.inbound.destinations.webhook import (
     WebhookDestination,
     WebhookDestinationConfig,
-    build_destination_config,
-    create_destination,
     sign_webhook,
 )
 from relay.inbound.parse import ParsedMessage, parse_message

@@ -36,7 +36,7 @@ from relay.app import Relay
 from relay.checks import check
 from relay.cli import main as cli_main
 from relay.config import ConfigError
-from relay.inbound.deliver import sign_webhook
+from relay.inbound.destinations.webhook import sign_webhook
 from relay.inbound.worker import tag_message
 from relay.queue.base import MessageRow
 from tests.conftest import RelayFactory, SMTPSink, relay_config, sqlite_spool, wait_states
