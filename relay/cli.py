@@ -24,7 +24,7 @@ from relay.checks import load_checked
 from relay.config import Config, ConfigError
 from relay.queue import open_queue
 from relay.queue.admin import QueueAdmin
-from relay.queue.base import QueueActionError, StoreError
+from relay.queue.base import QueueActionError, StoreError, UpstreamShare, heal
 
 T = TypeVar("T")
 DEFAULT_CONFIG = os.environ.get("RELAY_CONFIG", "config.toml")
@@ -162,15 +162,22 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 
 def cmd_queue_retry(args: argparse.Namespace) -> int:
     if args.failed:
-        ids = _with_admin(args, lambda a: a.retry_failed(actor=_actor()))
+        ids, probing = _with_admin(args, lambda a: a.retry_failed(actor=_actor()))
         print(f"{len(ids)} failed message(s) queued again")
+        _say_probing(probing)
         return 0
     if not args.id:
         print("relay: give a message ID or --failed", file=sys.stderr)
         return 2
-    _with_admin(args, lambda a: a.retry(args.id, actor=_actor()))
+    probing = _with_admin(args, lambda a: a.retry(args.id, actor=_actor()))
     print(f"{args.id}: queued for delivery now")
+    _say_probing(probing)
     return 0
+
+
+def _say_probing(names: list[str]) -> None:
+    if names:
+        print(f"breaker open on {', '.join(names)}: probing now instead of after the cooldown")
 
 
 def _simple(action: str, done: str) -> Callable[[argparse.Namespace], int]:
@@ -183,8 +190,88 @@ def _simple(action: str, done: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_queue_flush(args: argparse.Namespace) -> int:
-    ids = _with_admin(args, lambda a: a.flush(actor=_actor()))
+    ids, probing = _with_admin(args, lambda a: a.flush(actor=_actor()))
     print(f"{len(ids)} deferred message(s) due now")
+    _say_probing(probing)
+    return 0
+
+
+def cmd_upstream_list(args: argparse.Namespace) -> int:
+    """Each configured upstream with the state every relay process shares."""
+    cfg = _load(args.config)
+    rows = _with_admin(args, lambda a: a.upstreams())
+    out: list[dict[str, Any]] = []
+    for up in cfg.upstream:
+        row = rows.get(up.name) or UpstreamShare(up.name, health_stamp=time.time())
+        out.append(
+            {
+                "name": up.name,
+                "type": up.type,
+                "priority": up.priority,
+                "breaker": row.breaker,
+                "next_probe": row.next_probe,
+                "paused": bool(row.paused),
+                "health": round(
+                    heal(
+                        row.health,
+                        row.health_stamp,
+                        now=time.time(),
+                        half_life=cfg.routing.health_half_life,
+                    ),
+                    3,
+                ),
+                "attempts": row.attempts,
+                "successes": row.successes,
+                "failures": row.failures,
+                "latency_ms": None
+                if row.latency_ewma is None
+                else round(row.latency_ewma * 1000, 1),
+                "last_error": row.last_error,
+            }
+        )
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        f"{'NAME':16}  {'TYPE':9}  {'PRIO':>4}  {'BREAKER':9}  {'HEALTH':>6}  "
+        f"{'TRIES':>7}  {'FAILED':>7}  {'LATENCY':>8}  STATE / LAST ERROR"
+    )
+    for u in out:
+        state = "paused" if u["paused"] else ""
+        if u["next_probe"]:
+            state = f"probe at {_fmt_time(u['next_probe'])} {state}".strip()
+        latency = "-" if u["latency_ms"] is None else f"{u['latency_ms']}ms"
+        print(
+            f"{u['name']:16}  {u['type']:9}  {u['priority']:>4}  {u['breaker']:9}  "
+            f"{u['health']:>6}  {u['attempts']:>7}  {u['failures']:>7}  {latency:>8}  "
+            f"{state}"
+        )
+        if u["last_error"]:
+            print(f"{'':>18}{u['last_error']}")
+    return 0
+
+
+def cmd_upstream_action(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    names = [u.name for u in cfg.upstream]
+    if args.name not in names:
+        print(
+            f"relay: no upstream {args.name!r} in {args.config} (known: {', '.join(names)})",
+            file=sys.stderr,
+        )
+        return 1
+    _with_admin(
+        args,
+        lambda a: a.upstream_action(
+            args.name, args.action, actor=_actor(), cooldown=cfg.routing.cooldown
+        ),
+    )
+    said = {
+        "reset": "breaker closed, health and failure count reset",
+        "pause": "paused: no new attempts until `relay upstream resume`",
+        "resume": "resumed",
+    }
+    print(f"{args.name}: {said[args.action]} (running relays take it within a second)")
     return 0
 
 
@@ -332,6 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
     qi = q.add_parser("import", help="load an export into the configured queue")
     qi.add_argument("file", nargs="?", default="-", help="input file (default: stdin)")
     qi.set_defaults(func=cmd_queue_import)
+
+    up = sub.add_parser("upstream", help="upstreams' shared state").add_subparsers(
+        dest="upstream_command", required=True
+    )
+    upl = up.add_parser("list", help="breaker, health, next probe, counters of each upstream")
+    upl.add_argument("--json", action="store_true")
+    upl.set_defaults(func=cmd_upstream_list)
+    for action, help_text in (
+        ("reset", "close the breaker and forget the failures"),
+        ("pause", "take no new attempts (drain it); survives restarts"),
+        ("resume", "undo pause"),
+    ):
+        upa = up.add_parser(action, help=help_text)
+        upa.add_argument("name")
+        upa.set_defaults(func=cmd_upstream_action, action=action)
 
     u = sub.add_parser("user", help="SMTP users").add_subparsers(dest="user_command", required=True)
     ua = u.add_parser(

@@ -226,3 +226,33 @@ async def test_a_queue_moves_from_sqlite_to_postgres_with_the_cli(
     assert "held" in out and "cannot connect to 127.0.0.1" in out  # the timeline came along
     code, out, _ = await relay_cli("queue", "release", held.id, config=target)
     assert (code, out.strip()) == (0, f"{held.id}: released")
+
+
+async def test_upstream_list_pause_and_resume(make_relay: RelayFactory, tmp_path: Path) -> None:
+    relay = await make_relay()
+    cfg = tmp_path / "cli-upstreams.toml"
+    cfg.write_text(
+        f'[server]\nqueue = "{relay.config.queue_dir}"\n'
+        f'[[upstream]]\nname = "outbox"\ntype = "maildir"\npath = "{tmp_path / "outbox"}"\n'
+    )
+    code, out, _ = await relay_cli("upstream", "pause", "outbox", config=cfg)
+    assert (code, out.split(":")[0]) == (0, "outbox")
+    await relay.router.sync()  # what every running process does four times a second
+    assert relay.router.state("outbox").paused
+    await send(relay, "while paused")
+    await wait_states(relay, deferred=1)
+    [row] = await relay.queue.search()
+    assert row.last_error is not None and "outbox: paused by an operator" in row.last_error
+    code, out, _ = await relay_cli("upstream", "list", "--json", config=cfg)
+    [listed] = json.loads(out)
+    assert listed["name"] == "outbox" and listed["paused"] is True
+    code, out, _ = await relay_cli("upstream", "list", config=cfg)
+    assert "paused" in out.splitlines()[1]
+    code, _, err = await relay_cli("upstream", "pause", "nosuch", config=cfg)
+    assert code == 1 and "no upstream 'nosuch'" in err and "known: outbox" in err
+
+    code, _, _ = await relay_cli("upstream", "resume", "outbox", config=cfg)
+    assert code == 0
+    code, out, _ = await relay_cli("queue", "flush", config=cfg)
+    assert out.startswith("1 deferred message(s) due now")
+    await wait_states(relay, sent=1)  # the round looked again before giving up

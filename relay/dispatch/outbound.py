@@ -76,8 +76,13 @@ class OutboundWorker:
                 refusals[upstream.name] = why
             return why is None
 
+        looked_again = False
         while pending:
             group = self.router.candidates(exclude=tried, accept=accept)
+            if not group and not tried and not looked_again:
+                looked_again = True
+                await self.router.refresh()
+                continue
             if not group:
                 if refusals and len(refusals) == len(self.router.states):
                     # Not an outage: no configured upstream can carry this message at all.
@@ -207,11 +212,8 @@ class OutboundWorker:
         new_failures = dict(failed)
         all_rcpts = item.meta.get("rcpts_original") or list(item.envelope.rcpt_tos)
         next_at: float | None = None
-        reason = (
-            last_error.reason
-            if last_error
-            else "no upstream is available (all breakers open or none configured)"
-        )
+        # Never just "none available": name each upstream's state and last real error.
+        reason = last_error.reason if last_error else self.router.why_none()
         if pending:
             retry_after = last_error.retry_after if isinstance(last_error, TransientError) else None
             next_at = self.policy.next_attempt(

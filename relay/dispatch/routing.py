@@ -122,6 +122,7 @@ class UpstreamState:
     failures: int = 0
     ambiguous: int = 0
     last_error: str | None = None
+    paused: bool = False  # an operator's pause, shared by every process
 
     @property
     def name(self) -> str:
@@ -143,7 +144,7 @@ class UpstreamState:
         self.delta.health_change += health - self.health
         self.health = health
 
-    def set_breaker(self, state: BreakerState) -> None:
+    def set_breaker(self, state: BreakerState, cause: str) -> None:
         """A transition made here; reported to the other processes at the next sync."""
         now = self.clock()
         self.breaker = state
@@ -151,6 +152,7 @@ class UpstreamState:
             self.opened_at = now
         self.changed_at = now
         self.delta.breaker = (state.value, self.opened_at, self.cooldown, now)
+        _log_transition(self, cause)
 
     def take_delta(self) -> UpstreamDelta:
         delta, self.delta = self.delta, UpstreamDelta(self.name)
@@ -163,29 +165,54 @@ class UpstreamState:
         self.last_error = row.last_error
         self.latency_ewma = row.latency_ewma
         self.health, self.health_stamp = row.health, row.health_stamp
+        if bool(row.paused) != self.paused:
+            self.paused = bool(row.paused)
+            log.warning("upstream %s %s by an operator", self.name, _paused(self.paused))
         if row.changed_at > self.changed_at:
+            before = self.breaker
             self.breaker = BreakerState(row.breaker)
             self.opened_at, self.cooldown, self.changed_at = (
                 row.opened_at,
-                row.cooldown,
+                row.cooldown or self.settings.cooldown,
                 row.changed_at,
             )
             if self.breaker is BreakerState.CLOSED:
                 self.consecutive_failures = 0
+            if self.breaker is not before:
+                _log_transition(self, "as another process or an operator decided")
         elif self.breaker is BreakerState.CLOSED and row.consecutive_failures >= failures_to_open:
-            # Each process saw fewer than failures_to_open, together they saw enough.
-            self.set_breaker(BreakerState.OPEN)
+            self.set_breaker(
+                BreakerState.OPEN,
+                f"{row.consecutive_failures} consecutive failures across the relay's processes"
+                f" (last: {row.last_error})",
+            )
             return True
         return False
 
     def usable(self) -> bool:
         """May attempts go here (breaker closed or half-open)? Open until the cool-down
         has passed; then half-open, where one probe at a time is let through."""
+        if self.paused:
+            return False
         if self.breaker is BreakerState.OPEN:
             if self.clock() - self.opened_at < self.cooldown:
                 return False
             self.breaker = BreakerState.HALF_OPEN
+            log.info("upstream %s breaker half-open: the next attempt is a probe", self.name)
         return True
+
+    def why_unusable(self) -> str:
+        """For a deferral's reason: what keeps this upstream out, and its last real error."""
+        if self.paused:
+            what = "paused by an operator"
+        elif self.breaker is BreakerState.OPEN:
+            probe = time.strftime("%H:%M:%S", time.gmtime(self.opened_at + self.cooldown))
+            what = f"breaker open until {probe}Z"
+        else:
+            what = f"breaker {self.breaker.value}"
+        return f"{self.name}: {what}" + (
+            f" (last error: {self.last_error})" if self.last_error else ""
+        )
 
     def has_capacity(self) -> bool:
         if self.breaker is BreakerState.HALF_OPEN and self.probing:
@@ -209,7 +236,22 @@ class UpstreamState:
             "failures": self.failures,
             "ambiguous": self.ambiguous,
             "last_error": self.last_error,
+            "paused": self.paused,
+            "next_probe": self.opened_at + self.cooldown
+            if self.breaker is BreakerState.OPEN
+            else None,
         }
+
+
+def _paused(paused: bool) -> str:
+    return "paused" if paused else "resumed"
+
+
+def _log_transition(s: UpstreamState, cause: str) -> None:
+    if s.breaker is BreakerState.OPEN:
+        log.warning("upstream %s breaker open for %.0fs: %s", s.name, s.cooldown, cause)
+    else:
+        log.info("upstream %s breaker %s: %s", s.name, s.breaker.value, cause)
 
 
 class Router:
@@ -232,6 +274,7 @@ class Router:
         self._news = asyncio.Event()  # a breaker changed here: report it now
         self._store_failing = False
         self._sync_lock = asyncio.Lock()  # one report at a time, in order
+        self._syncs_started = 0
 
     def add(
         self,
@@ -280,6 +323,12 @@ class Router:
             if group:
                 return self._weighted_order(group)
         return []
+
+    def why_none(self) -> str:
+        """Why no upstream can be tried now, naming each one's state and last real error."""
+        if not self.states:
+            return "no upstream is configured"
+        return "no upstream is available: " + "; ".join(s.why_unusable() for s in self.states)
 
     def _weighted_order(self, group: list[UpstreamState]) -> list[UpstreamState]:
         ordered: list[UpstreamState] = []
@@ -367,7 +416,7 @@ class Router:
         s.set_health(min(1.0, s.current_health() + 0.1))
         if s.breaker is not BreakerState.CLOSED:
             s.cooldown = self.settings.cooldown
-            s.set_breaker(BreakerState.CLOSED)
+            s.set_breaker(BreakerState.CLOSED, "an attempt succeeded")
             self._news.set()
         self._latency(s, latency)
 
@@ -396,7 +445,13 @@ class Router:
         ):
             if s.breaker is not BreakerState.CLOSED:
                 s.cooldown = min(s.cooldown * 2, self.settings.cooldown_max)
-            s.set_breaker(BreakerState.OPEN)
+            if error.upstream_wide:
+                cause = f"upstream-wide error: {error.reason}"
+            elif s.breaker is BreakerState.HALF_OPEN:
+                cause = f"the probe failed: {error.reason}"
+            else:
+                cause = f"{s.consecutive_failures} consecutive failures (last: {error.reason})"
+            s.set_breaker(BreakerState.OPEN, cause)
             self._news.set()
 
     @staticmethod
@@ -416,6 +471,7 @@ class Router:
         if self.store is None:
             return
         async with self._sync_lock:
+            self._syncs_started += 1
             await self._sync(self.store)
 
     async def _sync(self, store: RoutingStore) -> None:
@@ -443,6 +499,19 @@ class Router:
         if opened:
             self._news.set()
         self._freed.set()
+
+    async def refresh(self) -> None:
+        """A sync that starts after this call, shared with whoever else asks meanwhile:
+        before giving up on every upstream, look again (an operator may just have resumed
+        one or asked for a probe)."""
+        if self.store is None:
+            return
+        asked = self._syncs_started
+        async with self._sync_lock:
+            if self._syncs_started > asked:
+                return  # one began after we asked, and has finished
+            self._syncs_started += 1
+            await self._sync(self.store)
 
     async def sync_forever(self, interval: float = SYNC_INTERVAL) -> None:
         """Run `sync` every `interval`, and at once after a breaker changes here."""

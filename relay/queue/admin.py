@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from relay.queue.base import MessageRow, Queue, QueueActionError
+from relay.queue.base import MessageRow, Queue, QueueActionError, UpstreamAction, UpstreamShare
 
 log = logging.getLogger("relay.queue")
 
@@ -47,24 +47,49 @@ class QueueAdmin:
         await self.queue.hold(msg_id, now=self.clock(), actor=actor)
         log.info("%s held by %s", msg_id, actor)
 
-    async def release(self, msg_id: str, *, actor: str) -> None:
+    async def release(self, msg_id: str, *, actor: str) -> list[str]:
         await self.queue.release(msg_id, now=self.clock(), actor=actor)
         log.info("%s released by %s", msg_id, actor)
+        return await self._probe_open_breakers(actor)
 
-    async def retry(self, msg_id: str, *, actor: str) -> None:
+    async def retry(self, msg_id: str, *, actor: str) -> list[str]:
         await self.queue.retry(msg_id, now=self.clock(), actor=actor)
         log.info("%s queued again by %s", msg_id, actor)
+        return await self._probe_open_breakers(actor)
 
-    async def retry_failed(self, *, actor: str) -> list[str]:
+    async def retry_failed(self, *, actor: str) -> tuple[list[str], list[str]]:
         ids = await self.queue.retry_failed(now=self.clock(), actor=actor)
         log.info("%d failed message(s) queued again by %s", len(ids), actor)
-        return ids
+        return ids, await self._probe_open_breakers(actor)
 
     async def delete(self, msg_id: str, *, actor: str) -> None:
         await self.queue.delete(msg_id, actor=actor)
         log.warning("%s deleted by %s", msg_id, actor)
 
-    async def flush(self, *, actor: str) -> list[str]:
+    async def flush(self, *, actor: str) -> tuple[list[str], list[str]]:
         ids = await self.queue.flush(now=self.clock(), actor=actor)
         log.info("%d deferred message(s) made due by %s", len(ids), actor)
-        return ids
+        return ids, await self._probe_open_breakers(actor)
+
+    async def _probe_open_breakers(self, actor: str) -> list[str]:
+        """An operator who retries or flushes wants an attempt now: an upstream whose
+        breaker is open probes at once instead of after its cooldown. The upstreams named."""
+        rows = await self.upstreams()
+        open_now = [name for name, row in rows.items() if row.breaker == "open"]
+        if open_now:
+            await self.queue.routing.act(open_now, "probe", now=self.clock(), cooldown=0.0)
+            log.info("breakers of %s probe now, asked by %s", ", ".join(open_now), actor)
+        return open_now
+
+    # -- upstreams (relay upstream list|reset|pause|resume) --------------------------------
+
+    async def upstreams(self) -> dict[str, UpstreamShare]:
+        """Every upstream's shared state as the relay's processes last reported it."""
+        return await self.queue.routing.sync([], now=self.clock(), half_life=60.0)
+
+    async def upstream_action(
+        self, name: str, action: UpstreamAction, *, actor: str, cooldown: float
+    ) -> UpstreamShare:
+        rows = await self.queue.routing.act([name], action, now=self.clock(), cooldown=cooldown)
+        log.warning("upstream %s: %s by %s", name, action, actor)
+        return rows[name]

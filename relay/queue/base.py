@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from relay.message import Claimed, EventType, Kind, NewMessage
 
@@ -97,6 +97,13 @@ class UpstreamShare:
     failures: int = 0
     ambiguous: int = 0
     last_error: str | None = None
+    # An operator's `relay upstream pause`: no new attempts until resumed (survives restarts).
+    paused: bool = False
+
+    @property
+    def next_probe(self) -> float | None:
+        """When an open breaker lets its probe through (wall clock), else None."""
+        return self.opened_at + self.cooldown if self.breaker == "open" else None
 
 
 @dataclass(slots=True)
@@ -168,7 +175,7 @@ def heal(health: float, stamp: float, *, now: float, half_life: float) -> float:
 
 SHARE_COLUMNS = (
     "name, breaker, opened_at, cooldown, changed_at, consecutive_failures, health,"
-    " health_stamp, latency_ewma, attempts, successes, failures, ambiguous, last_error"
+    " health_stamp, latency_ewma, attempts, successes, failures, ambiguous, last_error, paused"
 )
 
 
@@ -188,6 +195,7 @@ def share_values(row: UpstreamShare) -> tuple[object, ...]:
         row.failures,
         row.ambiguous,
         row.last_error,
+        bool(row.paused),
     )
 
 
@@ -200,6 +208,27 @@ def bucket_take(tokens: float, stamp: float, *, rate: float, now: float) -> tupl
     return tokens, (1.0 - tokens) / rate
 
 
+UpstreamAction = Literal["reset", "pause", "resume", "probe"]
+
+
+def apply_action(
+    row: UpstreamShare, action: UpstreamAction, *, now: float, cooldown: float
+) -> UpstreamShare:
+    """An operator's change to one upstream's shared state. Breaker changes carry `now` as
+    their time, so every process adopts them at its next sync."""
+    if action == "pause":
+        row.paused = True
+    elif action == "resume":
+        row.paused = False
+    elif action == "reset":
+        row.breaker, row.cooldown, row.changed_at = "closed", cooldown, now
+        row.consecutive_failures, row.health, row.health_stamp = 0, 1.0, now
+    elif action == "probe" and row.breaker == "open":
+        # The cooldown is over now: the next attempt is the probe.
+        row.opened_at, row.changed_at = now - row.cooldown, now
+    return row
+
+
 class RoutingStore(abc.ABC):
     """Breakers, health and rate budgets where every process and host reads them."""
 
@@ -208,6 +237,12 @@ class RoutingStore(abc.ABC):
         self, deltas: list[UpstreamDelta], *, now: float, half_life: float
     ) -> dict[str, UpstreamShare]:
         """Apply this process's deltas (`merge_share`) and return every upstream's row."""
+
+    @abc.abstractmethod
+    async def act(
+        self, names: list[str], action: UpstreamAction, *, now: float, cooldown: float
+    ) -> dict[str, UpstreamShare]:
+        """Apply an operator's action (`apply_action`) to these upstreams; every row after."""
 
     @abc.abstractmethod
     async def take_token(self, name: str, *, rate: float, now: float) -> float:

@@ -19,6 +19,7 @@ import pytest
 
 from relay.app import Relay
 from relay.dkim import generate_key
+from relay.queue.admin import QueueAdmin
 from tests.conftest import RelayFactory, make_message, wait_states
 from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeProvider, FakeSendGrid
 from tests.upstreams.conftest import RICH
@@ -325,3 +326,29 @@ async def test_one_stray_500_does_not_stop_the_only_provider(
     await wait_states(relay, deferred=1, sent=1)
     assert relay.router.state("sendgrid").breaker.value == "closed"
     assert relay.router.state("sendgrid").consecutive_failures == 0
+
+
+async def test_operator_flush_probes_an_open_breaker_and_deferrals_name_the_real_error(
+    make_relay: RelayFactory, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[sendgrid_upstream(sendgrid)],
+        routing={"failures_to_open": 5, "cooldown": "1h"},
+        retry={"schedule": ["1h"], "max_age": "1d", "bounces": False},
+    )
+    sendgrid.fail(401, times=None)  # a bad key: the breaker opens at once, for an hour
+    await send(relay, make_message(subject="first"))
+    await wait_states(relay, deferred=1)
+    await send(relay, make_message(subject="while open"))
+    await wait_states(relay, deferred=2)
+    second = (await relay.queue.search())[1]
+    # Not "no upstream is available" alone: which upstream, why, and its last real error.
+    assert second.last_error is not None
+    assert "sendgrid: breaker open until" in second.last_error
+    assert "last error: HTTP 401" in second.last_error
+
+    sendgrid.reset()  # the operator fixed the key
+    ids, probing = await QueueAdmin(relay.queue).flush(actor="test")
+    assert len(ids) == 2 and probing == ["sendgrid"]
+    await wait_states(relay, sent=2)  # not deferred again for the rest of the hour
+    assert relay.router.state("sendgrid").breaker.value == "closed"

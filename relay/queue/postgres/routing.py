@@ -14,8 +14,10 @@ import asyncpg
 from relay.queue.base import (
     SHARE_COLUMNS,
     RoutingStore,
+    UpstreamAction,
     UpstreamDelta,
     UpstreamShare,
+    apply_action,
     bucket_take,
     merge_share,
     share_values,
@@ -24,12 +26,34 @@ from relay.queue.base import (
 T = TypeVar("T")
 Run = Callable[[Callable[[asyncpg.Connection], Awaitable[T]]], Awaitable[T]]
 
-_PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, 15))
+_PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, len(SHARE_COLUMNS.split(",")) + 1))
 _UPSERT = (
     f"INSERT INTO upstream_state ({SHARE_COLUMNS}) VALUES ({_PLACEHOLDERS})"
     " ON CONFLICT (name) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in SHARE_COLUMNS.replace(" ", "").split(",")[1:])
 )
+
+
+async def _locked_rows(
+    conn: asyncpg.Connection, names: list[str], *, now: float
+) -> dict[str, UpstreamShare]:
+    """Every upstream's row, those named locked for this transaction (created first, so two
+    hosts reporting an upstream for the first time don't both merge into an empty row)."""
+    if names:
+        ordered = sorted(set(names))  # one lock order for every host
+        await conn.executemany(
+            f"INSERT INTO upstream_state ({SHARE_COLUMNS}) VALUES ({_PLACEHOLDERS})"
+            " ON CONFLICT (name) DO NOTHING",
+            [share_values(UpstreamShare(name, health_stamp=now)) for name in ordered],
+        )
+        await conn.execute(
+            "SELECT name FROM upstream_state WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE",
+            ordered,
+        )
+    return {
+        r["name"]: UpstreamShare(**dict(r))
+        for r in await conn.fetch(f"SELECT {SHARE_COLUMNS} FROM upstream_state")
+    }
 
 
 class PostgresRouting(RoutingStore):
@@ -41,28 +65,26 @@ class PostgresRouting(RoutingStore):
         self, deltas: list[UpstreamDelta], *, now: float, half_life: float
     ) -> dict[str, UpstreamShare]:
         async def run(conn: asyncpg.Connection) -> dict[str, UpstreamShare]:
-            if deltas:
-                names = sorted(d.name for d in deltas)  # one lock order for every host
-                # Rows exist before they are locked: two hosts reporting an upstream for
-                # the first time must not both merge into an empty row.
-                await conn.executemany(
-                    f"INSERT INTO upstream_state ({SHARE_COLUMNS}) VALUES ({_PLACEHOLDERS})"
-                    " ON CONFLICT (name) DO NOTHING",
-                    [share_values(UpstreamShare(name, health_stamp=now)) for name in names],
-                )
-                await conn.execute(
-                    "SELECT name FROM upstream_state WHERE name = ANY($1::text[])"
-                    " ORDER BY name FOR UPDATE",
-                    names,
-                )
-            rows = {
-                r["name"]: UpstreamShare(**dict(r))
-                for r in await conn.fetch(f"SELECT {SHARE_COLUMNS} FROM upstream_state")
-            }
+            rows = await _locked_rows(conn, [d.name for d in deltas], now=now)
             for delta in deltas:
                 row = rows.get(delta.name) or UpstreamShare(delta.name, health_stamp=now)
                 rows[delta.name] = merge_share(row, delta, now=now, half_life=half_life)
                 await conn.execute(_UPSERT, *share_values(rows[delta.name]))
+            return rows
+
+        result = await self._run(run)
+        assert isinstance(result, dict)
+        return result
+
+    async def act(
+        self, names: list[str], action: UpstreamAction, *, now: float, cooldown: float
+    ) -> dict[str, UpstreamShare]:
+        async def run(conn: asyncpg.Connection) -> dict[str, UpstreamShare]:
+            rows = await _locked_rows(conn, names, now=now)
+            for name in names:
+                row = rows.get(name) or UpstreamShare(name, cooldown=cooldown, health_stamp=now)
+                rows[name] = apply_action(row, action, now=now, cooldown=cooldown)
+                await conn.execute(_UPSERT, *share_values(rows[name]))
             return rows
 
         result = await self._run(run)

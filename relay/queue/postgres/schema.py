@@ -56,7 +56,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             consecutive_failures integer NOT NULL, health double precision NOT NULL,
             health_stamp double precision NOT NULL, latency_ewma double precision,
             attempts bigint NOT NULL, successes bigint NOT NULL, failures bigint NOT NULL,
-            ambiguous bigint NOT NULL, last_error text
+            ambiguous bigint NOT NULL, last_error text, paused boolean NOT NULL DEFAULT false
         );
         CREATE TABLE rate_budget (
             name text PRIMARY KEY, tokens double precision NOT NULL,

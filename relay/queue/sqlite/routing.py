@@ -17,8 +17,10 @@ from typing import TypeVar
 from relay.queue.base import (
     SHARE_COLUMNS,
     RoutingStore,
+    UpstreamAction,
     UpstreamDelta,
     UpstreamShare,
+    apply_action,
     bucket_take,
     merge_share,
     share_values,
@@ -32,12 +34,30 @@ CREATE TABLE IF NOT EXISTS upstream_state (
     cooldown REAL NOT NULL, changed_at REAL NOT NULL, consecutive_failures INTEGER NOT NULL,
     health REAL NOT NULL, health_stamp REAL NOT NULL, latency_ewma REAL,
     attempts INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL,
-    ambiguous INTEGER NOT NULL, last_error TEXT
+    ambiguous INTEGER NOT NULL, last_error TEXT, paused INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS rate_budget (
     name TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL
 );
 """
+
+
+def _read(conn: sqlite3.Connection) -> dict[str, UpstreamShare]:
+    rows = {}
+    for r in conn.execute(f"SELECT {SHARE_COLUMNS} FROM upstream_state"):
+        row = UpstreamShare(*r)
+        row.paused = bool(row.paused)
+        rows[row.name] = row
+    return rows
+
+
+def _write(conn: sqlite3.Connection, row: UpstreamShare) -> None:
+    values = share_values(row)
+    conn.execute(
+        f"INSERT OR REPLACE INTO upstream_state ({SHARE_COLUMNS})"
+        f" VALUES ({', '.join('?' * len(values))})",
+        values,
+    )
 
 
 class SQLiteRouting(RoutingStore):
@@ -83,18 +103,24 @@ class SQLiteRouting(RoutingStore):
         self, deltas: list[UpstreamDelta], *, now: float, half_life: float
     ) -> dict[str, UpstreamShare]:
         def run(conn: sqlite3.Connection) -> dict[str, UpstreamShare]:
-            rows = {
-                r[0]: UpstreamShare(*r)
-                for r in conn.execute(f"SELECT {SHARE_COLUMNS} FROM upstream_state")
-            }
+            rows = _read(conn)
             for delta in deltas:
                 row = rows.get(delta.name) or UpstreamShare(delta.name, health_stamp=now)
                 rows[delta.name] = merge_share(row, delta, now=now, half_life=half_life)
-                conn.execute(
-                    f"INSERT OR REPLACE INTO upstream_state ({SHARE_COLUMNS})"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    share_values(rows[delta.name]),
-                )
+                _write(conn, rows[delta.name])
+            return rows
+
+        return await self._run(run)
+
+    async def act(
+        self, names: list[str], action: UpstreamAction, *, now: float, cooldown: float
+    ) -> dict[str, UpstreamShare]:
+        def run(conn: sqlite3.Connection) -> dict[str, UpstreamShare]:
+            rows = _read(conn)
+            for name in names:
+                row = rows.get(name) or UpstreamShare(name, cooldown=cooldown, health_stamp=now)
+                rows[name] = apply_action(row, action, now=now, cooldown=cooldown)
+                _write(conn, rows[name])
             return rows
 
         return await self._run(run)
