@@ -156,3 +156,9 @@ class Claimed:
     attempts: int
     meta: dict[str, Any]
     partition: int = 0
+
+    @property
+    def window_start(self) -> float:
+        """Where `retry.max_age` counts from: arrival, or an operator's retry of a message
+        that had failed for good (its arrival time stays what it was)."""
+        return float(self.meta.get("retried_at", self.created))

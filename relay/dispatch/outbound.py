@@ -217,11 +217,11 @@ class OutboundWorker:
         if pending:
             retry_after = last_error.retry_after if isinstance(last_error, TransientError) else None
             next_at = self.policy.next_attempt(
-                now=now, created=item.created, deferrals=rounds - 1, retry_after=retry_after
+                now=now, created=item.window_start, deferrals=rounds - 1, retry_after=retry_after
             )
             if next_at is None:
                 age_reason = self.policy.gave_up(
-                    now=now, created=item.created, rounds=rounds, last_error=reason
+                    now=now, created=item.window_start, rounds=rounds, last_error=reason
                 )
                 failed.update(dict.fromkeys(pending, age_reason))
                 new_failures.update(dict.fromkeys(pending, age_reason))

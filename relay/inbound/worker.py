@@ -382,11 +382,11 @@ class InboundWorker:
         next_at: float | None = None
         if retrying:
             next_at = self.policy.next_attempt(
-                now=now, created=item.created, deferrals=rounds - 1, retry_after=rnd.retry_after
+                now=now, created=item.window_start, deferrals=rounds - 1, retry_after=rnd.retry_after
             )
             if next_at is None:
                 gave_up = self.policy.gave_up(
-                    now=now, created=item.created, rounds=rounds, last_error=reason
+                    now=now, created=item.window_start, rounds=rounds, last_error=reason
                 )
                 failed.update(dict.fromkeys(pending, gave_up))
                 if rnd.retry_whole:

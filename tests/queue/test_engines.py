@@ -212,6 +212,10 @@ async def test_operator_actions_and_their_refusals(make_queue: MakeQueue) -> Non
     [again] = await claim(q)
     assert again.envelope.rcpt_tos == ("bad@example.org",)  # only the failed recipient
     assert "rcpts_failed" not in again.meta
+    # Its arrival stays (queue-time figures stay true); max_age counts from the retry.
+    assert again.created == pytest.approx(failed.received_at)
+    assert again.window_start == pytest.approx(again.meta["retried_at"])
+    assert again.window_start >= again.created
     await q.record_round(again, now=time.time(), rounds=2, rnd=sent_round())
     tl = types(await q.timeline(held.id))
     assert tl == ["received", "held", "released", "attempt", "sent"]

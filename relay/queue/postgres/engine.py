@@ -580,12 +580,13 @@ async def _retry(conn: asyncpg.Connection, row: MessageRow, *, now: float, actor
     rcpts = row.rcpts
     if row.state == Status.FAILED:
         # Only the recipients that failed: the others already have their copy. A failed
-        # message starts a new max_age window, as if it had just arrived.
+        # message gets a new max_age window (meta.retried_at); its arrival time stays.
         rcpts = list(row.meta.get("rcpts_failed") or {}) or rcpts or row.meta["rcpts_original"]
     await conn.execute(
         "UPDATE messages SET state = 'queued', next_attempt = $2, updated = $2,"
-        " rcpts = $3::jsonb, created = CASE WHEN state = 'failed' THEN $2 ELSE created END,"
-        " meta = meta - 'rcpts_failed' WHERE id = $1",
+        " rcpts = $3::jsonb, meta = CASE WHEN state = 'failed'"
+        " THEN (meta - 'rcpts_failed') || jsonb_build_object('retried_at', $2::float8)"
+        " ELSE meta - 'rcpts_failed' END WHERE id = $1",
         row.id,
         now,
         _dumps(rcpts),

@@ -408,12 +408,13 @@ def retry(conn: sqlite3.Connection, msg_id: str, *, now: float, actor: str) -> N
     rcpts = row.rcpts
     if row.state == Status.FAILED:
         # Only the recipients that failed: the others already have their copy. A failed
-        # message starts a new max_age window, as if it had just arrived.
+        # message gets a new max_age window (meta.retried_at); its arrival time stays.
         rcpts = list(row.meta.get("rcpts_failed") or {}) or rcpts or row.meta["rcpts_original"]
     conn.execute(
-        "UPDATE messages SET state = 'queued', next_attempt = ?, updated = ?,"
-        " rcpts = ?, created = CASE WHEN state = 'failed' THEN ? ELSE created END,"
-        " meta = json_remove(meta, '$.rcpts_failed') WHERE id = ?",
+        "UPDATE messages SET state = 'queued', next_attempt = ?, updated = ?, rcpts = ?,"
+        " meta = CASE WHEN state = 'failed'"
+        " THEN json_set(json_remove(meta, '$.rcpts_failed'), '$.retried_at', ?)"
+        " ELSE json_remove(meta, '$.rcpts_failed') END WHERE id = ?",
         (now, now, json.dumps(rcpts), now, msg_id),
     )
     _event(conn, msg_id, now, EventType.RETRY, {"by": actor, "from_state": row.state})
