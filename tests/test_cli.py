@@ -86,7 +86,8 @@ async def test_queue_commands_on_a_running_server(
 
     await sink.start(port)
     code, out, _ = await relay_cli("queue", "flush", config=cfg)
-    assert (code, out.strip()) == (0, "1 deferred message(s) due now")
+    assert code == 0 and out.startswith("1 deferred message(s) due now\n")
+    assert "breaker open on smarthost: probing now" in out  # the flush reaches it at once
     await wait_states(relay, sent=1, held=1)  # picked up by the server's own poll
     code, out, _ = await relay_cli("queue", "release", one, config=cfg)
     assert code == 0
@@ -256,3 +257,100 @@ async def test_upstream_list_pause_and_resume(make_relay: RelayFactory, tmp_path
     code, out, _ = await relay_cli("queue", "flush", config=cfg)
     assert out.startswith("1 deferred message(s) due now")
     await wait_states(relay, sent=1)  # the round looked again before giving up
+
+
+async def fill_queue(queue_dir: Path, n: int) -> list[str]:
+    """n queued messages, every third to example.net, straight into a SQLite queue."""
+    from relay.message import Envelope, Kind, NewMessage, new_message_id
+    from relay.queue.sqlite.engine import SQLiteQueue
+
+    queue = SQLiteQueue(queue_dir, owner="test:1:1")
+    await queue.start()
+    ids = []
+    for i in range(n):
+        domain = "example.net" if i % 3 == 0 else "example.org"
+        msg = NewMessage(
+            id=new_message_id(),
+            kind=Kind.OUTBOUND,
+            envelope=Envelope(f"app{i}@example.com", (f"user{i}@{domain}",)),
+            data=b"Subject: x\r\n\r\nbody\r\n",
+            received_at=1_700_000_000.0 + i,
+            received={"client": "127.0.0.1"},
+        )
+        await queue.insert(msg)
+        ids.append(msg.id)
+    await queue.close()
+    return ids
+
+
+async def test_operator_papercuts_version_pipes_json_times_case_and_bulk(tmp_path: Path) -> None:
+    ids = await fill_queue(tmp_path / "queue", 300)
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'[server]\nqueue = "{tmp_path / "queue"}"\n')
+
+    code, out, _ = await relay_cli("--version", config=cfg)
+    assert code == 0 and out.startswith("relay ")
+
+    # A reader that leaves early (`| head`) gets no traceback.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        "--config",
+        str(cfg),
+        "queue",
+        "list",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    await proc.stdout.read(100)
+    proc.stdout.feed_eof()
+    transport = proc._transport  # type: ignore[attr-defined]
+    transport.get_pipe_transport(1).close()
+    stderr = await proc.stderr.read()
+    await proc.wait()
+    assert b"Traceback" not in stderr and proc.returncode == 141, stderr
+
+    code, out, _ = await relay_cli("queue", "show", ids[0].lower(), "--json", config=cfg)
+    shown = json.loads(out)["message"]
+    assert shown["id"] == ids[0] and shown["created"] == "2023-11-14T22:13:20.000Z"
+    assert shown["created_epoch"] == 1_700_000_000.0
+    assert shown["recipients"] == ["user0@example.net"] and shown["pending"] == [
+        "user0@example.net"
+    ]
+
+    code, out, _ = await relay_cli("queue", "hold", "ALL", "--to", "@example.net", config=cfg)
+    assert (code, out.strip()) == (0, "100 message(s) held")
+    code, out, _ = await relay_cli("queue", "list", "--state", "held", "--json", config=cfg)
+    held = [r["id"] for r in json.loads(out)]
+    assert len(held) == 100 and all(
+        r["recipients"][0].endswith("example.net") for r in json.loads(out)
+    )
+    code, out, _ = await relay_cli(
+        "queue", "release", "-", config=cfg, stdin="\n".join(held[:10]).encode()
+    )
+    assert (code, out.strip()) == (0, "10 message(s) released")
+    code, out, err = await relay_cli("queue", "delete", held[10], "NOSUCH", config=cfg)
+    assert code == 0 and "1 message(s) deleted, 1 refused" in out and "no message NOSUCH" in err
+    code, out, _ = await relay_cli(
+        "queue",
+        "delete",
+        "ALL",
+        "--state",
+        "held",
+        "--from",
+        "app3",
+        "--older-than",
+        "1d",
+        config=cfg,
+    )
+    # app3, app30-app39, app300...: held ones only (those to example.net)
+    assert code == 0 and out.strip().endswith("deleted")
+
+    code, out, _ = await relay_cli("queue", "shape", config=cfg)
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["DOMAIN", "TOTAL", "0-5m"]
+    assert lines[1].split()[0] == "TOTAL"
+    assert {lines[2].split()[0], lines[3].split()[0]} == {"example.org", "example.net"}

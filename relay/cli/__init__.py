@@ -1,0 +1,164 @@
+"""`relay` command line: serve, check-config, queue (postqueue/postsuper), user, dkim.
+
+Queue commands go through `relay.queue.admin`, the same code the HTTP API calls, on
+whichever engine the config names; they work whether or not the server runs. A running
+server sees their changes at once on PostgreSQL, within a second on SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import importlib.metadata
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from relay.cli.common import load, with_admin
+from relay.cli.queue import add_queue_commands
+
+DEFAULT_CONFIG = os.environ.get("RELAY_CONFIG", "config.toml")
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    # No caller lookup, thread or process names in the records (the format uses none of
+    # them): the logging HOWTO's own advice, and a few percent of a busy relay's CPU.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    if args.log_level.lower() != "debug":
+        # aiosmtpd logs every command at INFO (about ten lines a session); the relay's
+        # own loggers already say what happened to each message, once.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    workers = cfg.server.worker_count
+    if workers > 1:
+        from relay import supervisor
+
+        return supervisor.run(cfg, workers)
+    from relay.app import serve
+
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    queue_state = with_admin(args, lambda a: a.queue.check())
+    print(
+        f"{args.config}: ok ({len(cfg.smtp.listen)} listener(s), "
+        f"{len(cfg.upstream)} upstream(s), queue {queue_state})"
+    )
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    from relay.smtp.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if password != getpass.getpass("Again: "):
+            print("relay: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("relay: empty password refused", file=sys.stderr)
+        return 1
+    print("[[smtp.users]]")
+    print(f'name = "{args.name}"')
+    print(f'password_hash = "{hash_password(password)}"')
+    print('allowed_senders = ["*"]   # narrow this, e.g. ["*@example.com"]')
+    return 0
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from relay.dkim import generate_key
+
+    pem, record = generate_key(args.domain, args.selector, Path(args.directory), bits=args.bits)
+    print(f"private key written to {pem}\n")
+    print("Publish this DNS TXT record:\n")
+    print(record)
+    print("\nand add to config.toml:\n")
+    print(
+        f'[[dkim]]\ndomain = "{args.domain}"\nselector = "{args.selector}"\n'
+        f'private_key = "file:{pem}"'
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relay", description="SMTP relay gateway")
+    p.add_argument("--version", action="version", version=f"relay {_version()}")
+    p.add_argument(
+        "--config",
+        "-c",
+        default=DEFAULT_CONFIG,
+        help="config file (default: $RELAY_CONFIG or ./config.toml)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the relay")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_serve)
+    sub.add_parser("check-config", help="validate the config file").set_defaults(
+        func=cmd_check_config
+    )
+
+    add_queue_commands(sub)
+
+    u = sub.add_parser("user", help="SMTP users").add_subparsers(dest="user_command", required=True)
+    ua = u.add_parser(
+        "add",
+        help="print a config entry with a hashed password (prompts, or reads one line from stdin)",
+    )
+    ua.add_argument("name")
+    ua.set_defaults(func=cmd_user_add)
+
+    d = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="dkim_command", required=True)
+    dk = d.add_parser("keygen", help="write a key and print its DNS record")
+    dk.add_argument("--domain", required=True)
+    dk.add_argument("--selector", required=True)
+    dk.add_argument("--directory", default="var/dkim")
+    dk.add_argument("--bits", type=int, default=2048)
+    dk.set_defaults(func=cmd_dkim_keygen)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `relay queue list | head`: the reader left; say nothing more, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+    return result
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("relay")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
