@@ -209,6 +209,7 @@ def build(cls: type[T], data: Any, key: str = "") -> T:
 TLSMode = Literal["none", "starttls", "implicit"]
 AuthMode = Literal["required", "optional", "none"]
 TLSVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+BareLF = Literal["reject", "normalize"]
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,29 @@ class ListenConfig:
     auth: AuthMode = "optional"
     # AUTH over cleartext exposes passwords; only a listener that says so allows it.
     auth_require_tls: bool = True
+    # Pending connections the kernel queues for this listener (capped by the system's
+    # net.core.somaxconn). asyncio's default of 100 overflows in a burst of connects.
+    backlog: int = 1024
+    # A line ending in a bare LF: "normalize" (made CRLF, as Postfix 3.9 does) or
+    # "reject" (550 5.6.11). Either way only <CR><LF>.<CR><LF> ends DATA, and a bare CR
+    # is always refused.
+    bare_lf: BareLF = "normalize"
+    # Clients whose bare LFs are normalised even when bare_lf = "reject"; unset: the
+    # trusted networks.
+    bare_lf_exempt: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        if not 1 <= self.backlog <= 65535:
+            raise ValueError("backlog must be between 1 and 65535")
+        self.check_networks("bare_lf_exempt", self.bare_lf_exempt or ())
+
+    @staticmethod
+    def check_networks(key: str, networks: tuple[str, ...]) -> None:
+        for net in networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{key}: {net!r} is not a network such as 10.0.0.0/8") from None
 
 
 @dataclass(frozen=True)
@@ -277,15 +301,18 @@ class SMTPConfig:
     # Failed AUTH attempts one session may make before it is disconnected.
     max_auth_failures: int = 3
     timeout: Duration = Duration(300.0)
+    # Sessions this process serves at once, in total and per client address; past them a
+    # new connection gets 421 4.7.0 and is closed.
+    max_connections: int = 1000
+    max_connections_per_ip: int = 100
+    # DATA beyond this size goes to an unlinked temporary file (in the queue directory,
+    # or the system's temporary directory with a PostgreSQL queue) instead of memory.
+    data_spool_threshold: Size = Size(1000**2)
 
     def validate(self) -> None:
-        for net in self.trusted_networks:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ValueError(
-                    f"trusted_networks: {net!r} is not a network such as 10.0.0.0/8"
-                ) from None
+        ListenConfig.check_networks("trusted_networks", self.trusted_networks)
+        if self.max_connections < 1 or self.max_connections_per_ip < 1:
+            raise ValueError("max_connections and max_connections_per_ip must be at least 1")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
         for path in (self.tls_cert, self.tls_key):

@@ -19,18 +19,32 @@ from relay.config import ListenConfig, SMTPConfig
 from relay.message import Envelope, Kind, NewMessage, new_message_id
 from relay.queue.base import StoreError, StoreFull
 from relay.smtp import replies
+from relay.smtp.address import Problem, mailbox_problem
 from relay.smtp.auth import Authenticator, sender_allowed
 
 log = logging.getLogger("relay.smtp")
 
-# local@domain with no spaces or angle brackets; quoted local parts are rare enough in
-# relayed mail that the lenient form below (anything but space, @, <, >) covers them.
-ADDRESS = re.compile(r"[^\s@<>]+@[^\s@<>]+")
 # What a client's HELO name may not bring into our Received header: controls (a bare CR
 # there would break the CRLF-only promise the envelope makes) and spaces.
 UNSAFE_IN_HEADER = re.compile(r"[\x00-\x20\x7f]")
 
 Submit = Callable[[NewMessage], Awaitable[None]]
+# How a user's allowed_senders admits the null reverse-path `MAIL FROM:<>`.
+NULL_SENDER = "<>"
+
+
+def _networks(networks: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(n, strict=False) for n in networks]
+
+
+def _in_networks(peer: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 class RelayHandler:
@@ -50,7 +64,11 @@ class RelayHandler:
         self.authenticator = authenticator
         self.submit = submit
         self.clock = clock
-        self.trusted = [ipaddress.ip_network(n, strict=False) for n in smtp.trusted_networks]
+        self.trusted = _networks(smtp.trusted_networks)
+        # Whose bare LFs are normalised on a bare_lf = "reject" listener (Postfix exempts
+        # $mynetworks the same way).
+        exempt = listener.bare_lf_exempt
+        self.bare_lf_exempt = self.trusted if exempt is None else _networks(exempt)
         # Scanners and apps come back from the same few addresses all day: remember the
         # verdict per address instead of parsing it for every session.
         self._trusted_peers: dict[str, bool] = {}
@@ -69,13 +87,15 @@ class RelayHandler:
         return verdict
 
     def _in_trusted_networks(self, peer: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.trusted)
+        return _in_networks(peer, self.trusted)
+
+    def normalizes_bare_lf(self, session: Any) -> bool:
+        """Whether this client's bare LFs become CRLF (else its message is refused)."""
+        if self.listener.bare_lf == "normalize":
+            return True
+        if self.bare_lf_exempt is self.trusted:
+            return self._is_trusted(session)
+        return bool(session.peer) and _in_networks(session.peer[0], self.bare_lf_exempt)
 
     def _received_date(self, now: float) -> str:
         """The Received header's date, formatted once a second (email.utils is slow)."""
@@ -85,9 +105,11 @@ class RelayHandler:
         return self._date
 
     def _user(self, session: Any) -> Any:
-        if not session.authenticated or session.login_data is None:
+        """The authenticated user: RelaySMTP keeps its name in `auth_data` (aiosmtpd's
+        `login_data` is deprecated and warns on every use)."""
+        if not session.authenticated or not isinstance(session.auth_data, str):
             return None
-        return self.authenticator.users.get(session.login_data.decode("utf-8", "replace"))
+        return self.authenticator.users.get(session.auth_data)
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -118,21 +140,43 @@ class RelayHandler:
             if not self._is_trusted(session):
                 return replies.RELAY_DENIED.format(ip=session.peer[0])
         sender = "" if address == "<>" else address
-        if sender and not ADDRESS.fullmatch(sender):
-            return replies.SENDER_SYNTAX
-        if user is not None and sender and not sender_allowed(user, sender):
-            return replies.SENDER_NOT_ALLOWED.format(
-                sender=sender, user=user.name, allowed=", ".join(user.allowed_senders)
-            )
+        if sender:
+            problem = mailbox_problem(sender, smtputf8="SMTPUTF8" in mail_options)
+            if problem is Problem.NEEDS_SMTPUTF8:
+                return replies.SENDER_NEEDS_SMTPUTF8
+            if problem is not None:
+                return replies.SENDER_SYNTAX
+        if user is not None:
+            refusal = self._sender_refusal(user, sender)
+            if refusal is not None:
+                return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return replies.SENDER_OK
 
+    @staticmethod
+    def _sender_refusal(user: Any, sender: str) -> str | None:
+        """An authenticated user may use its allowed_senders only. The null sender is for
+        bounces, which a submission account rarely sends: it must be listed as "<>"."""
+        allowed = ", ".join(user.allowed_senders)
+        if not sender:
+            if NULL_SENDER in user.allowed_senders:
+                return None
+            return replies.NULL_SENDER_NOT_ALLOWED.format(user=user.name, allowed=allowed)
+        if not sender_allowed(user, sender):
+            return replies.SENDER_NOT_ALLOWED.format(sender=sender, user=user.name, allowed=allowed)
+        return None
+
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        if not ADDRESS.fullmatch(address):
+        problem = mailbox_problem(address, smtputf8=bool(envelope.smtp_utf8))
+        if problem is Problem.NO_DOMAIN:
             return replies.RECIPIENT_NO_DOMAIN
+        if problem is Problem.NEEDS_SMTPUTF8:
+            return replies.RECIPIENT_NEEDS_SMTPUTF8
+        if problem is not None:
+            return replies.RECIPIENT_SYNTAX
         if len(envelope.rcpt_tos) >= self.smtp.max_recipients:
             return replies.TOO_MANY_RECIPIENTS.format(limit=self.smtp.max_recipients)
         envelope.rcpt_tos.append(address)

@@ -7,38 +7,86 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 
-from relay.config import Config
+from relay.config import Config, ListenConfig
+from relay.queue import is_postgres
 from relay.smtp.auth import Authenticator
 from relay.smtp.handler import RelayHandler, Submit
+from relay.smtp.limits import ConnectionLimits, LargeMessages
+from relay.smtp.refusals import RefusalLog
 from relay.smtp.server import RelaySMTP
 from relay.smtp.tls import ensure_self_signed, server_tls_context
 
 log = logging.getLogger("relay.smtp")
+
+# sysexits.h EX_CONFIG: the supervisor does not restart a worker that exits with it.
+EX_CONFIG = 78
+
+
+class ListenerError(SystemExit):
+    """A listener that cannot be served (address in use, not resolvable, not ours).
+
+    A SystemExit, so that `relay serve` ends with status 78 and the one line already
+    logged, not a traceback, and `asyncio.run` still unwinds the process cleanly.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(EX_CONFIG)
 
 
 class ProtocolFactory:
     """Makes each connection's protocol: the first in full, the rest cloned from it."""
 
     def __init__(self, build: Callable[[], RelaySMTP]) -> None:
-        self.build = build
-        self.template: RelaySMTP | None = None
+        self.template = build()  # kept aside: it never serves a connection
 
     def __call__(self) -> RelaySMTP:
-        if self.template is None:
-            self.template = self.build()  # kept aside: it never serves a connection
         return RelaySMTP.from_template(self.template)
 
 
-def tls_context(config: Config) -> ssl.SSLContext | None:
+def tls_files(config: Config) -> tuple[Path, Path] | None:
+    """The certificate and key the listeners use, made once if self-signed.
+
+    The supervisor calls this before forking workers, so that they never race to create
+    the pair (two workers once ended up with one's key and the other's certificate).
+    """
     smtp = config.smtp
     if all(listen.tls == "none" for listen in smtp.listen):
         return None
     if smtp.tls_cert:
-        cert, key = config.resolve(smtp.tls_cert), config.resolve(smtp.tls_key)
-    else:
-        cert, key = ensure_self_signed(config.resolve("var/tls"), config.server.hostname)
-    return server_tls_context(cert=cert, key=key, min_version=smtp.tls_min_version)
+        return config.resolve(smtp.tls_cert), config.resolve(smtp.tls_key)
+    return ensure_self_signed(config.resolve("var/tls"), config.server.hostname)
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    files = tls_files(config)
+    if files is None:
+        return None
+    cert, key = files
+    return server_tls_context(cert=cert, key=key, min_version=config.smtp.tls_min_version)
+
+
+def spool_directory(config: Config) -> Path | None:
+    """Where DATA past the spool threshold goes: beside the queue, whose disk the operator
+    sized for mail (None, the system's temporary directory, with a PostgreSQL queue)."""
+    if is_postgres(config.server.queue):
+        return None
+    directory = config.queue_dir / "incoming"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _warn_cleartext_auth(index: int, listen: ListenConfig) -> None:
+    """Once at start, and only for a listener deliberately configured so: aiosmtpd warned
+    on each worker's first connection, implicit-TLS listeners included."""
+    if listen.auth != "none" and not listen.auth_require_tls and listen.tls != "implicit":
+        log.warning(
+            "smtp.listen[%d] (%s): AUTH is accepted without TLS (auth_require_tls = false); "
+            "passwords can cross the network in clear",
+            index,
+            listen.address,
+        )
 
 
 async def start_listeners(
@@ -47,8 +95,16 @@ async def start_listeners(
     smtp = config.smtp
     ctx = tls_context(config)
     authenticator = Authenticator(smtp.users)
-    servers = []
-    for listen in smtp.listen:
+    limits = ConnectionLimits(
+        total=smtp.max_connections,
+        per_ip=smtp.max_connections_per_ip,
+        hostname=config.server.hostname,
+    )
+    large = LargeMessages()
+    refusals = RefusalLog()
+    spool_dir = spool_directory(config)
+    servers: list[asyncio.Server] = []
+    for index, listen in enumerate(smtp.listen):
         handler = RelayHandler(
             listener=listen,
             smtp=smtp,
@@ -60,11 +116,16 @@ async def start_listeners(
 
         def build(handler: RelayHandler = handler, implicit: bool = implicit) -> RelaySMTP:
             cfg = handler.listener
-            return RelaySMTP(
+            protocol = RelaySMTP(
                 handler,
                 authenticator=authenticator,
                 implicit_tls=implicit,
                 max_auth_failures=smtp.max_auth_failures,
+                limits=limits,
+                large=large,
+                refusals=refusals,
+                spool_dir=spool_dir,
+                spool_threshold=smtp.data_spool_threshold,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=True,
                 hostname=config.server.hostname,
@@ -73,26 +134,55 @@ async def start_listeners(
                 require_starttls=False,
                 timeout=smtp.timeout,
                 auth_required=cfg.auth == "required",
-                auth_require_tls=cfg.auth_require_tls and not implicit,
+                # Always True here, so aiosmtpd does not warn on each worker's first
+                # connection; the listener's own setting is applied just below (on an
+                # implicit-TLS port the channel is encrypted before AUTH can be sent).
+                auth_require_tls=True,
                 auth_exclude_mechanism=["PLAIN", "LOGIN"] if cfg.auth == "none" else [],
             )
+            protocol._auth_require_tls = cfg.auth_require_tls and not implicit
+            return protocol
 
-        factory = ProtocolFactory(build)
-        server = await asyncio.get_running_loop().create_server(
-            factory,
-            host=listen.address.host,
-            port=listen.address.port,
-            ssl=ctx if implicit else None,
-            reuse_address=True,
-            reuse_port=reuse_port,
-            family=socket.AF_UNSPEC,
-        )
-        for sock in server.sockets:
-            log.info(
-                "SMTP listening on %s (tls=%s, auth=%s)",
-                sock.getsockname()[:2],
-                listen.tls,
-                listen.auth,
+        _warn_cleartext_auth(index, listen)
+        try:
+            server = await _serve(
+                listen, ProtocolFactory(build), ctx if implicit else None, reuse_port
             )
+        except OSError as exc:
+            log.error(
+                "cannot listen on %s (smtp.listen[%d]): %s",
+                listen.address,
+                index,
+                exc.strerror or exc,
+            )
+            for started in servers:
+                started.close()
+            raise ListenerError() from None
         servers.append(server)
     return servers
+
+
+async def _serve(
+    listen: ListenConfig,
+    factory: ProtocolFactory,
+    ctx: ssl.SSLContext | None,
+    reuse_port: bool,
+) -> asyncio.Server:
+    server = await asyncio.get_running_loop().create_server(
+        factory,
+        host=listen.address.host,
+        port=listen.address.port,
+        ssl=ctx,
+        reuse_address=True,
+        reuse_port=reuse_port,
+        family=socket.AF_UNSPEC,
+        backlog=listen.backlog,  # the kernel caps it at net.core.somaxconn
+    )
+    for sock in server.sockets:
+        log.info(
+            "SMTP listening on %s (tls=%s, auth=%s)",
+            sock.getsockname()[:2],
+            listen.tls,
+            listen.auth,
+        )
+    return server

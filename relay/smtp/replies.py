@@ -54,3 +54,42 @@ ENHANCED_DEFAULTS = {
     "554": "5.5.0",
     "555": "5.5.4",
 }
+
+# -- envelope syntax (RFC 5321 4.1.2, RFC 6531 3.3) ---------------------------------------
+RECIPIENT_SYNTAX = "553 5.1.3 Recipient address is not valid (RFC 5321 section 4.1.2)"
+SENDER_NEEDS_SMTPUTF8 = (
+    "553 5.6.7 Sender address is not ASCII: send MAIL FROM with the SMTPUTF8 parameter "
+    "(RFC 6531 section 3.5)"
+)
+RECIPIENT_NEEDS_SMTPUTF8 = (
+    "553 5.6.7 Recipient address is not ASCII: send MAIL FROM with the SMTPUTF8 parameter "
+    "(RFC 6531 section 3.5)"
+)
+NULL_SENDER_NOT_ALLOWED = (
+    "553 5.7.1 User {user} may not send with the null sender <>; use one of: {allowed}"
+)
+
+# -- session -------------------------------------------------------------------------------
+UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
+TOO_MANY_UNKNOWN = "421 4.7.0 Too many unrecognized commands; closing connection"
+TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Too many connections; try again later"
+TOO_MANY_CONNECTIONS_FROM = "421 4.7.0 {host} Too many connections from {ip}; try again later"
+INTERNAL_ERROR = "451 4.3.0 Internal error while processing the command; try again later"
+#: RFC 3207 4.2: STARTTLS is not offered again once TLS is on.
+ALREADY_TLS = "503 5.5.1 TLS is already active"
+
+# -- AUTH (RFC 4954) -----------------------------------------------------------------------
+AUTH_OK = "235 2.7.0 Authentication successful"
+ALREADY_AUTHENTICATED = "503 5.5.1 Already authenticated"
+AUTH_ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required: use STARTTLS before AUTH"
+AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH <mechanism> [initial-response]"
+AUTH_UNKNOWN_MECHANISM = "504 5.5.4 Unrecognized authentication type"
+AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+AUTH_PLAIN_SYNTAX = "501 5.5.2 AUTH PLAIN needs authzid NUL user NUL password"
+#: RFC 4954 4: a line longer than the server accepts in the exchange.
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
+#: RFC 4616 2: the server may refuse to let one identity act as another.
+AUTH_AUTHZID_REFUSED = (
+    "535 5.7.8 Authentication refused: acting as another user (authorization identity) "
+    "is not allowed"
+)

@@ -1,76 +1,68 @@
 """The SMTP protocol: aiosmtpd, with our own DATA reader, AUTH for scanners and policy.
 
 What differs from stock aiosmtpd, and why:
-- DATA is read as a block up to the one true end marker `<CRLF>.<CRLF>` (bytes search, not
-  a line loop: several times faster for large messages). A bare CR or LF anywhere, which
-  is how SMTP smuggling hides a second message behind `<LF>.<CR><LF>`, gets the whole
-  message rejected after its real end: nothing is ever split into two.
+- DATA is read in blocks up to the one true end marker `<CRLF>.<CRLF>` into a spool that
+  moves to disk past a threshold (`relay.smtp.data`): bounded memory, no smuggling.
+- Envelope addresses are parsed by `relay.smtp.address` (strict RFC 5321/6531 grammar)
+  instead of the email package's header parser, whose exceptions reached clients.
 - AUTH LOGIN prompts are the `Username:`/`Password:` that picky scanners wait for, the
-  user name may come inline, and password checks run off the event loop.
-- Replies carry enhanced status codes (RFC 3463) and say what to do.
-- The null reverse-path `MAIL FROM:<>` is accepted (bounces must be relayable).
+  user name may come inline, AUTH is accepted after HELO as well as EHLO (old devices do
+  that; Postfix allows it), and password checks run off the event loop.
+- Replies carry enhanced status codes (RFC 3463), say what to do, never echo a client's
+  bytes unprintable and never carry exception text. Every refusal is logged once
+  (`relay.smtp.refusals`); what a client sends during or after AUTH never is.
+- Connections past the configured limits get `421 4.7.0` (`relay.smtp.limits`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import ssl
 from base64 import b64decode
+from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, _AuthMechAttr
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, _AuthMechAttr
 
 from relay.smtp import replies
+from relay.smtp.address import split_path
 from relay.smtp.auth import Authenticator
-from relay.wire import crlf_only
+from relay.smtp.data import DataError, Spool, read_data
+from relay.smtp.limits import ConnectionLimits, LargeMessages
+from relay.smtp.refusals import RefusalLog, printable
 
 log = logging.getLogger("relay.smtp")
 
-END_OF_DATA = b"\r\n.\r\n"
-# <local@domain> made of plain atoms, then optional ESMTP parameters.
-SIMPLE_PATH = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)\Z")
+# Unrecognised commands a session may send before it is closed (aiosmtpd's own limit).
+BOGUS_LIMIT = 5
+
+Command = Callable[[str | None], Coroutine[Any, Any, None]]
 
 
-class DataError(Exception):
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
+class Commands(dict[str, Command]):
+    """aiosmtpd's command table, where an unknown command finds `smtp_unknown`.
 
-
-async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """Read DATA up to the end marker and return the unstuffed content.
-
-    The reader's buffer gets a synthetic CRLF in front so that an empty message (".")
-    and a first line that is the end marker are found by the same search. Too-large
-    messages are read to their end (so the session stays in sync) but not kept.
+    aiosmtpd looks commands up with `.get()` and logs an unknown one's text at WARNING;
+    after a refused AUTH that text is a client's base64 user name or password.
     """
-    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
-    buffer[0:0] = b"\r\n"
-    old_limit = reader._limit  # type: ignore[attr-defined]
-    reader._limit = limit + 1024  # type: ignore[attr-defined]
-    too_big = False
-    try:
-        while True:
-            try:
-                raw = await reader.readuntil(END_OF_DATA)
-                break
-            except asyncio.LimitOverrunError as exc:
-                # No end marker within the limit: discard what can't hold one, keep going.
-                too_big = True
-                await reader.readexactly(exc.consumed)
-    finally:
-        reader._limit = old_limit  # type: ignore[attr-defined]
-    if too_big or len(raw) - 5 > limit:
-        raise DataError(replies.MESSAGE_TOO_BIG.format(limit=limit))
-    content = raw[:-3]  # keep the last line's CRLF, drop ".\r\n"
-    if not crlf_only(content):
-        raise DataError(replies.BARE_LINE_ENDING)
-    # Remove dot-stuffing (RFC 5321 4.5.2): a line's leading "." was doubled by the client.
-    # Looking first is half the cost of replacing, and most messages have no such line.
-    if b"\r\n." in content:
-        content = content.replace(b"\r\n.", b"\r\n")
-    return content[2:]
+
+    def __init__(self, methods: dict[str, Command], unknown: Command) -> None:
+        super().__init__(methods)
+        self.unknown = unknown
+        self.last = "CONNECT"  # the command being answered, for the refusal log
+
+    def get(self, key: str, default: Any = None) -> Command:
+        method = super().get(key)
+        self.last = key if method is not None else "UNKNOWN"
+        return method or self.unknown
+
+
+def _peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}"
+    return str(peer)
 
 
 class RelaySMTP(SMTP):
@@ -84,14 +76,32 @@ class RelaySMTP(SMTP):
         authenticator: Authenticator,
         implicit_tls: bool,
         max_auth_failures: int,
+        limits: ConnectionLimits,
+        large: LargeMessages,
+        refusals: RefusalLog,
+        spool_dir: Path | None,
+        spool_threshold: int,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.relay_authenticator = authenticator
         self.implicit_tls = implicit_tls
         self.max_auth_failures = max_auth_failures
+        self.limits = limits
+        self.large = large
+        self.refusals = refusals
+        self.spool_dir = spool_dir
+        self.spool_threshold = spool_threshold
+        self._reset_connection_state()
+
+    def _reset_connection_state(self) -> None:
         self._auth_failures = 0
+        self._bogus = 0
         self._in_greeting = False
+        self._slot: str | None = None  # the client address holding a connection slot
+        self._refused = self._lost = False
+        self._address = ""  # the path of the MAIL or RCPT being answered, for the log
+        self._auth_login = ""  # the user name of the AUTH being answered, for the log
 
     @classmethod
     def from_template(cls, template: RelaySMTP) -> RelaySMTP:
@@ -110,9 +120,10 @@ class RelaySMTP(SMTP):
             client_connected_cb=self._cb_client_connected,
             loop=template.loop,
         )
-        self._smtp_methods = {
-            name: getattr(self, f"smtp_{name}") for name in template._smtp_methods
-        }
+        self._smtp_methods = Commands(
+            {name: getattr(self, f"smtp_{name}") for name in template._smtp_methods},
+            self._unknown_command,
+        )
         self._auth_methods = {
             mech: _AuthMechAttr(getattr(self, attr.method.__name__), True)
             if attr.is_builtin
@@ -123,19 +134,117 @@ class RelaySMTP(SMTP):
         self._handler_coroutine = self._timeout_handle = None
         self._tls_handshake_okay = True
         self._tls_protocol = self._original_transport = None
-        self._auth_failures = 0
-        self._in_greeting = False
+        self._reset_connection_state()
         return self
+
+    # -- connections ---------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        if self._original_transport is None and not self._admit(transport):
+            return
+        # RFC 3207 asks clients to EHLO again after STARTTLS; several (aiosmtplib among
+        # them, and scanners) go straight to AUTH or MAIL. The EHLO name carries no
+        # security weight, so keep it rather than answer "503 send EHLO first".
+        previous = self.session if self._original_transport is not None else None
+        super().connection_made(transport)
+        if previous is not None and self.session is not None:
+            self.session.host_name = previous.host_name
+            self.session.extended_smtp = previous.extended_smtp
+
+    def _admit(self, transport: Any) -> bool:
+        """Take a connection slot, or answer 421 and close (RFC 5321 3.8)."""
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else "unknown"
+        refusal = self.limits.acquire(ip)
+        if refusal is None:
+            self._slot = ip
+            return True
+        self._refused = True
+        self.refusals.refused(command="CONNECT", peer=_peer(peer), reply=refusal)
+        transport.write(refusal.encode() + b"\r\n")
+        transport.close()
+        return False
+
+    def connection_lost(self, error: Exception | None) -> None:
+        # aiosmtpd calls this itself after a failed STARTTLS handshake, then the
+        # transport may call it again: the slot is given back once.
+        if self._refused or self._lost:
+            return
+        self._lost = True
+        if self._slot is not None:
+            self.limits.release(self._slot)
+            self._slot = None
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    async def _handle_client(self) -> None:
+        """aiosmtpd's session loop, with network failures as one line, not a traceback
+        from a task whose exception nobody retrieves."""
+        try:
+            await super()._handle_client()
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            log.info("%s connection lost: %s", self._peer_text, _reason(exc))
+
+    @property
+    def _peer_text(self) -> str:
+        return _peer(self.session.peer if self.session else None)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """The reply to a command that raised: never the exception's text (it reached
+        clients as `500 Error: (AttributeError) ...`)."""
+        if isinstance(error, TLSSetupException):
+            # One line an operator can act on; scanners retry every minute.
+            log.warning("%s TLS handshake failed: %s", self._peer_text, _reason(error.__cause__))
+            return replies.INTERNAL_ERROR  # not sent: aiosmtpd closes the connection
+        log.error("%s command failed", self._peer_text, exc_info=error)
+        return replies.INTERNAL_ERROR
 
     # -- replies -------------------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._in_greeting:
+        if isinstance(status, str):
+            if not (status.isascii() and status.isprintable()):
+                # A reply that quotes the client must not carry its CR, NUL or 8-bit bytes.
+                status = printable(status)
             code, sep, rest = status.partition(" ")
             enhanced = replies.ENHANCED_DEFAULTS.get(code)
-            if sep and enhanced and not rest[:1].isdigit():
+            if sep and enhanced and not rest[:1].isdigit() and not self._in_greeting:
                 status = f"{code} {enhanced} {rest}"
+            if code[:1] in ("4", "5") and self.session is not None:
+                self._log_refusal(status)
         await super().push(status)
+
+    def _log_refusal(self, reply: str) -> None:
+        assert self.session is not None
+        command = getattr(self._smtp_methods, "last", "?")
+        envelope = self.envelope
+        sender = envelope.mail_from if envelope is not None else None
+        recipient = None
+        if command == "MAIL":
+            sender = self._address
+        elif command == "RCPT":
+            recipient = self._address
+        elif command == "DATA" and envelope is not None:
+            recipient = ",".join(envelope.rcpt_tos)
+        self.refusals.refused(
+            command=command,
+            peer=self._peer_text,
+            reply=reply,
+            user=self._user_name() or self._auth_login,
+            sender="" if sender == "<>" else sender,
+            recipient=recipient,
+        )
+
+    def _user_name(self) -> str | None:
+        if self.session is None or not self.session.authenticated:
+            return None
+        name = self.session.auth_data
+        return name if isinstance(name, str) else None
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_greeting = True
@@ -151,15 +260,21 @@ class RelaySMTP(SMTP):
         finally:
             self._in_greeting = False
 
-    def connection_made(self, transport: Any) -> None:
-        # RFC 3207 asks clients to EHLO again after STARTTLS; several (aiosmtplib among
-        # them, and scanners) go straight to AUTH or MAIL. The EHLO name carries no
-        # security weight, so keep it rather than answer "503 send EHLO first".
-        previous = self.session if self._original_transport is not None else None
-        super().connection_made(transport)
-        if previous is not None and self.session is not None:
-            self.session.host_name = previous.host_name
-            self.session.extended_smtp = previous.extended_smtp
+    async def _unknown_command(self, arg: str | None) -> None:
+        """Not echoed and not logged: after a refused AUTH it may be a password."""
+        self._bogus += 1
+        if self._bogus >= BOGUS_LIMIT:
+            await self.push(replies.TOO_MANY_UNKNOWN)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await self.push(replies.UNKNOWN_COMMAND)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.uses_tls:
+            await self.push(replies.ALREADY_TLS)
+            return
+        await super().smtp_STARTTLS(arg)
 
     @property
     def uses_tls(self) -> bool:
@@ -168,76 +283,121 @@ class RelaySMTP(SMTP):
     # -- addresses -----------------------------------------------------------------------
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        stripped = arg.lstrip()
-        if stripped.startswith("<>"):
-            return "<>", stripped[2:]
-        simple = SIMPLE_PATH.match(stripped)
-        if simple:
-            # The common case, without the email package's full RFC 5322 parser (6 % of
-            # a loaded relay's CPU); anything unusual still goes through it.
-            return simple.group(1), simple.group(2)
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
-        return result
+        """(path, parameters); ("", "") makes aiosmtpd answer 501 (syntax). The mailbox
+        itself is judged by the handler, which knows whether SMTPUTF8 was given."""
+        path = split_path(arg)
+        if path is None:
+            self._address = arg.strip()
+            return "", ""
+        self._address = path[0]
+        if not path[0]:
+            return "<>", path[1]
+        return path
 
     # -- AUTH ----------------------------------------------------------------------------
 
-    async def smtp_AUTH(self, arg: str) -> None:
-        if self.implicit_tls:
-            # aiosmtpd only knows STARTTLS; on an implicit-TLS port the channel is secure.
-            self._auth_require_tls = False
-        await super().smtp_AUTH(arg)
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        """RFC 4954 AUTH, also after HELO: old scanners send AUTH without EHLO, and
+        Postfix accepts it. aiosmtpd answered them `500 not recognized`, then logged
+        their base64 user name and password as unrecognised commands."""
+        if await self.check_helo_needed("EHLO"):
+            return
         assert self.session is not None
-        if self._auth_failures >= self.max_auth_failures and not self.session.authenticated:
+        args = (arg or "").split()
+        status = await self._call_handler_hook("AUTH", args)
+        if status is not MISSING:
+            await self.push(status)
+        elif self.session.authenticated:
+            await self.push(replies.ALREADY_AUTHENTICATED)
+        elif self._auth_require_tls and not self.uses_tls:
+            await self.push(replies.AUTH_ENCRYPTION_REQUIRED)
+        elif not 1 <= len(args) <= 2:
+            await self.push(replies.AUTH_SYNTAX)
+        elif args[0].upper() not in self._auth_methods:
+            await self.push(replies.AUTH_UNKNOWN_MECHANISM)
+        else:
+            await self._authenticate_with(args)
+        self._auth_login = ""
+
+    async def _authenticate_with(self, args: list[str]) -> None:
+        assert self.session is not None and self.transport is not None
+        mechanism = self._auth_methods[args[0].upper()]
+        result: AuthResult = await mechanism.method(self, args)
+        if result.success:
+            self.session.authenticated = True
+            self.session.auth_data = result.auth_data
+            await self.push(replies.AUTH_OK)
+            return
+        if not result.handled:
+            await self.push(result.message or replies.AUTH_INVALID)
+        if self._auth_failures >= self.max_auth_failures:
             await self.push(replies.AUTH_TOO_MANY)
-            assert self.transport is not None
             self.transport.close()
+
+    async def _auth_answer(self, challenge: str, *, encode: bool = True) -> bytes | None:
+        """The client's decoded answer to a 334 challenge, or None (already answered)."""
+        try:
+            answer = await self.challenge_auth(challenge, encode_to_b64=encode)
+        except ValueError:  # longer than the line limit
+            await self.push(replies.AUTH_LINE_TOO_LONG)
+            return None
+        return answer if isinstance(answer, bytes) else None
+
+    async def _initial_response(self, text: str) -> bytes | None:
+        try:
+            return b64decode(text.encode(), validate=True)
+        except ValueError:
+            await self.push(replies.AUTH_BAD_BASE64)
+            return None
+
+    def _failed(self, mechanism: str, login: bytes, message: str) -> AuthResult:
+        self._auth_failures += 1
+        self._auth_login = login.decode("utf-8", "replace")
+        log.info(
+            "%s AUTH %s failed (%d of %d)",
+            self._peer_text,
+            mechanism,
+            self._auth_failures,
+            self.max_auth_failures,
+        )
+        return AuthResult(success=False, handled=False, message=message)
 
     async def _check(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         user = await self.relay_authenticator.check(login, password)
-        assert self.session is not None
         if user is None:
-            self._auth_failures += 1
-            log.warning(
-                "%s AUTH %s failed for %r (%d)",
-                self.session.peer,
-                mechanism,
-                login.decode("utf-8", "replace"),
-                self._auth_failures,
-            )
-            return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
-        log.info("%s authenticated as %s", self.session.peer, user.name)
-        return AuthResult(success=True, auth_data=LoginPassword(login, password))
+            return self._failed(mechanism, login, replies.AUTH_INVALID)
+        log.info("%s authenticated as %s", self._peer_text, printable(user.name))
+        # The user's name, not the password: aiosmtpd keeps auth_data for the session.
+        return AuthResult(success=True, auth_data=user.name)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await self.challenge_auth("", encode_to_b64=False)
-            if not isinstance(blob, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
+        blob = (
+            await self._auth_answer("", encode=False)
+            if len(args) == 1
+            else await self._initial_response(args[1])
+        )
+        if blob is None:
+            return AuthResult(success=False, handled=True)
         parts = blob.split(b"\0")
         if len(parts) != 3:
-            await self.push("501 5.5.2 AUTH PLAIN needs authzid NUL user NUL password")
+            await self.push(replies.AUTH_PLAIN_SYNTAX)
             return AuthResult(success=False, handled=True)
-        return await self._check("PLAIN", parts[1], parts[2])
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # RFC 4616 2: `bob NUL alice NUL pw` asks to act as bob with alice's password.
+            return self._failed("PLAIN", login, replies.AUTH_AUTHZID_REFUSED)
+        return await self._check("PLAIN", login, password)
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if not isinstance(login, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                login = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
-        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
-        if not isinstance(password, bytes):
+        login = (
+            await self._auth_answer(self.AuthLoginUsernameChallenge)
+            if len(args) == 1
+            else await self._initial_response(args[1])
+        )
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await self._auth_answer(self.AuthLoginPasswordChallenge)
+        if password is None:
             return AuthResult(success=False, handled=True)
         return await self._check("LOGIN", login, password)
 
@@ -256,21 +416,49 @@ class RelaySMTP(SMTP):
             await self.push(replies.DATA_SYNTAX)
             return
         await self.push(replies.DATA_GO_AHEAD)
-        limit = self.data_size_limit or 2**31
+        spool = Spool(threshold=self.spool_threshold, directory=self.spool_dir)
         try:
-            content = await read_data(self._reader, limit)
-        except DataError as exc:
+            status = await self._receive(spool)
+        finally:
+            spool.close()
+        if status is not None:
+            await self.push(status)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push(exc.reply)
-            return
-        except asyncio.IncompleteReadError:
-            log.info(
-                "%s disconnected during DATA; nothing stored", self.session and self.session.peer
+
+    async def _receive(self, spool: Spool) -> str | None:
+        """Read the content and hand it on; the reply, or None if the client is gone."""
+        assert self.session is not None and self.transport is not None
+        try:
+            await read_data(
+                self._reader,
+                spool,
+                limit=self.data_size_limit or 2**31,
+                normalize=self.event_handler.normalizes_bare_lf(self.session),
             )
-            assert self.transport is not None
+        except DataError as exc:
+            return exc.reply
+        except asyncio.IncompleteReadError:
+            log.info("%s disconnected during DATA; nothing stored", self._peer_text)
             self.transport.close()
-            return
-        self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push(status)
+            return None
+        if not spool.on_disk:
+            return await self._hand_off(spool)
+        async with self.large.handoff():
+            return await self._hand_off(spool)
+
+    async def _hand_off(self, spool: Spool) -> str:
+        assert self.envelope is not None
+        self.envelope.content = self.envelope.original_content = spool.read()
+        spool.close()
+        status: str = await self._call_handler_hook("DATA")
+        self.envelope.content = self.envelope.original_content = None
+        return status
+
+
+def _reason(exc: BaseException | None) -> str:
+    """An exception as a short phrase for a log line (an SSL error's reason code)."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return printable(exc.reason)
+    if exc is None:
+        return "unknown error"
+    return printable(f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__)

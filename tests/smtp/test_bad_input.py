@@ -10,7 +10,17 @@ from collections.abc import AsyncIterator
 import pytest
 
 from relay.app import Relay
-from tests.conftest import PASSWORD, USER, RelayFactory, make_message, sqlite_spool, states
+from tests.conftest import (
+    PASSWORD,
+    USER,
+    RelayFactory,
+    make_message,
+    outbox,
+    sqlite_spool,
+    states,
+    strip_received,
+    wait_states,
+)
 
 
 class RawSession:
@@ -62,8 +72,11 @@ async def assert_queue_empty(relay: Relay) -> None:
     )
 
 
-async def test_unknown_command(smtp: RawSession, relay: Relay) -> None:
-    assert (await smtp.cmd("FROB x")).startswith('500 5.5.2 Error: command "FROB"')
+async def test_unknown_command_is_neither_echoed_nor_logged(
+    smtp: RawSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await smtp.cmd("FROB x") == "500 5.5.2 Command not recognized"
+    assert "FROB" not in caplog.text
 
 
 @pytest.mark.parametrize("address", ["<not an address>", "<a@b@c>", "<@>"])
@@ -233,32 +246,76 @@ async def test_disconnect_mid_data_leaves_nothing(smtp: RawSession, relay: Relay
     await assert_queue_empty(relay)
 
 
-@pytest.mark.parametrize(
-    "smuggled",
-    [
-        b"\n.\r\n",
-        b"\r\n.\n",
-        b"\n.\n",
-        b"\r.\r\n",
-        b"\r\n.\r",
-    ],
-    ids=["LF.CRLF", "CRLF.LF", "LF.LF", "CR.CRLF", "CRLF.CR"],
+SMUGGLING = {
+    "LF.CRLF": b"\n.\r\n",
+    "CRLF.LF": b"\r\n.\n",
+    "LF.LF": b"\n.\n",
+    "CR.CRLF": b"\r.\r\n",
+    "CRLF.CR": b"\r\n.\r",
+    "CR.CR": b"\r.\r",
+    "CR.LF": b"\r.\n",
+    "LF.CR": b"\n.\r",
+}
+SECOND = (
+    b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nsend money\r\n"
 )
+
+
+def bare_lf_listener(mode: str) -> dict[str, object]:
+    """A listener in `mode` where loopback (a trusted network) is not exempt."""
+    return {
+        "listen": [{"address": "127.0.0.1:0", "tls": "none", "bare_lf": mode, "bare_lf_exempt": []}]
+    }
+
+
+@pytest.mark.parametrize("mode", ["reject", "normalize"])
+@pytest.mark.parametrize("smuggled", list(SMUGGLING.values()), ids=list(SMUGGLING))
 async def test_smuggling_markers_never_end_a_message(
-    smtp: RawSession, relay: Relay, smuggled: bytes
+    make_relay: RelayFactory, mode: str, smuggled: bytes
 ) -> None:
-    await smtp.cmd("MAIL FROM:<app@example.com>")
-    await smtp.cmd("RCPT TO:<a@example.org>")
-    assert (await smtp.cmd("DATA")).startswith("354")
-    second = (
-        b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
-        b"Subject: smuggled\r\n\r\nsend money\r\n"
+    """Only <CR><LF>.<CR><LF> ends DATA, whatever the bare-LF mode: a bare CR is always
+    refused; a bare LF is refused ("reject") or becomes CRLF inside the one message
+    ("normalize"). Never two messages, and the session stays in sync."""
+    relay = await make_relay(smtp=bare_lf_listener(mode))
+    s = await RawSession.open(relay.smtp_ports()[0])
+    await s.cmd("EHLO client.test")
+    await s.cmd("MAIL FROM:<app@example.com>")
+    await s.cmd("RCPT TO:<a@example.org>")
+    assert (await s.cmd("DATA")).startswith("354")
+    reply = await s.cmd(make_message() + smuggled + SECOND + b".\r\n")
+    assert (await s.cmd("NOOP")).startswith("250")
+    await s.close()
+    if mode == "reject" or b"\r" in smuggled.replace(b"\r\n", b""):
+        assert reply.startswith("550 5.6.11 Message rejected: it contains a bare CR"), reply
+        await assert_queue_empty(relay)
+        return
+    assert reply.startswith("250 2.0.0"), reply
+    await wait_states(relay, sent=1)
+    [stored] = outbox(relay)
+    assert b"send money" in stored
+    assert stored.count(b"\n") == stored.count(b"\r\n") == stored.count(b"\r")
+
+
+async def test_bare_lf_from_a_trusted_network_is_normalised_on_a_reject_listener(
+    make_relay: RelayFactory,
+) -> None:
+    """A PHP mail() on 127.0.0.1 (trusted) sends LF line endings: bare_lf_exempt defaults
+    to the trusted networks, so its message is accepted with CRLF line endings."""
+    relay = await make_relay(
+        smtp={"listen": [{"address": "127.0.0.1:0", "tls": "none", "bare_lf": "reject"}]}
     )
-    reply = await smtp.cmd(make_message() + smuggled + second + b".\r\n")
-    # The only reply is to the whole thing: rejected for its bare line ending.
-    assert reply.startswith("550 5.6.11 Message rejected: it contains a bare CR or LF"), reply
-    assert (await smtp.cmd("NOOP")).startswith("250")
-    await assert_queue_empty(relay)
+    s = await RawSession.open(relay.smtp_ports()[0])
+    await s.cmd("EHLO client.test")
+    await s.cmd("MAIL FROM:<app@example.com>")
+    await s.cmd("RCPT TO:<a@example.org>")
+    await s.cmd("DATA")
+    body = b"Subject: lf\n\nline one\n..dotted\nlast\n"
+    assert (await s.cmd(body + b"\r\n.\r\n")).startswith("250 2.0.0")
+    await s.close()
+    await wait_states(relay, sent=1)
+    [stored] = outbox(relay)
+    assert strip_received(stored) == b"Subject: lf\r\n\r\nline one\r\n.dotted\r\nlast\r\n\r\n"
 
 
 async def test_queue_refuses_when_disk_is_nearly_full(make_relay: RelayFactory) -> None:
