@@ -29,7 +29,7 @@ from email.parser import BytesParser
 from email.utils import formataddr
 from typing import Any, ClassVar
 
-from relay.message import Envelope
+from relay.message import Envelope, split_message
 from relay.upstreams.http import HTTPUpstream, Refused, Request
 
 #: Header carrying the relay's own message id, passed to providers as custom data so their
@@ -285,6 +285,16 @@ def _recipients(
     return to, cc, bcc
 
 
+# Delivery-status notifications (RFC 3464) are advisory: through a JSON-only provider their
+# human-readable part becomes the body and the machine-readable parts attachments, so a
+# relay whose only upstreams are JSON providers can still tell a sender their mail failed.
+_REPORT_PART_NAMES = {
+    "message/delivery-status": "delivery-status.txt",
+    "text/rfc822-headers": "original-headers.txt",
+    "message/rfc822": "original.eml",
+}
+
+
 class _Parts:
     """Walks the MIME tree: one text body, one HTML body, the rest attachments."""
 
@@ -295,6 +305,9 @@ class _Parts:
 
     def walk(self, part: Message, parent: str) -> None:
         ctype = part.get_content_type()
+        if ctype == "multipart/report" and not parent and _is_delivery_report(part):
+            self._report(part)
+            return
         if ctype in _OPAQUE_TYPES:
             raise NotRepresentable(f"{ctype} must reach the recipient byte for byte")
         if ctype.startswith("multipart/"):
@@ -312,6 +325,25 @@ class _Parts:
             raise NotRepresentable(f"alternative body {ctype} has no JSON field")
         else:
             self._attachment(part, ctype, disposition, filename, parent)
+
+    def _report(self, report: Message) -> None:
+        """A DSN: its first (human-readable) part is the body, the others attachments with
+        their bytes as generated."""
+        children = report.get_payload()
+        assert isinstance(children, list)
+        for i, child in enumerate(children):
+            assert isinstance(child, Message)
+            ctype = child.get_content_type()
+            if i == 0 and ctype in _BODY_TYPES:
+                self._body(child, ctype)
+                continue
+            _, content = split_message(child.as_bytes())
+            if ctype == "message/rfc822":
+                inner = child.get_payload(0)
+                assert isinstance(inner, Message)
+                content = inner.as_bytes()
+            name = _REPORT_PART_NAMES.get(ctype, f"report-part-{i + 1}.txt")
+            self.attachments.append(Attachment(name, ctype, content))
 
     def _body(self, part: Message, ctype: str) -> None:
         attr = "text" if ctype == "text/plain" else "html"
@@ -345,6 +377,10 @@ class _Parts:
         self.attachments.append(
             Attachment(_text(filename), ctype, content, cid if inline else None)
         )
+
+
+def _is_delivery_report(part: Message) -> bool:
+    return str(part.get_param("report-type", "")).lower() == "delivery-status"
 
 
 def _custom_headers(data: bytes) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ on loopback that check requests like the real APIs and fail on command.
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import time
@@ -352,3 +353,25 @@ async def test_operator_flush_probes_an_open_breaker_and_deferrals_name_the_real
     assert len(ids) == 2 and probing == ["sendgrid"]
     await wait_states(relay, sent=2)  # not deferred again for the rest of the hour
     assert relay.router.state("sendgrid").breaker.value == "closed"
+
+
+async def test_a_bounce_reaches_the_sender_through_a_json_only_provider(
+    make_relay: RelayFactory, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[sendgrid_upstream(sendgrid)],
+        retry={"schedule": ["1h"], "max_age": "1d", "bounces": True},
+    )
+    sendgrid.fail(400, times=1, message="The to array is invalid")  # this message's fault
+    await send(relay, make_message(subject="doomed"), sender="app@example.com")
+    await wait_states(relay, failed=1, sent=1)
+    [dsn] = sendgrid.requests
+    body = dsn.body
+    assert body["subject"] == "Undelivered Mail Returned to Sender"
+    assert [p["email"] for p in body["personalizations"][0]["to"]] == ["app@example.com"]
+    text = next(c["value"] for c in body["content"] if c["type"] == "text/plain")
+    assert "rcpt@example.org" in text and "The to array is invalid" in text
+    names = {a["filename"]: a for a in body["attachments"]}
+    status = base64.b64decode(names["delivery-status.txt"]["content"])
+    assert b"Final-Recipient: rfc822; rcpt@example.org" in status
+    assert b"Action: failed" in status

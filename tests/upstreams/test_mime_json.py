@@ -111,9 +111,10 @@ def test_message_rfc822_attachment_is_carried_whole() -> None:
         (
             _msg(
                 SIMPLE_HEADERS,
-                'Content-Type: multipart/report; report-type=delivery-status; boundary="r"\n\n'
-                "--r\nContent-Type: text/plain\n\nfailed\n--r\n"
-                "Content-Type: message/delivery-status\n\nReporting-MTA: dns; x\n--r--\n",
+                # A read receipt (RFC 8098) is for machines: only DSNs are converted.
+                "Content-Type: multipart/report; report-type=disposition-notification; "
+                'boundary="r"\n\n--r\nContent-Type: text/plain\n\nread\n--r\n'
+                "Content-Type: message/disposition-notification\n\nReporting-UA: x\n--r--\n",
             ),
             "multipart/report",
         ),
