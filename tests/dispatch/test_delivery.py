@@ -4,7 +4,9 @@ and expiry."""
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from relay.app import Relay
 from relay.message import Envelope
 from relay.outcomes import PermanentError
+from relay.queue.base import StoreError
 from relay.upstreams.smtp import _rcpt_command
 from tests.conftest import (
     RelayFactory,
@@ -203,3 +206,36 @@ def test_addresses_that_cannot_go_into_a_command_are_refused_for_good() -> None:
         _rcpt_command(plain, "a@example.org>\r\nRCPT TO:<b@example.org")
     utf8 = Envelope("app@example.com", ("x@example.org",), smtputf8=True)
     assert _rcpt_command(utf8, "jörg@example.org") == (b"RCPT", "TO:<jörg@example.org>".encode())
+
+
+async def test_an_outcome_the_queue_cannot_record_is_kept_and_recorded_when_it_can(
+    make_relay: RelayFactory,
+    sink: SMTPSink,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Disk full (or the database restarting) just as a delivery finishes: the outcome is
+    not dropped to wait for the lease (5 minutes by default, and a resend); it is recorded
+    as soon as the queue takes writes again, with one log line each way, no traceback."""
+    caplog.set_level(logging.INFO, logger="relay.dispatch")
+    relay = await make_relay(upstream=[smtp_upstream(sink.port)], **FAST)
+    real = relay.queue.record_round
+    failures = 3
+
+    async def full_disk(*args: Any, **kwargs: Any) -> bool:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreError("queue write failed: database or disk is full")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(relay.queue, "record_round", full_disk)
+    await send(relay, make_message(), ["a@example.org"])
+    await wait_states(relay, sent=1)
+    assert len(sink.messages) == 1  # delivered once, not again after a lease expiry
+    [row] = await relay.queue.search()
+    assert [e["type"] for e in await relay.queue.timeline(row.id)][-2:] == ["attempt", "sent"]
+    kept = [r for r in caplog.records if "outcome kept" in r.getMessage()]
+    recorded = [r for r in caplog.records if "outcome recorded" in r.getMessage()]
+    assert len(kept) == 1 and len(recorded) == 1
+    assert not any(r.exc_info for r in caplog.records)
