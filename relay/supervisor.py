@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -23,11 +24,13 @@ import traceback
 from collections.abc import Callable
 
 from relay.config import Config
+from relay.smtp.listener import EX_CONFIG, tls_files
 
 log = logging.getLogger("relay.app")
 
 PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF = (0.5, 1, 2, 5, 10)
+READY_POLL = 0.2  # seconds between checks for a worker that died before it was ready
 
 
 def _die_with_parent() -> None:
@@ -50,6 +53,9 @@ def _child(
     code = 0
     try:
         asyncio.run(serve(config, shard=shard, workers=workers, on_ready=ready))  # type: ignore[arg-type]
+    except SystemExit as exc:
+        # A worker that cannot start (a listener it cannot bind) has logged its one line.
+        code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -58,9 +64,49 @@ def _child(
         os._exit(code)
 
 
+def _prepare(config: Config) -> None:
+    """What workers share and must not race to create: the self-signed TLS pair."""
+    tls_files(config)
+
+
+def _wait_ready(read_fd: int, children: dict[int, int], workers: int) -> int | None:
+    """Wait until every worker is ready; a worker's exit status if one gave up first.
+
+    Polled, not a blocking read: every process holds the pipe's write end, so a worker
+    that dies before it is ready would otherwise leave the supervisor waiting forever.
+    """
+    ready: set[int] = set()
+    while len(ready) < workers:
+        readable, _, _ = select.select([read_fd], [], [], READY_POLL)
+        if readable:
+            ready.update(os.read(read_fd, 64))
+            continue
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            children.pop(pid, None)
+            return os.waitstatus_to_exitcode(status) or 1
+    log.info(
+        "relay ready: %d workers on one port, queue shards %s",
+        workers,
+        ", ".join(str(s) for s in sorted(ready)),
+    )
+    return None
+
+
+def _stop_all(children: dict[int, int]) -> None:
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in list(children):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    children.clear()
+
+
 def run(config: Config, workers: int) -> int:
     from relay.app import serve
 
+    _prepare(config)
     read_fd, write_fd = os.pipe()
     children: dict[int, int] = {}
     restarts = [0] * workers
@@ -85,17 +131,11 @@ def run(config: Config, workers: int) -> int:
     for shard in range(workers):
         spawn(shard)
 
-    ready: set[int] = set()
-    while len(ready) < workers:
-        data = os.read(read_fd, 64)
-        if not data:
-            break
-        ready.update(data)
-    log.info(
-        "relay ready: %d workers on one port, queue shards %s",
-        workers,
-        ", ".join(str(s) for s in sorted(ready)),
-    )
+    failed = _wait_ready(read_fd, children, workers)
+    if failed is not None:
+        log.error("a worker could not start (exit status %d); stopping", failed)
+        _stop_all(children)
+        return failed
 
     while children:
         try:
@@ -107,6 +147,11 @@ def run(config: Config, workers: int) -> int:
         shard = children.pop(pid)
         if stopping:
             continue
+        if os.waitstatus_to_exitcode(status) == EX_CONFIG:
+            # Its listener cannot be served: starting it again would fail the same way.
+            log.error("worker %d cannot serve its listeners; stopping the relay", shard)
+            _stop_all(children)
+            return EX_CONFIG
         delay = RESTART_BACKOFF[min(restarts[shard], len(RESTART_BACKOFF) - 1)]
         restarts[shard] += 1
         log.error(

@@ -7,6 +7,7 @@ verify certificates need a real one (`smtp.tls_cert` / `smtp.tls_key`).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import os
 import ssl
@@ -28,12 +29,26 @@ _VERSIONS = {
 def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     """Return (cert, key) under `directory`, creating them on first use.
 
-    RSA rather than EC: old scanners and printers often speak nothing else.
+    Created under an exclusive lock, each file written whole and renamed into place, the
+    key before the certificate: workers starting together on a fresh `var/` once ended up
+    with one worker's key and another's certificate (KEY_VALUES_MISMATCH). RSA rather
+    than EC: old scanners and printers often speak nothing else.
     """
     cert_path, key_path = directory / "selfsigned.crt", directory / "selfsigned.key"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cert_path.exists() and key_path.exists()):
+            key_pem, cert_pem = _self_signed_pair(hostname)
+            _write_atomically(key_path, key_pem, mode=0o600)
+            _write_atomically(cert_path, cert_pem, mode=0o644)
+    return cert_path, key_path
+
+
+def _self_signed_pair(hostname: str) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) for `hostname`, localhost and 127.0.0.1, ten years."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)
@@ -57,19 +72,22 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
         )
         .sign(key, hashes.SHA256())
     )
-    tmp_key = key_path.with_suffix(".tmp")
-    fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-    tmp_key.rename(key_path)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
 
 
 def server_tls_context(*, cert: Path | str, key: Path | str, min_version: str) -> ssl.SSLContext:
