@@ -26,19 +26,14 @@ import asyncpg
 
 from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status
 from relay.queue.base import MessageRow, Queue, QueueActionError, Round, RoutingStore, StoreError
-from relay.queue.postgres import schema
+from relay.queue.postgres import schema, statements
+from relay.queue.postgres.batcher import InsertBatcher
 from relay.queue.postgres.routing import PostgresRouting
 
 log = logging.getLogger("relay.queue")
 
 T = TypeVar("T")
-CHANNEL = "relay_work"
 CONNECT_TIMEOUT = 3.0
-MAX_BATCH = 512
-_COLUMNS = (
-    "id, kind, state, mail_from, rcpts, size, created, updated, next_attempt,"
-    " attempts, last_error, meta"
-)
 # Errors that mean "the database can't be reached or used right now", not a bug of ours.
 _UNAVAILABLE = (
     OSError,
@@ -52,27 +47,6 @@ _UNAVAILABLE = (
     asyncpg.DiskFullError,
     asyncpg.InsufficientResourcesError,
 )
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _row(r: asyncpg.Record) -> MessageRow:
-    return MessageRow(
-        r["id"],
-        r["kind"],
-        r["state"],
-        r["mail_from"],
-        json.loads(r["rcpts"]),
-        r["size"],
-        r["created"],
-        r["updated"],
-        r["next_attempt"],
-        r["attempts"],
-        r["last_error"],
-        json.loads(r["meta"]),
-    )
 
 
 def _redact(dsn: str) -> str:
@@ -95,7 +69,7 @@ class PostgresQueue(Queue):
         self.pool_size = pool_size
         self.auto_migrate = auto_migrate
         self._pool: asyncpg.Pool | None = None
-        self._batcher: _InsertBatcher | None = None
+        self._batcher: InsertBatcher | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._routing = PostgresRouting(self._transaction)
 
@@ -130,7 +104,7 @@ class PostgresQueue(Queue):
             log.info("%s", said)
         else:
             await self.check()
-        self._batcher = _InsertBatcher(self)
+        self._batcher = InsertBatcher(self._with_conn)
         self._listen_task = asyncio.create_task(self._listen(), name="queue-listen")
 
     async def close(self) -> None:
@@ -175,7 +149,7 @@ class PostgresQueue(Queue):
                 conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._notified)
+                await conn.add_listener(statements.CHANNEL, self._notified)
                 delay = 0.5
                 # Work that arrived while nobody listened is found by the pollers; wake
                 # them now rather than at their next poll.
@@ -227,7 +201,7 @@ class PostgresQueue(Queue):
 
     async def insert(self, msg: NewMessage) -> bool:
         if self._batcher is None:
-            return (await self._with_conn(lambda c: _insert_batch(c, [msg])))[0]
+            return (await self._with_conn(lambda c: statements.insert_batch(c, [msg])))[0]
         inserted = await self._batcher.submit(msg)
         if inserted:
             self._work_arrived(msg.kind)  # no need to wait for our own NOTIFY
@@ -280,7 +254,7 @@ class PostgresQueue(Queue):
         if rnd.retry:
             state, rcpts, next_attempt, error = (
                 Status.DEFERRED,
-                _dumps(list(rnd.pending)),
+                statements.dumps(list(rnd.pending)),
                 rnd.next_attempt,
                 rnd.reason,
             )
@@ -312,14 +286,14 @@ class PostgresQueue(Queue):
                 rounds,
                 self.owner,
                 state.value,
-                _dumps(meta_patch),
+                statements.dumps(meta_patch),
                 rcpts,
                 next_attempt,
                 error,
                 state is Status.SENT,
                 [t.value for t, _, _ in events],
                 [at for _, at, _ in events],
-                [_dumps(d) for _, _, d in events],
+                [statements.dumps(d) for _, _, d in events],
             )
         )
         return bool(updated)
@@ -327,7 +301,7 @@ class PostgresQueue(Queue):
     async def add_event(
         self, msg_id: str, type_: EventType, at: float, detail: dict[str, Any]
     ) -> None:
-        await self._with_conn(lambda c: _add_events(c, [(msg_id, type_, at, detail)]))
+        await self._with_conn(lambda c: statements.add_events(c, [(msg_id, type_, at, detail)]))
 
     async def recover(self, *, now: float, alive: Callable[[str], bool]) -> list[str]:
         async def run(conn: asyncpg.Connection) -> list[str]:
@@ -348,7 +322,7 @@ class PostgresQueue(Queue):
                 now,
                 dead,
             )
-            await _add_events(
+            await statements.add_events(
                 conn,
                 [
                     (
@@ -361,7 +335,7 @@ class PostgresQueue(Queue):
                 ],
             )
             for kind in {r["kind"] for r in rows}:
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, kind)
+                await conn.execute("SELECT pg_notify($1, $2)", statements.CHANNEL, kind)
             return [r["id"] for r in rows]
 
         return await self._transaction(run)
@@ -397,12 +371,12 @@ class PostgresQueue(Queue):
 
     async def get(self, msg_id: str) -> MessageRow | None:
         r = await self._with_conn(
-            lambda c: c.fetchrow(f"SELECT {_COLUMNS} FROM messages WHERE id = $1", msg_id)
+            lambda c: c.fetchrow(f"SELECT {statements.COLUMNS} FROM messages WHERE id = $1", msg_id)
         )
-        return _row(r) if r else None
+        return statements.row_of(r) if r else None
 
     async def timeline(self, msg_id: str) -> list[dict[str, Any]]:
-        return await self._with_conn(lambda c: _timeline(c, msg_id))
+        return await self._with_conn(lambda c: statements.timeline(c, msg_id))
 
     async def body(self, msg_id: str) -> bytes | None:
         data: bytes | None = await self._with_conn(
@@ -415,14 +389,14 @@ class PostgresQueue(Queue):
     ) -> list[MessageRow]:
         rows = await self._with_conn(
             lambda c: c.fetch(
-                f"SELECT {_COLUMNS} FROM messages WHERE ($1::text IS NULL OR state = $1)"
+                f"SELECT {statements.COLUMNS} FROM messages WHERE ($1::text IS NULL OR state = $1)"
                 " AND ($2::text IS NULL OR kind = $2) ORDER BY id LIMIT $3",
                 state,
                 kind,
                 limit,
             )
         )
-        return [_row(r) for r in rows]
+        return [statements.row_of(r) for r in rows]
 
     async def counts(self) -> dict[str, int]:
         rows = await self._with_conn(
@@ -437,11 +411,11 @@ class PostgresQueue(Queue):
     ) -> None:
         async def run(conn: asyncpg.Connection) -> None:
             r = await conn.fetchrow(
-                f"SELECT {_COLUMNS} FROM messages WHERE id = $1 FOR UPDATE", msg_id
+                f"SELECT {statements.COLUMNS} FROM messages WHERE id = $1 FOR UPDATE", msg_id
             )
             if r is None:
                 raise QueueActionError(f"no message {msg_id} in the queue")
-            row = _row(r)
+            row = statements.row_of(r)
             if row.state == Status.SENDING:
                 raise QueueActionError(
                     f"message {msg_id} is being delivered right now; try again once the"
@@ -463,7 +437,7 @@ class PostgresQueue(Queue):
                 msg_id,
                 now,
             )
-            await _add_events(conn, [(msg_id, EventType.HELD, now, {"by": actor})])
+            await statements.add_events(conn, [(msg_id, EventType.HELD, now, {"by": actor})])
 
         await self._act(msg_id, run)
 
@@ -477,23 +451,23 @@ class PostgresQueue(Queue):
                 msg_id,
                 now,
             )
-            await _add_events(conn, [(msg_id, EventType.RELEASED, now, {"by": actor})])
-            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, row.kind)
+            await statements.add_events(conn, [(msg_id, EventType.RELEASED, now, {"by": actor})])
+            await conn.execute("SELECT pg_notify($1, $2)", statements.CHANNEL, row.kind)
 
         await self._act(msg_id, run)
 
     async def retry(self, msg_id: str, *, now: float, actor: str) -> None:
-        await self._act(msg_id, lambda c, row: _retry(c, row, now=now, actor=actor))
+        await self._act(msg_id, lambda c, row: statements.retry(c, row, now=now, actor=actor))
 
     async def retry_failed(self, *, now: float, actor: str) -> list[str]:
         async def run(conn: asyncpg.Connection) -> list[str]:
             done = []
             for r in await conn.fetch(
-                f"SELECT {_COLUMNS} FROM messages WHERE state = 'failed' FOR UPDATE"
+                f"SELECT {statements.COLUMNS} FROM messages WHERE state = 'failed' FOR UPDATE"
             ):
                 async with conn.transaction():  # a savepoint: one refusal skips one message
                     try:
-                        await _retry(conn, _row(r), now=now, actor=actor)
+                        await statements.retry(conn, statements.row_of(r), now=now, actor=actor)
                     except QueueActionError:
                         continue
                 done.append(r["id"])
@@ -516,11 +490,11 @@ class PostgresQueue(Queue):
                 " AND next_attempt > $1 RETURNING id, kind",
                 now,
             )
-            await _add_events(
+            await statements.add_events(
                 conn, [(r["id"], EventType.FLUSHED, now, {"by": actor}) for r in rows]
             )
             for kind in {r["kind"] for r in rows}:
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, kind)
+                await conn.execute("SELECT pg_notify($1, $2)", statements.CHANNEL, kind)
             return [r["id"] for r in rows]
 
         return await self._transaction(run)
@@ -534,7 +508,7 @@ class PostgresQueue(Queue):
     async def export(self) -> AsyncIterator[dict[str, Any]]:
         after = ""
         while True:
-            batch = await self._with_conn(functools.partial(_export_batch, after=after))
+            batch = await self._with_conn(functools.partial(statements.export_batch, after=after))
             if not batch:
                 return
             for record in batch:
@@ -542,214 +516,4 @@ class PostgresQueue(Queue):
             after = batch[-1]["id"]
 
     async def import_record(self, record: dict[str, Any]) -> bool:
-        return await self._transaction(lambda c: _import(c, record))
-
-
-# -- statements shared by the methods above ---------------------------------------------------
-
-
-async def _add_events(
-    conn: asyncpg.Connection, events: list[tuple[str, EventType, float, dict[str, Any]]]
-) -> None:
-    if events:
-        await conn.execute(
-            "INSERT INTO events (msg_id, type, at, detail)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[])",
-            [e[0] for e in events],
-            [e[1].value for e in events],
-            [e[2] for e in events],
-            [_dumps(e[3]) for e in events],
-        )
-
-
-async def _timeline(conn: asyncpg.Connection, msg_id: str) -> list[dict[str, Any]]:
-    return [
-        {"at": r["at"], "type": r["type"], **json.loads(r["detail"])}
-        for r in await conn.fetch(
-            "SELECT at, type, detail FROM events WHERE msg_id = $1 ORDER BY seq", msg_id
-        )
-    ]
-
-
-async def _retry(conn: asyncpg.Connection, row: MessageRow, *, now: float, actor: str) -> None:
-    """Make a failed, held or deferred message due now (postsuper -r)."""
-    if row.state == Status.SENT:
-        raise QueueActionError(f"message {row.id} was already sent; nothing to retry")
-    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM bodies WHERE id = $1)", row.id):
-        raise QueueActionError(f"message {row.id} has no stored body left to send")
-    rcpts = row.rcpts
-    if row.state == Status.FAILED:
-        # Only the recipients that failed: the others already have their copy. A failed
-        # message gets a new max_age window (meta.retried_at); its arrival time stays.
-        rcpts = list(row.meta.get("rcpts_failed") or {}) or rcpts or row.meta["rcpts_original"]
-    await conn.execute(
-        "UPDATE messages SET state = 'queued', next_attempt = $2, updated = $2,"
-        " rcpts = $3::jsonb, meta = CASE WHEN state = 'failed'"
-        " THEN (meta - 'rcpts_failed') || jsonb_build_object('retried_at', $2::float8)"
-        " ELSE meta - 'rcpts_failed' END WHERE id = $1",
-        row.id,
-        now,
-        _dumps(rcpts),
-    )
-    await _add_events(
-        conn, [(row.id, EventType.RETRY, now, {"by": actor, "from_state": row.state})]
-    )
-    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, row.kind)
-
-
-def _meta_for(msg: NewMessage) -> dict[str, Any]:
-    env = msg.envelope
-    meta = dict(msg.meta)
-    meta["rcpts_original"] = list(env.rcpt_tos)
-    if env.smtputf8:
-        meta["smtputf8"] = True
-    if env.body_8bit:
-        meta["8bit"] = True
-    if env.crlf_only:
-        meta["crlf"] = True
-    return meta
-
-
-async def _insert_batch(conn: asyncpg.Connection, msgs: list[NewMessage]) -> list[bool]:
-    """Insert many messages, their bodies and `received` events, and announce them, in one
-    statement (one round trip, one commit); per message: inserted, or a dedupe duplicate."""
-    rows = await conn.fetch(
-        "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
-        " $5::bigint[], $6::float8[], $7::text[], $8::text[], $9::bytea[], $10::text[])"
-        " AS u(i, k, f, r, s, t, d, m, data, detail)),"
-        " ins AS (INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created,"
-        " updated, next_attempt, dedupe, meta)"
-        " SELECT i, k, 'queued', f, r::jsonb, s, t, t, t, d, m::jsonb FROM u"
-        " ON CONFLICT DO NOTHING RETURNING id, kind),"
-        " b AS (INSERT INTO bodies (id, data) SELECT u.i, u.data FROM u JOIN ins ON ins.id = u.i),"
-        " e AS (INSERT INTO events (msg_id, type, at, detail)"
-        " SELECT u.i, 'received', u.t, u.detail FROM u JOIN ins ON ins.id = u.i ORDER BY u.i),"
-        " n AS (SELECT pg_notify($11, kind) FROM (SELECT DISTINCT kind FROM ins) k)"
-        " SELECT id FROM ins UNION ALL SELECT NULL FROM n",
-        [m.id for m in msgs],
-        [m.kind.value for m in msgs],
-        [m.envelope.mail_from for m in msgs],
-        [_dumps(list(m.envelope.rcpt_tos)) for m in msgs],
-        [len(m.data) for m in msgs],
-        [m.received_at for m in msgs],
-        [m.dedupe for m in msgs],
-        [_dumps(_meta_for(m)) for m in msgs],
-        [m.data for m in msgs],
-        [_dumps(m.received) for m in msgs],
-        CHANNEL,
-    )
-    inserted = {r["id"] for r in rows}
-    return [m.id in inserted for m in msgs]
-
-
-async def _export_batch(conn: asyncpg.Connection, *, after: str) -> list[dict[str, Any]]:
-    rows = await conn.fetch(
-        f"SELECT {_COLUMNS}, dedupe FROM messages WHERE id > $1 ORDER BY id LIMIT 200", after
-    )
-    out = []
-    for r in rows:
-        out.append(
-            {
-                **_row(r).as_dict(),
-                "dedupe": r["dedupe"],
-                "body": await conn.fetchval("SELECT data FROM bodies WHERE id = $1", r["id"]),
-                "events": await _timeline(conn, r["id"]),
-            }
-        )
-    return out
-
-
-async def _import(conn: asyncpg.Connection, rec: dict[str, Any]) -> bool:
-    state = Status.QUEUED.value if rec["state"] == Status.SENDING else rec["state"]
-    added = await conn.fetchval(
-        "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
-        " next_attempt, attempts, last_error, dedupe, meta)"
-        " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)"
-        " ON CONFLICT DO NOTHING RETURNING 1",
-        rec["id"],
-        rec["kind"],
-        state,
-        rec["mail_from"],
-        _dumps(rec["rcpts"]),
-        rec["size"],
-        rec["created"],
-        rec["updated"],
-        rec["next_attempt"],
-        rec["attempts"],
-        rec["last_error"],
-        rec["dedupe"],
-        _dumps(rec["meta"]),
-    )
-    if added is None:
-        return False
-    if rec["body"] is not None:
-        await conn.execute("INSERT INTO bodies (id, data) VALUES ($1, $2)", rec["id"], rec["body"])
-    events = [
-        (
-            rec["id"],
-            EventType(ev["type"]),
-            ev["at"],
-            {k: v for k, v in ev.items() if k not in ("at", "type")},
-        )
-        for ev in rec["events"]
-    ]
-    await _add_events(conn, events)
-    return True
-
-
-class _InsertBatcher:
-    """Group commit: inserts waiting at the same moment share one transaction (and one WAL
-    flush). Two batches may be in flight at once, so a commit's round trip does not idle
-    the next batch."""
-
-    def __init__(self, queue: PostgresQueue, *, lanes: int = 2) -> None:
-        self.queue = queue
-        self._waiting: asyncio.Queue[tuple[NewMessage, asyncio.Future[bool]]] = asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._lane(), name="queue-insert") for _ in range(lanes)]
-
-    async def submit(self, msg: NewMessage) -> bool:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await self._waiting.put((msg, future))
-        return await future
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        while not self._waiting.empty():
-            _msg, future = self._waiting.get_nowait()
-            if not future.done():
-                future.set_exception(StoreError("the queue is closing"))
-
-    async def _lane(self) -> None:
-        while True:
-            batch = [await self._waiting.get()]
-            while len(batch) < MAX_BATCH and not self._waiting.empty():
-                batch.append(self._waiting.get_nowait())
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[tuple[NewMessage, asyncio.Future[bool]]]) -> None:
-        msgs = [m for m, _ in batch]
-        try:
-            results = await self.queue._with_conn(lambda c: _insert_batch(c, msgs))
-        except Exception as exc:
-            if not isinstance(exc, StoreError):
-                log.exception("queue insert failed unexpectedly")
-                exc = StoreError(f"queue write failed: {type(exc).__name__}: {exc}")
-            if len(batch) > 1 and "cannot reach" not in str(exc):
-                # One message the database refused (bad data) must not fail the others.
-                for item in batch:
-                    await self._commit([item])
-                return
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        except asyncio.CancelledError:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreError("the queue is closing"))
-            raise
-        for (_, future), ok in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(ok)
+        return await self._transaction(lambda c: statements.import_record(c, record))

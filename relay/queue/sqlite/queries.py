@@ -1,5 +1,8 @@
 """Queue operations as plain functions of a sqlite3 connection.
 
+(Over 500 lines on purpose: every SQL statement of the SQLite engine in one place, so the
+lease and timeline rules that each statement keeps can be read side by side.)
+
 Every state change writes its timeline event in the same transaction, so the timeline can
 never disagree with the state.
 

@@ -1,0 +1,186 @@
+"""The PostgreSQL engine's statements that several of its methods share: events,
+timelines, the operator's retry, and the batch insert, export and import."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+from relay.message import EventType, NewMessage, Status
+from relay.queue.base import MessageRow, QueueActionError
+
+CHANNEL = "relay_work"  # LISTEN/NOTIFY channel; the payload is the kind of work
+COLUMNS = (
+    "id, kind, state, mail_from, rcpts, size, created, updated, next_attempt,"
+    " attempts, last_error, meta"
+)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def row_of(r: asyncpg.Record) -> MessageRow:
+    return MessageRow(
+        r["id"],
+        r["kind"],
+        r["state"],
+        r["mail_from"],
+        json.loads(r["rcpts"]),
+        r["size"],
+        r["created"],
+        r["updated"],
+        r["next_attempt"],
+        r["attempts"],
+        r["last_error"],
+        json.loads(r["meta"]),
+    )
+
+
+async def add_events(
+    conn: asyncpg.Connection, events: list[tuple[str, EventType, float, dict[str, Any]]]
+) -> None:
+    if events:
+        await conn.execute(
+            "INSERT INTO events (msg_id, type, at, detail)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[])",
+            [e[0] for e in events],
+            [e[1].value for e in events],
+            [e[2] for e in events],
+            [dumps(e[3]) for e in events],
+        )
+
+
+async def timeline(conn: asyncpg.Connection, msg_id: str) -> list[dict[str, Any]]:
+    return [
+        {"at": r["at"], "type": r["type"], **json.loads(r["detail"])}
+        for r in await conn.fetch(
+            "SELECT at, type, detail FROM events WHERE msg_id = $1 ORDER BY seq", msg_id
+        )
+    ]
+
+
+async def retry(conn: asyncpg.Connection, row: MessageRow, *, now: float, actor: str) -> None:
+    """Make a failed, held or deferred message due now (postsuper -r)."""
+    if row.state == Status.SENT:
+        raise QueueActionError(f"message {row.id} was already sent; nothing to retry")
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM bodies WHERE id = $1)", row.id):
+        raise QueueActionError(f"message {row.id} has no stored body left to send")
+    rcpts = row.rcpts
+    if row.state == Status.FAILED:
+        # Only the recipients that failed: the others already have their copy. A failed
+        # message gets a new max_age window (meta.retried_at); its arrival time stays.
+        rcpts = list(row.meta.get("rcpts_failed") or {}) or rcpts or row.meta["rcpts_original"]
+    await conn.execute(
+        "UPDATE messages SET state = 'queued', next_attempt = $2, updated = $2,"
+        " rcpts = $3::jsonb, meta = CASE WHEN state = 'failed'"
+        " THEN (meta - 'rcpts_failed') || jsonb_build_object('retried_at', $2::float8)"
+        " ELSE meta - 'rcpts_failed' END WHERE id = $1",
+        row.id,
+        now,
+        dumps(rcpts),
+    )
+    await add_events(conn, [(row.id, EventType.RETRY, now, {"by": actor, "from_state": row.state})])
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, row.kind)
+
+
+def meta_for(msg: NewMessage) -> dict[str, Any]:
+    env = msg.envelope
+    meta = dict(msg.meta)
+    meta["rcpts_original"] = list(env.rcpt_tos)
+    if env.smtputf8:
+        meta["smtputf8"] = True
+    if env.body_8bit:
+        meta["8bit"] = True
+    if env.crlf_only:
+        meta["crlf"] = True
+    return meta
+
+
+async def insert_batch(conn: asyncpg.Connection, msgs: list[NewMessage]) -> list[bool]:
+    """Insert many messages, their bodies and `received` events, and announce them, in one
+    statement (one round trip, one commit); per message: inserted, or a dedupe duplicate."""
+    rows = await conn.fetch(
+        "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
+        " $5::bigint[], $6::float8[], $7::text[], $8::text[], $9::bytea[], $10::text[])"
+        " AS u(i, k, f, r, s, t, d, m, data, detail)),"
+        " ins AS (INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created,"
+        " updated, next_attempt, dedupe, meta)"
+        " SELECT i, k, 'queued', f, r::jsonb, s, t, t, t, d, m::jsonb FROM u"
+        " ON CONFLICT DO NOTHING RETURNING id, kind),"
+        " b AS (INSERT INTO bodies (id, data) SELECT u.i, u.data FROM u JOIN ins ON ins.id = u.i),"
+        " e AS (INSERT INTO events (msg_id, type, at, detail)"
+        " SELECT u.i, 'received', u.t, u.detail FROM u JOIN ins ON ins.id = u.i ORDER BY u.i),"
+        " n AS (SELECT pg_notify($11, kind) FROM (SELECT DISTINCT kind FROM ins) k)"
+        " SELECT id FROM ins UNION ALL SELECT NULL FROM n",
+        [m.id for m in msgs],
+        [m.kind.value for m in msgs],
+        [m.envelope.mail_from for m in msgs],
+        [dumps(list(m.envelope.rcpt_tos)) for m in msgs],
+        [len(m.data) for m in msgs],
+        [m.received_at for m in msgs],
+        [m.dedupe for m in msgs],
+        [dumps(meta_for(m)) for m in msgs],
+        [m.data for m in msgs],
+        [dumps(m.received) for m in msgs],
+        CHANNEL,
+    )
+    inserted = {r["id"] for r in rows}
+    return [m.id in inserted for m in msgs]
+
+
+async def export_batch(conn: asyncpg.Connection, *, after: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {COLUMNS}, dedupe FROM messages WHERE id > $1 ORDER BY id LIMIT 200", after
+    )
+    out = []
+    for r in rows:
+        out.append(
+            {
+                **row_of(r).as_dict(),
+                "dedupe": r["dedupe"],
+                "body": await conn.fetchval("SELECT data FROM bodies WHERE id = $1", r["id"]),
+                "events": await timeline(conn, r["id"]),
+            }
+        )
+    return out
+
+
+async def import_record(conn: asyncpg.Connection, rec: dict[str, Any]) -> bool:
+    state = Status.QUEUED.value if rec["state"] == Status.SENDING else rec["state"]
+    added = await conn.fetchval(
+        "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
+        " next_attempt, attempts, last_error, dedupe, meta)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)"
+        " ON CONFLICT DO NOTHING RETURNING 1",
+        rec["id"],
+        rec["kind"],
+        state,
+        rec["mail_from"],
+        dumps(rec["rcpts"]),
+        rec["size"],
+        rec["created"],
+        rec["updated"],
+        rec["next_attempt"],
+        rec["attempts"],
+        rec["last_error"],
+        rec["dedupe"],
+        dumps(rec["meta"]),
+    )
+    if added is None:
+        return False
+    if rec["body"] is not None:
+        await conn.execute("INSERT INTO bodies (id, data) VALUES ($1, $2)", rec["id"], rec["body"])
+    events = [
+        (
+            rec["id"],
+            EventType(ev["type"]),
+            ev["at"],
+            {k: v for k, v in ev.items() if k not in ("at", "type")},
+        )
+        for ev in rec["events"]
+    ]
+    await add_events(conn, events)
+    return True
