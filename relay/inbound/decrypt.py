@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,7 +37,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from relay.aws import aws_client
+from relay.inbound import jsonlimits
 from relay.inbound.fetch import S3Object
+from relay.inbound.jsonlimits import JSONLimitError
 
 log = logging.getLogger("relay.inbound")
 
@@ -139,7 +140,10 @@ def read_envelope(metadata: Mapping[str, str]) -> CryptoEnvelope | None:
         raise DecryptError(f"unsupported GCM tag length {meta['x-amz-tag-len']!r}")
 
     try:
-        context = json.loads(meta.get("x-amz-matdesc") or "{}")
+        # A flat object of strings: one level, and S3 keeps at most 2 KiB of metadata.
+        context = jsonlimits.loads(meta.get("x-amz-matdesc") or "{}", max_depth=1)
+    except JSONLimitError as exc:
+        raise DecryptError(f"x-amz-matdesc refused: {exc}") from None
     except ValueError:
         raise DecryptError("x-amz-matdesc is not JSON") from None
     if not isinstance(context, dict) or not all(

@@ -20,12 +20,14 @@ notification is its `Message` string; that wrapping is undone here.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import unquote_plus
+
+from relay.inbound import jsonlimits
+from relay.inbound.jsonlimits import JSONLimitError
 
 log = logging.getLogger("relay.inbound")
 
@@ -133,8 +135,10 @@ def _load(payload: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(payload, Mapping):
         return dict(payload)
     try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = jsonlimits.loads(payload)
+    except JSONLimitError as exc:
+        raise NotificationError(f"refused: {exc}") from None
+    except ValueError as exc:
         raise NotificationError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise NotificationError("not a JSON object")
@@ -229,9 +233,9 @@ def is_ses_setup_notification(payload: str) -> bool:
     """Whether `payload` (raw, or wrapped in an SNS envelope) is SES's setup test, which
     is acknowledged and dropped rather than recorded as an unusable notification."""
     try:
-        doc = json.loads(payload)
+        doc = jsonlimits.loads(payload)
         if isinstance(doc, dict) and isinstance(doc.get("Message"), str):
-            doc = json.loads(doc["Message"])
+            doc = jsonlimits.loads(doc["Message"])
     except ValueError:
         return False
     return isinstance(doc, dict) and doc.get("notificationType") == SES_SETUP_NOTIFICATION

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import re
 import ssl
@@ -46,6 +45,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from relay.inbound import jsonlimits
+from relay.inbound.jsonlimits import JSONLimitError
 
 log = logging.getLogger("relay.inbound")
 
@@ -146,8 +148,10 @@ class SNSMessage:
 def parse_body(body: bytes | str) -> dict[str, Any]:
     """Decode the POST body into the SNS JSON object, or raise SNSMalformed."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = jsonlimits.loads(body)
+    except JSONLimitError as exc:
+        raise SNSMalformed(f"body refused: {exc}") from None
+    except ValueError as exc:
         raise SNSMalformed(f"body is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise SNSMalformed("body is not a JSON object")

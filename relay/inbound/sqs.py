@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from relay.aws import aws_client
+from relay.inbound import jsonlimits
 from relay.inbound.notify import (
     NotificationError,
     WorkRecorder,
@@ -254,7 +254,7 @@ class SQSConsumer:
 def _sns_topic(body: str) -> str | None:
     """The TopicArn when the body is an SNS envelope (SNS → SQS without raw delivery)."""
     try:
-        doc = json.loads(body)
+        doc = jsonlimits.loads(body)
     except ValueError:
         return None
     if isinstance(doc, dict) and doc.get("Type") == "Notification":

@@ -22,7 +22,6 @@ ONE queue transaction, then calls `on_finish` (what `Relay.wait_for` awaits).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.scheduler import record_outcome
+from relay.inbound import jsonlimits
 from relay.inbound.decrypt import DecryptError, Decryptor
 from relay.inbound.destinations.base import Destination, PartialDelivery
 from relay.inbound.fetch import FetchError, S3Fetcher
@@ -143,7 +143,7 @@ class InboundWorker:
     async def process(self, item: Claimed) -> None:
         rnd = _Round(pending=list(item.envelope.rcpt_tos))
         try:
-            payload = json.loads(item.data)
+            payload = jsonlimits.loads(item.data)
             if not isinstance(payload, dict):
                 raise ValueError("not a JSON object")
             if UNUSABLE_KEY in payload:
@@ -382,7 +382,10 @@ class InboundWorker:
         next_at: float | None = None
         if retrying:
             next_at = self.policy.next_attempt(
-                now=now, created=item.window_start, deferrals=rounds - 1, retry_after=rnd.retry_after
+                now=now,
+                created=item.window_start,
+                deferrals=rounds - 1,
+                retry_after=rnd.retry_after,
             )
             if next_at is None:
                 gave_up = self.policy.gave_up(

@@ -269,3 +269,19 @@ def test_bad_envelopes_are_refused(meta: dict[str, str], match: str) -> None:
 
 def test_no_metadata_means_not_encrypted() -> None:
     assert read_envelope({"content-type": "message/rfc822"}) is None
+
+
+@pytest.mark.parametrize(
+    ("matdesc", "reason"),
+    [("[" * 5_000, "nested more than 1 levels"), ('{"a": {"b": "c"}}', "nested more than 1")],
+)
+def test_nested_matdesc_is_refused_before_decoding(matdesc: str, reason: str) -> None:
+    meta = {
+        "x-amz-key-v2": base64.b64encode(b"k" * 32).decode(),
+        "x-amz-iv": base64.b64encode(b"i" * 12).decode(),
+        "x-amz-cek-alg": "AES/GCM/NoPadding",
+        "x-amz-wrap-alg": "kms+context",
+        "x-amz-matdesc": matdesc,
+    }
+    with pytest.raises(DecryptError, match=f"x-amz-matdesc refused: JSON {reason}"):
+        read_envelope(meta)

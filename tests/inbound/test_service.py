@@ -374,8 +374,8 @@ async def test_untrusted_sns_posts_get_403_and_queue_nothing(
 
 @pytest.mark.parametrize(
     "body",
-    [b"{not json", b"[]", b'{"Type": "Notification"}', b""],
-    ids=["broken-json", "array", "missing-fields", "empty"],
+    [b"{not json", b"[]", b'{"Type": "Notification"}', b"", b"[" * 10_000, b'{"a":' * 5_000],
+    ids=["broken-json", "array", "missing-fields", "empty", "nested-arrays", "nested-objects"],
 )
 async def test_malformed_sns_body_gets_400(start: Start, tmp_path: Path, body: bytes) -> None:
     env = await start([{"recipients": ["*"], "destination": maildir(tmp_path / "box")}])
@@ -384,6 +384,17 @@ async def test_malformed_sns_body_gets_400(start: Start, tmp_path: Path, body: b
     assert answer["error"] == "malformed"
     assert "Traceback" not in answer["detail"]
     assert await env.rows() == []
+
+
+async def test_authentic_notification_with_a_deeply_nested_message_is_a_dead_letter(
+    start: Start, tmp_path: Path
+) -> None:
+    env = await start([{"recipients": ["*"], "destination": maildir(tmp_path / "box")}])
+    doc = env.signer.sign(sns_envelope("[" * 10_000))
+    status, answer = await env.post(doc)
+    assert (status, answer["status"]) == (200, "unusable")
+    assert "nested more than" in answer["detail"]
+    await wait_states(env.relay, failed=1)
 
 
 async def test_oversized_sns_body_gets_413(start: Start, tmp_path: Path) -> None:
@@ -522,6 +533,26 @@ async def test_sqs_malformed_body_is_recorded_as_failed_and_deleted(
     events = await env.timeline(row.id)
     assert events[0]["via"] == "sqs" and "sqs_message_id" in events[0]
     assert sqs_counts(env) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["[" * 10_000, json.dumps({"Type": "Notification", "Message": '{"a":' * 5_000})],
+    ids=["body", "sns-message"],
+)
+async def test_sqs_deeply_nested_body_is_a_dead_letter_and_polling_goes_on(
+    start: Start, tmp_path: Path, hostile: str
+) -> None:
+    box = tmp_path / "box"
+    env = await start([{"recipients": ["*"], "destination": maildir(box)}], sns=False, sqs=True)
+    sqs_send(env, hostile)
+    await wait_sqs_deleted(env, 1)
+    sqs_send(env, env.ses())  # the consumer is still polling after the hostile body
+    await wait_sqs_deleted(env, 2)
+    await wait_states(env.relay, failed=1, sent=1)
+    [failed] = [r for r in await env.rows() if r.last_error]
+    assert failed.last_error is not None and "nested more than" in failed.last_error
+    assert len(maildir_messages(box)) == 1
 
 
 async def test_sqs_body_from_a_foreign_topic_is_not_delivered(start: Start, tmp_path: Path) -> None:
