@@ -84,27 +84,32 @@ class Spool:
 
 
 class _Lines:
-    """Checks and unstuffs complete lines into a spool; remembers the first refusal."""
+    """Checks and unstuffs complete lines into a spool; remembers why it stopped."""
 
     def __init__(self, spool: Spool, *, limit: int, normalize: bool) -> None:
         self.spool, self.limit, self.normalize = spool, limit, normalize
-        self.size = 0
-        self.refusal: str | None = None
+        self.size = -2  # the synthetic CRLF in front of the content
+        self.bare_line_ending = False
         self._first = True
+
+    @property
+    def refusal(self) -> str | None:
+        """The reply that refuses the message, or None. Its size comes first, as the
+        whole-message reader had it: a client can fix a bare line ending only if it may
+        send the message at all."""
+        if self.size > self.limit:
+            return replies.MESSAGE_TOO_BIG.format(limit=self.limit)
+        return replies.BARE_LINE_ENDING if self.bare_line_ending else None
 
     def feed(self, block: bytes) -> None:
         """`block` starts at a line end (or mid-line) and never ends inside a CRLF."""
         self.size += len(block)
-        if self._first:
-            self.size -= 2  # the synthetic CRLF in front of the content
-        if self.refusal is None and self.size > self.limit:
-            self.refusal = replies.MESSAGE_TOO_BIG.format(limit=self.limit)
         if self.refusal is not None:
             self.spool.close()
             return
         if not crlf_only(block):
             if not self.normalize or block.count(b"\r") != block.count(b"\r\n"):
-                self.refusal = replies.BARE_LINE_ENDING
+                self.bare_line_ending = True
                 self.spool.close()
                 return
             block = _LONE_LF.sub(b"\r\n", block)
@@ -122,6 +127,8 @@ class _Lines:
 def _cut(pending: bytearray) -> int:
     """Where complete lines end: before the last line end that cannot be part of a marker
     still arriving, never between a CR and its LF; 0 when there is nothing to process."""
+    if len(pending) <= 5:
+        return 0
     cut = pending.rfind(b"\n", 0, len(pending) - 4)
     if cut > 0 and pending[cut - 1] == 0x0D:
         cut -= 1
@@ -151,9 +158,10 @@ async def read_data(
         searched = len(pending)
         if len(pending) >= PROCESS_AT:
             cut = _cut(pending)
-            lines.feed(bytes(pending[:cut]))
-            del pending[:cut]
-            searched -= cut
+            if cut:
+                lines.feed(bytes(pending[:cut]))
+                del pending[:cut]
+                searched -= cut
         block = await reader.read(READ_SIZE)
         if not block:
             raise asyncio.IncompleteReadError(bytes(pending), None)
