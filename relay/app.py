@@ -24,7 +24,7 @@ from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.routing import BreakerSettings, Router
 from relay.dispatch.scheduler import Scheduler
 from relay.dkim import DKIMSigner
-from relay.message import Kind, NewMessage
+from relay.message import Kind, NewMessage, Status
 from relay.queue import open_queue
 from relay.queue.base import StoreError
 from relay.queue.owner import owner_id, process_alive
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from relay.inbound.service import InboundService
 
 log = logging.getLogger("relay.app")
-
-HISTORY_RETENTION = 7 * 86400.0
 
 
 class Relay:
@@ -191,7 +189,12 @@ class Relay:
             await asyncio.sleep(interval)
             try:
                 recovered = await self._recover()
-                await self.queue.purge_history(older_than=self.clock() - HISTORY_RETENTION)
+                server = self.config.server
+                for state, keep in (
+                    (Status.SENT, server.keep_sent),
+                    (Status.FAILED, server.keep_failed),
+                ):
+                    await self.queue.purge_history(state=state, older_than=self.clock() - keep)
             except StoreError as exc:
                 log.warning("queue maintenance skipped: %s", exc)
                 continue

@@ -14,31 +14,57 @@ The DKIM and inbound modules are imported only when the config has those section
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
-from relay.config import Config, ConfigError, load
+from relay.config import Config, ConfigError, load, summary, take_warnings
 from relay.upstreams.registry import validate_upstream
 
 
-def check(cfg: Config) -> None:
-    """Raise ConfigError naming the key (`upstream[1].region: ...`) if any section is wrong."""
+def check(cfg: Config) -> tuple[str, ...]:
+    """Raise ConfigError naming the key (`upstream[1].region: ...`) if any section is
+    wrong; every section is checked, and all the problems are in the one error. Returns
+    the warnings of these sections (a literal secret)."""
+    problems: list[str] = []
+    take_warnings()
+
+    def collect(run: Callable[[], object]) -> None:
+        try:
+            run()
+        except ConfigError as exc:
+            problems.extend(_lines(str(exc)))
+
     for i, up in enumerate(cfg.upstream):
-        validate_upstream(up, f"upstream[{i}]", cfg)
+        collect(functools.partial(validate_upstream, up, f"upstream[{i}]", cfg))
     if cfg.dkim:
         from relay.dkim import DKIMSigner
 
-        try:
-            DKIMSigner.from_configs(cfg.dkim)
-        except ValueError as exc:
-            raise ConfigError(f"dkim: {exc}") from None
+        def dkim() -> None:
+            try:
+                DKIMSigner.from_configs(cfg.dkim)
+            except ValueError as exc:
+                raise ConfigError(f"dkim: {exc}") from None
+
+        collect(dkim)
     if cfg.inbound:
         from relay.inbound.settings import parse_inbound
 
-        parse_inbound(cfg.inbound, cfg)  # raises ConfigError naming the inbound key
+        collect(lambda: parse_inbound(cfg.inbound, cfg))
+    if problems:
+        raise ConfigError(summary(problems))
+    return take_warnings()
+
+
+def _lines(message: str) -> list[str]:
+    """The problems in a ConfigError (one, or "N problems:" and one per line)."""
+    first, _, rest = message.partition("\n")
+    return [line.strip() for line in rest.splitlines()] if rest else [first]
 
 
 def load_checked(path: str | Path) -> Config:
     """`relay.config.load()` followed by `check()`: a config ready to run."""
     cfg = load(path)
-    check(cfg)
-    return cfg
+    extra = check(cfg)
+    return dataclasses.replace(cfg, warnings=cfg.warnings + extra) if extra else cfg

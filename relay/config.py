@@ -14,6 +14,7 @@ caller that loads a config for use runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -22,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -97,6 +98,15 @@ def parse_address(value: object) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected host:port such as 127.0.0.1:2525, got {value!r}")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    looks_numeric = all(c.isdigit() or c == "." for c in bare) or ":" in bare
+    if looks_numeric:
+        try:
+            ipaddress.ip_address(bare)
+        except ValueError:
+            raise ValueError(f"{host} is not an IP address (in {value!r})") from None
+    elif not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", bare):
+        raise ValueError(f"{host!r} is neither an IP address nor a host name (in {value!r})")
     return value
 
 
@@ -121,6 +131,55 @@ def resolve_secret(value: str, *, base_dir: Path | None = None) -> str:
 # -- generic dataclass builder -------------------------------------------------------------
 
 _base_dir_for_secrets: Path | None = None
+# False for commands that don't use secrets (`relay queue list` in a shell without the
+# providers' environment): Secret values are then kept as written, unresolved.
+_resolve_secrets = True
+# Problems found while building, all reported at once; and warnings check-config prints.
+_errors: list[str] = []
+_warnings: list[str] = []
+
+
+class _Invalid(Exception):
+    """A table had errors (already collected): its parent cannot be built either."""
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_key(prefix: str, name: str, known: list[str]) -> str:
+    return (
+        f"{prefix}{name}: unknown key{_suggest(name, known)} "
+        f"(known keys: {', '.join(sorted(known))})"
+    )
+
+
+def _secret(value: str, key: str) -> Secret:
+    if not _resolve_secrets:
+        return Secret(value)
+    if value and not value.startswith(("env:", "file:")) and _looks_secret(key, value):
+        _warnings.append(
+            f"{key}: a literal secret in the config file; write env:NAME or file:PATH"
+            " so it stays out of backups and version control"
+        )
+    return Secret(resolve_secret(value, base_dir=_base_dir_for_secrets))
+
+
+def take_warnings() -> tuple[str, ...]:
+    """The warnings of the builds since the last call (a section checked later, by
+    `relay.checks`, adds its own)."""
+    found = tuple(_warnings)
+    _warnings.clear()
+    return found
+
+
+def _looks_secret(key: str, value: str) -> bool:
+    """Secret-typed keys hold secrets, except a queue location without a password in it."""
+    if key == "server.queue":
+        userinfo = value.partition("://")[2].rpartition("@")[0]
+        return ":" in userinfo
+    return True
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -141,7 +200,15 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
         (item_tp, *_) = typing.get_args(tp)
-        return tuple(_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+        items, failed = [], False
+        for i, v in enumerate(value):
+            try:
+                items.append(_convert(item_tp, v, f"{key}[{i}]"))
+            except _Invalid:
+                failed = True  # recorded; go on to find the other items' problems too
+        if failed:
+            raise _Invalid
+        return tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
@@ -157,7 +224,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if tp is Secret:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {type(value).__name__}")
-            return Secret(resolve_secret(value, base_dir=_base_dir_for_secrets))
+            return _secret(value, key)
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     if dataclasses.is_dataclass(tp):
@@ -177,30 +244,71 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def build(cls: type[T], data: Any, key: str = "") -> T:
-    """Make `cls` from a TOML table, rejecting unknown keys and missing required ones."""
+def build(cls: type[T], data: Any, key: str = "", *, also_known: frozenset[str] = frozenset()) -> T:
+    """Make `cls` from a TOML table, rejecting unknown keys and missing required ones.
+
+    Every problem is reported, not just the first: used on its own, `build` raises one
+    ConfigError listing them all. `also_known` names keys that a caller handles itself
+    (an upstream's common keys), for the "did you mean" of a typo.
+    """
+    outermost = not _building
+    _building.append(cls)
+    if outermost:
+        _errors.clear()
+    try:
+        return _build(cls, data, key, also_known)
+    except _Invalid:
+        if not outermost:
+            raise
+        raise ConfigError(summary(_errors)) from None
+    finally:
+        _building.pop()
+
+
+_building: list[type[Any]] = []
+
+
+def summary(errors: list[str]) -> str:
+    if len(errors) == 1:
+        return errors[0]
+    return f"{len(errors)} problems:\n  " + "\n  ".join(errors)
+
+
+def _build(cls: type[T], data: Any, key: str, also_known: frozenset[str]) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{key or 'config'}: expected a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {
+        f.name: f
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.name not in getattr(cls, "internal_fields", ())
+    }
     prefix = f"{key}." if key else ""
+    before = len(_errors)
     for name in data:
         if name not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{prefix}{name}: unknown key (known keys: {known})")
+            _errors.append(unknown_key(prefix, name, [*fields, *also_known]))
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], prefix + name)
+            try:
+                kwargs[name] = _convert(hints[name], data[name], prefix + name)
+            except ConfigError as exc:
+                _errors.append(str(exc))
+            except _Invalid:
+                pass  # its own problems are recorded already
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: required key is missing")
+            _errors.append(f"{prefix}{name}: required key is missing")
+    if len(_errors) > before:
+        raise _Invalid
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
         try:
             check()
         except ValueError as exc:
-            raise ConfigError(f"{key or 'config'}: {exc}") from None
+            _errors.append(f"{key or 'config'}: {exc}")
+            raise _Invalid from None
     return obj
 
 
@@ -228,6 +336,10 @@ class ServerConfig:
     min_free_disk: Size = Size(100 * 1000**2)
     # How long a dispatcher may hold a message before another process may take it.
     lease_time: Duration = Duration(300.0)
+    # How long finished messages stay in the queue (their record and timeline) for
+    # `relay queue show` and search. A sent message's body is dropped as soon as it is sent.
+    keep_sent: Duration = Duration(7 * 86400.0)
+    keep_failed: Duration = Duration(30 * 86400.0)
     # Relay processes sharing the SMTP port (SO_REUSEPORT), each with its own queue shard;
     # 0 = one per CPU. One Python process uses one core; this is how the relay uses all.
     workers: int = 0
@@ -282,10 +394,18 @@ class UserConfig:
     allowed_senders: tuple[str, ...] = ("*",)
 
     def validate(self) -> None:
-        if not self.password_hash.startswith("scrypt$"):
+        parts = self.password_hash.split("$")
+        if len(parts) != 6 or parts[0] != "scrypt" or not all(p.isdigit() for p in parts[1:4]):
             raise ValueError(
-                f"user {self.name!r}: password_hash must come from `relay user add` (scrypt$...)"
+                f"user {self.name!r}: password_hash must come from `relay user add`"
+                " (scrypt$N$r$p$salt$hash)"
             )
+        for pattern in self.allowed_senders:
+            if pattern not in ("*", "<>") and "@" not in pattern:  # <>: the null sender
+                raise ValueError(
+                    f"user {self.name!r}: allowed_senders pattern {pattern!r} has no @"
+                    f" (for a domain write '*@{pattern.lstrip('*@.')}')"
+                )
 
 
 @dataclass(frozen=True)
@@ -374,7 +494,6 @@ class DKIMConfig:
 @dataclass(frozen=True)
 class WebConfig:
     listen: Address = Address("127.0.0.1:8025")
-    admin_token: Secret | None = None
 
 
 @dataclass(frozen=True)
@@ -387,7 +506,10 @@ class Config:
     dkim: tuple[DKIMConfig, ...] = ()
     web: WebConfig = WebConfig()
     inbound: dict[str, Any] = field(default_factory=dict)
+    # Filled in by the loader, never from the file:
     path: Path = Path("config.toml")
+    warnings: tuple[str, ...] = ()  # what check-config prints and serve logs
+    internal_fields: ClassVar[frozenset[str]] = frozenset({"path", "warnings"})
 
     @property
     def base_dir(self) -> Path:
@@ -418,18 +540,21 @@ def _split_upstreams(raw: Any) -> Any:
     return out
 
 
-def parse(data: dict[str, Any], path: Path) -> Config:
-    """The file's tables as a Config; see `relay.checks` for the sections not checked here."""
-    global _base_dir_for_secrets
+def parse(data: dict[str, Any], path: Path, *, secrets: bool = True) -> Config:
+    """The file's tables as a Config; see `relay.checks` for the sections not checked here.
+
+    `secrets=False` leaves `env:`/`file:` values unresolved (commands that use none)."""
+    global _base_dir_for_secrets, _resolve_secrets
     data = dict(data)
     if "upstream" in data:
         data["upstream"] = _split_upstreams(data["upstream"])
-    data["path"] = str(path)
-    _base_dir_for_secrets = path.parent
+    _base_dir_for_secrets, _resolve_secrets = path.parent, secrets
+    _warnings.clear()
     try:
         cfg = build(Config, data)
     finally:
-        _base_dir_for_secrets = None
+        _base_dir_for_secrets, _resolve_secrets = None, True
+    cfg = dataclasses.replace(cfg, path=path, warnings=take_warnings())
     names = [u.name for u in cfg.upstream]
     for name in names:
         if names.count(name) > 1:
@@ -437,7 +562,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     return cfg
 
 
-def load(path: str | Path) -> Config:
+def load(path: str | Path, *, secrets: bool = True) -> Config:
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -447,4 +572,4 @@ def load(path: str | Path) -> Config:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse(data, path.resolve())
+    return parse(data, path.resolve(), secrets=secrets)

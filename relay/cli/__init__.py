@@ -31,6 +31,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    for warning in cfg.warnings:
+        logging.getLogger("relay.app").warning("config: %s", warning)
     # No caller lookup, thread or process names in the records (the format uses none of
     # them): the logging HOWTO's own advice, and a few percent of a busy relay's CPU.
     logging._srcfile = None
@@ -60,6 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load(args.config)
+    for warning in cfg.warnings:
+        print(f"relay: warning: {warning}", file=sys.stderr)
     queue_state = with_admin(args, lambda a: a.queue.check())
     print(
         f"{args.config}: ok ({len(cfg.smtp.listen)} listener(s), "

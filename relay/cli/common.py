@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import getpass
 import sys
@@ -12,8 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from relay import config
 from relay.checks import load_checked
-from relay.config import Config, ConfigError
+from relay.config import Config, ConfigError, Secret, resolve_secret
 from relay.queue import open_queue
 from relay.queue.admin import QueueAdmin
 from relay.queue.base import QueueActionError, StoreError
@@ -42,13 +44,29 @@ def load(path: str) -> Config:
         raise SystemExit(1) from None
 
 
+def load_for_queue(path: str) -> Config:
+    """The config for queue and upstream commands: no provider secrets resolved (an admin
+    shell without the service's EnvironmentFile can still run `relay queue list`), only
+    the queue's location, which may itself be `env:`/`file:`."""
+    try:
+        cfg = config.load(path, secrets=False)
+        location = resolve_secret(cfg.server.queue, base_dir=cfg.base_dir)
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as exc:
+        print(f"relay: configuration error: server.queue: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, queue=Secret(location)))
+
+
 def actor() -> str:
     return f"cli:{getpass.getuser()}"
 
 
 def with_admin(args: argparse.Namespace, fn: Callable[[QueueAdmin], Awaitable[T]]) -> T:
     """Open the configured queue for operator use, run fn, close it; errors said plainly."""
-    cfg = load(args.config)
+    cfg = load_for_queue(args.config)
 
     async def run() -> T:
         queue = open_queue(cfg, owner=actor())

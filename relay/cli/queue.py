@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from relay.cli.common import actor, fmt_time, load, rfc3339, with_admin
+from relay.cli.common import actor, fmt_time, load_for_queue, rfc3339, with_admin
 from relay.config import parse_duration
 from relay.message import Kind, Status
 from relay.queue.admin import QueueAdmin
@@ -265,7 +265,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_upstream_list(args: argparse.Namespace) -> int:
     """Each configured upstream with the state every relay process shares."""
-    cfg = load(args.config)
+    cfg = load_for_queue(args.config)
     rows = with_admin(args, lambda a: a.upstreams())
     now = time.time()
     out: list[dict[str, Any]] = []
@@ -313,7 +313,7 @@ def cmd_upstream_list(args: argparse.Namespace) -> int:
 
 
 def cmd_upstream_action(args: argparse.Namespace) -> int:
-    cfg = load(args.config)
+    cfg = load_for_queue(args.config)
     names = [u.name for u in cfg.upstream]
     if args.name not in names:
         print(

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from relay.message import Claimed, EventType, Kind, NewMessage
+from relay.message import Claimed, EventType, Kind, NewMessage, Status
 
 
 class StoreError(Exception):
@@ -346,8 +346,9 @@ class Queue(abc.ABC):
     async def next_due(self, kind: Kind) -> float | None: ...
 
     @abc.abstractmethod
-    async def purge_history(self, *, older_than: float) -> int:
-        """Forget sent messages (and their timelines) finished before `older_than`."""
+    async def purge_history(self, *, state: Status, older_than: float) -> int:
+        """Forget messages (and their timelines) that ended in `state` (sent, failed)
+        before `older_than`. A sent message's body is gone already (dropped when sent)."""
 
     # -- reading, for the operator surface
 

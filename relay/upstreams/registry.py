@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from relay.config import ConfigError, build
+from relay.config import COMMON_UPSTREAM_KEYS, ConfigError, build
 
 if TYPE_CHECKING:
     from relay.config import Config, UpstreamConfig
@@ -39,7 +39,7 @@ def upstream_class(type_name: str, key: str = "upstream") -> Any:
 def validate_upstream(common: UpstreamConfig, key: str, relay_config: Config) -> Any:
     """Check the type-specific keys; returns the built Settings object."""
     cls = upstream_class(common.type, key)
-    return build(cls.Settings, common.options, key)
+    return build(cls.Settings, common.options, key, also_known=frozenset(COMMON_UPSTREAM_KEYS))
 
 
 def create_upstream(common: UpstreamConfig, key: str, relay_config: Config) -> Upstream:

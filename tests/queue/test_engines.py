@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from relay.message import Envelope, EventType, Kind, NewMessage, new_message_id
+from relay.message import Envelope, EventType, Kind, NewMessage, Status, new_message_id
 from relay.queue.base import Queue, QueueActionError, Round, UpstreamDelta
 from relay.queue.postgres.engine import PostgresQueue
 from relay.queue.sqlite.engine import SQLiteQueue
@@ -237,7 +237,8 @@ async def test_search_counts_and_history_purge(make_queue: MakeQueue) -> None:
     assert [r.id for r in await q.search(limit=3)] == sorted(m.id for m in msgs)[:3]
     assert len(await q.search(state="queued", kind="outbound")) == 2
     assert await q.search(kind="inbound") == []
-    assert await q.purge_history(older_than=time.time() - 86400) == 2
+    assert await q.purge_history(state=Status.FAILED, older_than=time.time() - 86400) == 0
+    assert await q.purge_history(state=Status.SENT, older_than=time.time() - 86400) == 2
     assert (await q.counts()) == {"queued": 2}
 
 

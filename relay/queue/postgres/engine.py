@@ -350,14 +350,15 @@ class PostgresQueue(Queue):
         )
         return due
 
-    async def purge_history(self, *, older_than: float) -> int:
+    async def purge_history(self, *, state: Status, older_than: float) -> int:
         async def run(conn: asyncpg.Connection) -> int:
             ids = [
                 r["id"]
                 for r in await conn.fetch(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
-                    " WHERE state = 'sent' AND updated < $1 LIMIT 5000) RETURNING id",
+                    " WHERE state = $2 AND updated < $1 LIMIT 5000) RETURNING id",
                     older_than,
+                    state.value,
                 )
             ]
             if ids:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.message import Claimed, EventType, Kind, NewMessage
+from relay.message import Claimed, EventType, Kind, NewMessage, Status
 from relay.queue.base import MessageRow, Queue, QueueActionError, Round, RoutingStore
 from relay.queue.sqlite import queries
 from relay.queue.sqlite.routing import SQLiteRouting
@@ -150,10 +150,12 @@ class SQLiteQueue(Queue):
         known = [d for d in dues if d is not None]
         return min(known) if known else None
 
-    async def purge_history(self, *, older_than: float) -> int:
+    async def purge_history(self, *, state: Status, older_than: float) -> int:
         purged = 0
         for spool in self._spools.values():
-            purged += await spool.write(lambda c: queries.purge_history(c, older_than=older_than))
+            purged += await spool.write(
+                lambda c: queries.purge_history(c, state=state, older_than=older_than)
+            )
         return purged
 
     # -- every shard, for the operator -------------------------------------------------

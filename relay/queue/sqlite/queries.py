@@ -297,12 +297,13 @@ def record_round(
     return complete(conn, msg_id, owner=owner, now=now, attempts=rounds, detail=rnd.sent_detail)
 
 
-def purge_history(conn: sqlite3.Connection, *, older_than: float) -> int:
-    """Forget sent messages (and their timelines) finished before `older_than`."""
+def purge_history(conn: sqlite3.Connection, *, state: Status, older_than: float) -> int:
+    """Forget messages (and their timelines) that ended in `state` before `older_than`."""
     ids = [
         r[0]
         for r in conn.execute(
-            "SELECT id FROM messages WHERE state = 'sent' AND updated < ? LIMIT 5000", (older_than,)
+            "SELECT id FROM messages WHERE state = ? AND updated < ? LIMIT 5000",
+            (state.value, older_than),
         )
     ]
     for msg_id in ids:
