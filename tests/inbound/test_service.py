@@ -16,8 +16,11 @@ import contextlib
 import datetime as dt
 import hmac
 import json
+import logging
 import os
+import socket
 import sqlite3
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -1141,3 +1144,101 @@ def test_config_check_passes_for_a_complete_inbound_section(tmp_path: Path) -> N
     assert settings.route_for("Scans@Example.COM") is settings.routes[0]
     assert settings.catch_all is settings.routes[1]
     assert settings.routes[1].quarantine == str(tmp_path / "var" / "quarantine")
+
+
+# -- hostile clients on the SNS endpoint: one log line each, no traceback --------------------
+
+
+async def raw_exchange(port: int, data: bytes, *, reset: bool) -> bytes:
+    """Send `data` over a raw socket; with `reset`, abort the connection (RST) instead of
+    reading the answer, as a client that dies mid-body does."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    if reset:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        return b""
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+class LogWaiter(logging.Handler):
+    """Sets `seen` when a record from `logger_name` arrives: tests await the log line
+    instead of sleeping until it has probably been written."""
+
+    def __init__(self, logger_name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger_name = logger_name
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == self.logger_name:
+            self.seen.set()
+
+
+def assert_no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    loud = [r for r in loud if r.levelno > logging.DEBUG]
+    assert loud == [], [f"{r.name} {r.levelname} {r.getMessage()}" for r in loud]
+
+
+async def test_client_resetting_mid_body_is_one_info_line(
+    start: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await start([{"recipients": ["*"], "destination": maildir(tmp_path / "box")}])
+    assert env.relay.web_port is not None
+    waiter = LogWaiter("relay.web")
+    logging.getLogger("relay.web").addHandler(waiter)
+    caplog.set_level(logging.DEBUG)
+    try:
+        head = (
+            b"POST /inbound/sns HTTP/1.1\r\nHost: relay.test\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b'{"Type": "Notification", ' + b" " * 4000
+        )
+        await raw_exchange(env.relay.web_port, head, reset=True)
+        async with asyncio.timeout(10):
+            await waiter.seen.wait()
+    finally:
+        logging.getLogger("relay.web").removeHandler(waiter)
+    [line] = [r for r in caplog.records if r.name == "relay.web"]
+    assert line.levelno == logging.INFO and not line.exc_info
+    assert "127.0.0.1" in line.getMessage() and "mid-body" in line.getMessage()
+    assert_no_tracebacks(caplog)
+    assert await env.rows() == []
+
+
+GARBAGE = {
+    "duplicate-content-length": b"POST /inbound/sns HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n{}",
+    "header-too-long": b"POST /inbound/sns HTTP/1.1\r\nHost: x\r\nX-A: "
+    + b"a" * 70_000
+    + b"\r\n\r\n",
+    "bad-header-name": b"POST /inbound/sns HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+    "nul-in-target": b"POST /inbound/\x00sns HTTP/1.1\r\nHost: x\r\n\r\n",
+    "unknown-http-version": b"POST /inbound/sns HTTP/7.1\r\nHost: x\r\n\r\n",
+    "content-length-not-a-number": b"POST /inbound/sns HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: -1\r\n\r\n",
+    "bad-chunk-size-mid-body": b"POST /inbound/sns HTTP/1.1\r\nHost: x\r\n"
+    b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[[[[[\r\nzz\r\n",
+}
+
+
+@pytest.mark.parametrize("request_bytes", GARBAGE.values(), ids=GARBAGE.keys())
+async def test_garbage_requests_are_a_400_and_one_warning_line(
+    start: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture, request_bytes: bytes
+) -> None:
+    env = await start([{"recipients": ["*"], "destination": maildir(tmp_path / "box")}])
+    assert env.relay.web_port is not None
+    caplog.set_level(logging.DEBUG)
+    answer = await raw_exchange(env.relay.web_port, request_bytes, reset=False)
+    status_lines = [line for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+    assert status_lines and b" 400 " in status_lines[-1], answer[:300]
+    lines = [r for r in caplog.records if r.name == "relay.web"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == logging.WARNING and "127.0.0.1" in lines[0].getMessage()
+    assert "b'" not in lines[0].getMessage()  # the client's bytes are not quoted in the log
+    assert_no_tracebacks(caplog)
+    assert await env.rows() == []
