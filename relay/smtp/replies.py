@@ -77,6 +77,9 @@ TOO_MANY_CONNECTIONS_FROM = "421 4.7.0 {host} Too many connections from {ip}; tr
 INTERNAL_ERROR = "451 4.3.0 Internal error while processing the command; try again later"
 #: RFC 3207 4.2: STARTTLS is not offered again once TLS is on.
 ALREADY_TLS = "503 5.5.1 TLS is already active"
+TLS_GO_AHEAD = "220 Ready to start TLS"
+TLS_NOT_AVAILABLE = "454 4.7.0 TLS not available"
+STARTTLS_SYNTAX = "501 5.5.4 Syntax: STARTTLS"
 
 # -- AUTH (RFC 4954) -----------------------------------------------------------------------
 AUTH_OK = "235 2.7.0 Authentication successful"

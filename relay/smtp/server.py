@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from asyncio import sslproto
 from base64 import b64decode
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, _AuthMechAttr
 
@@ -271,10 +272,38 @@ class RelaySMTP(SMTP):
         await self.push(replies.UNKNOWN_COMMAND)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS with two fixes: inside TLS it is refused (aiosmtpd started
+        a second handshake and broke the session), and reading resumes once the socket
+        belongs to the handshake. The session's reader pauses the socket when a client
+        pipelines past its buffer; the handshake then never saw the client's hello and
+        the connection hung until the session timeout. What the client pipelined after
+        the command is discarded unread (RFC 3207 4.2)."""
         if self.uses_tls:
             await self.push(replies.ALREADY_TLS)
             return
-        await super().smtp_STARTTLS(arg)
+        if arg:
+            await self.push(replies.STARTTLS_SYNTAX)
+            return
+        if not self.tls_context:
+            await self.push(replies.TLS_NOT_AVAILABLE)
+            return
+        await self.push(replies.TLS_GO_AHEAD)
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop, self, self.tls_context, waiter, server_side=True
+        )
+        self._original_transport = plain = cast(asyncio.Transport, self.transport)
+        plain.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(plain)
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        plain.resume_reading()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
 
     @property
     def uses_tls(self) -> bool:

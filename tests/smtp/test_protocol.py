@@ -5,6 +5,7 @@ traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import smtplib
@@ -184,7 +185,6 @@ def _tls10_starttls(port: int) -> None:
 async def test_failed_starttls_handshake_is_one_warning_line(
     relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import asyncio
 
     await asyncio.to_thread(_tls10_starttls, relay.smtp_ports()[0])
     # A fresh session proves the server has finished with the failed one.
@@ -329,3 +329,17 @@ async def test_client_reset_mid_data_is_one_line_and_nothing_stored(
     await probe.cmd("QUIT")
     await assert_queue_empty(cleartext)
     no_tracebacks(caplog)
+
+
+async def test_starttls_after_pipelined_plaintext_does_not_hang(relay: Relay) -> None:
+    """Found by the fuzz test: plaintext pipelined past the session's buffer paused the
+    socket, so the handshake never read the client's hello and the session hung until
+    its timeout. The plaintext is discarded and the handshake reads the socket."""
+    s = await RawSession.open(relay.smtp_ports()[0])
+    await s.cmd("EHLO client.test")
+    s.writer.write(b"STARTTLS\r\n" + b"x" * 5000 + b"\r\n")
+    assert (await s.reply()).startswith("220 Ready to start TLS")
+    s.writer.write_eof()
+    async with asyncio.timeout(5):
+        assert await s.reader.read() == b""
+    s.writer.close()
