@@ -240,8 +240,14 @@ _FIELD_START = re.compile(rb"\r?\n(?![ \t])")
 
 def _relaxed_header(name: bytes, value: bytes) -> bytes:
     """RFC 6376 3.4.2: lower-case name, unfolded value, whitespace runs as one space,
-    none at either end of the value; no CRLF (the caller adds it)."""
-    value = _FWS.sub(b" ", _LINE_END.sub(b"", value)).strip(b" ")
+    none at either end of the value; no CRLF (the caller adds it).
+
+    At the ends, "whitespace" is every ASCII space character (a CR before the CRLF, form
+    feed, vertical tab), not only the RFC's SP and HTAB: that is what verifiers do (dkimpy
+    strips them, OpenDKIM skips `isspace()`), and a signature is only worth what they
+    accept. Inside the value only SP and HTAB runs are folded, where the RFC and dkimpy
+    agree."""
+    value = _FWS.sub(b" ", _LINE_END.sub(b"", value)).strip()
     return name.strip(b" \t").lower() + b":" + value
 
 
