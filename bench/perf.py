@@ -1257,12 +1257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench.perf: {exc}", file=sys.stderr)
         return 1
+    write_report("perf", text, started=started)
+    return 0
+
+
+def write_report(name: str, text: str, *, started: float) -> None:
+    """Print the report and keep it under bench/out/NAME-<time>.md."""
     OUT_DIR.mkdir(exist_ok=True)
-    out = OUT_DIR / f"perf-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out = OUT_DIR / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.md"
     out.write_text(text)
     print(text)
     log(f"done in {time.monotonic() - started:.0f}s; written to {out.relative_to(REPO_ROOT)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ from bench.perf import (
     _ratio,
     ensure_postfix,
     git_revision,
-    log,
     make_message,
     run_load,
     smtp_source,
@@ -49,12 +48,12 @@ from bench.perf import (
     timed_message,
     tree_cpu_seconds,
     wait_until,
+    write_report,
 )
 from relay.queue.postgres.engine import PostgresQueue
 from tests.fakes.postgres import PostgresCluster, create_database
 
 BASE_REVISION = "255ce63"  # the last commit before the queue interface
-OUT_DIR = REPO_ROOT / "bench" / "out"
 
 
 @contextlib.contextmanager
@@ -373,11 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench.queue: {exc}", file=sys.stderr)
         return 1
-    OUT_DIR.mkdir(exist_ok=True)
-    out = OUT_DIR / f"queue-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text)
-    print(text)
-    log(f"done in {time.monotonic() - started:.0f}s; written to {out.relative_to(REPO_ROOT)}")
+    write_report("queue", text, started=started)
     return 0
 
 

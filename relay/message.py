@@ -140,6 +140,21 @@ class NewMessage:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def stored_meta(msg: NewMessage) -> dict[str, Any]:
+    """What the queue keeps beside the envelope: the original recipients (the pending list
+    shrinks as rounds deliver) and the envelope's flags, which `Claimed` restores."""
+    env = msg.envelope
+    meta = dict(msg.meta)
+    meta["rcpts_original"] = list(env.rcpt_tos)
+    if env.smtputf8:
+        meta["smtputf8"] = True
+    if env.body_8bit:
+        meta["8bit"] = True
+    if env.crlf_only:
+        meta["crlf"] = True
+    return meta
+
+
 @dataclass(slots=True)
 class Claimed:
     """A leased unit of work, with everything a worker needs to process it.

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from relay.message import EventType, NewMessage, Status
+from relay.message import EventType, NewMessage, Status, stored_meta
 from relay.queue.base import MessageRow, QueueActionError
 
 CHANNEL = "relay_work"  # LISTEN/NOTIFY channel; the payload is the kind of work
@@ -86,19 +86,6 @@ async def retry(conn: asyncpg.Connection, row: MessageRow, *, now: float, actor:
     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, row.kind)
 
 
-def meta_for(msg: NewMessage) -> dict[str, Any]:
-    env = msg.envelope
-    meta = dict(msg.meta)
-    meta["rcpts_original"] = list(env.rcpt_tos)
-    if env.smtputf8:
-        meta["smtputf8"] = True
-    if env.body_8bit:
-        meta["8bit"] = True
-    if env.crlf_only:
-        meta["crlf"] = True
-    return meta
-
-
 async def insert_batch(conn: asyncpg.Connection, msgs: list[NewMessage]) -> list[bool]:
     """Insert many messages, their bodies and `received` events, and announce them, in one
     statement (one round trip, one commit); per message: inserted, or a dedupe duplicate."""
@@ -122,7 +109,7 @@ async def insert_batch(conn: asyncpg.Connection, msgs: list[NewMessage]) -> list
         [len(m.data) for m in msgs],
         [m.received_at for m in msgs],
         [m.dedupe for m in msgs],
-        [dumps(meta_for(m)) for m in msgs],
+        [dumps(stored_meta(m)) for m in msgs],
         [m.data for m in msgs],
         [dumps(m.received) for m in msgs],
         CHANNEL,

@@ -22,7 +22,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status
+from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status, stored_meta
 from relay.queue.base import MessageRow, QueueActionError, Round
 
 
@@ -41,14 +41,7 @@ add_event = _event
 def insert(conn: sqlite3.Connection, msg: NewMessage) -> bool:
     """Store a new message and its `received` event. False when `dedupe` was seen before."""
     env = msg.envelope
-    meta = dict(msg.meta)
-    meta["rcpts_original"] = list(env.rcpt_tos)
-    if env.smtputf8:
-        meta["smtputf8"] = True
-    if env.body_8bit:
-        meta["8bit"] = True
-    if env.crlf_only:
-        meta["crlf"] = True
+    meta = stored_meta(msg)
     cur = conn.execute(
         "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
         " next_attempt, dedupe, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
