@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import importlib
 import json
 import os
 import socket
@@ -175,6 +176,62 @@ class SESStore:
             body, meta = encrypt_v2(raw, kms=self.kms, key_id=self.key_id, context=ctx, wrap=wrap)
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=meta)
         return key
+
+    def put_with_aws_client(
+        self, raw: bytes, *, message_id: str | None = None, v3: bool = False
+    ) -> str:
+        """Like `put`, but encrypted by AWS's own client (`aws_encryption_client`) with
+        SES's encryption context; returns the object key."""
+        message_id = message_id or new_ses_message_id()
+        key = self.prefix + message_id
+        aws_encryption_client(self, v3=v3).put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=raw,
+            EncryptionContext=ses_encryption_context(message_id),
+        )
+        return key
+
+
+#: Why the AWS library can't be a pinned test dependency (see `aws_encryption_client`).
+AWS_CLIENT_MISSING = (
+    "amazon-s3-encryption-client-python==4.0.0 is not installed: it requires "
+    "cryptography<49 and the relay pins 50.0.2, so pip can't resolve it in the test extra; "
+    "it works with 50.0.2: `.venv/bin/pip install --no-deps "
+    "amazon-s3-encryption-client-python==4.0.0` (its attrs and boto3 are there already)"
+)
+
+
+def aws_encryption_client(store: SESStore, *, legacy: bool = False, v3: bool = False) -> Any:
+    """AWS's own S3 encryption client (`s3_encryption`) on the store's moto endpoint and
+    KMS key: an encoder and decoder of the format that is not ours.
+
+    It writes v2 objects (AES-GCM, `kms+context` wrapping) with the settings below, or v3
+    (key commitment, its default) with `v3=True`; it cannot write v1 (CBC), only read it
+    with `legacy=True`. It wraps a boto3 client of its own: its GetObject hook decrypts,
+    so `store.s3` stays a plain client that sees the ciphertext.
+    """
+    import boto3
+
+    # Imported by name: it has no type information, and it may be absent (pytest skips).
+    s3ec = importlib.import_module("s3_encryption")
+    keyrings = importlib.import_module("s3_encryption.materials.kms_keyring")
+    materials = importlib.import_module("s3_encryption.materials.materials")
+
+    keyring = keyrings.KmsKeyring(store.kms, store.key_id, enable_legacy_wrapping_algorithms=legacy)
+    if v3:
+        config = s3ec.S3EncryptionClientConfig(keyring=keyring)
+    else:
+        config = s3ec.S3EncryptionClientConfig(
+            keyring=keyring,
+            encryption_algorithm=materials.AlgorithmSuite.ALG_AES_256_GCM_IV12_TAG16_NO_KDF,
+            commitment_policy=materials.CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT,
+            enable_legacy_unauthenticated_modes=legacy,
+        )
+    s3 = boto3.client(
+        "s3", region_name=store.s3.meta.region_name, endpoint_url=store.s3.meta.endpoint_url
+    )
+    return s3ec.S3EncryptionClient(s3, config)
 
 
 def new_ses_message_id() -> str:

@@ -46,6 +46,7 @@ from tests.conftest import RelayFactory, SMTPSink, relay_config, sqlite_spool, w
 from tests.fakes.moto_server import MotoEndpoint
 from tests.fakes.ses_inbound import (
     ACCOUNT,
+    AWS_CLIENT_MISSING,
     REGION,
     S3_TEST_EVENT,
     SIMPLE_MESSAGE,
@@ -252,6 +253,21 @@ async def test_signed_sns_post_delivers_the_decrypted_message_to_a_maildir(
     assert attempt["outcome"] == "delivered"
     assert isinstance(attempt["duration_ms"], float)
     assert sent["outcome"] == "delivered"
+
+
+async def test_object_encrypted_by_the_aws_encryption_client_is_delivered(
+    start: Start, tmp_path: Path
+) -> None:
+    pytest.importorskip("s3_encryption", reason=AWS_CLIENT_MISSING)
+    box = tmp_path / "Maildir"
+    env = await start([{"recipients": ["*"], "destination": maildir(box)}])
+    message_id = new_ses_message_id()
+    env.store.put_with_aws_client(SIMPLE_MESSAGE, message_id=message_id)
+    note = env.ses(message_id=message_id, store=False)
+    status, answer = await env.post(env.signed(note))
+    assert (status, answer["status"]) == (200, "queued")
+    await wait_states(env.relay, sent=1)
+    assert maildir_messages(box) == [SIMPLE_MESSAGE]
 
 
 async def test_work_is_durable_before_the_200(start: Start, tmp_path: Path) -> None:
