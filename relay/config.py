@@ -427,7 +427,7 @@ class SMTPConfig:
     max_connections_per_ip: int = 100
     # DATA beyond this size goes to an unlinked temporary file (in the queue directory,
     # or the system's temporary directory with a PostgreSQL queue) instead of memory.
-    data_spool_threshold: Size = Size(1000**2)
+    data_spool_threshold: Size = Size(256 * 1024)
 
     def validate(self) -> None:
         ListenConfig.check_networks("trusted_networks", self.trusted_networks)

@@ -25,10 +25,10 @@ from relay.smtp import replies
 from relay.wire import crlf_only
 
 END_OF_DATA = b"\r\n.\r\n"
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024
 # Complete lines are processed once this much is pending (a small message is processed
 # once, at its end, like the whole-message reader this replaced).
-PROCESS_AT = 256 * 1024
+PROCESS_AT = 128 * 1024
 # A "line" this long without any LF is processed mid-line, so memory stays bounded.
 MAX_PENDING = 1024 * 1024
 _LONE_LF = re.compile(rb"(?<!\r)\n")
