@@ -163,8 +163,13 @@ def parse_body(body: bytes | str) -> dict[str, Any]:
             continue
         if key in ("Signature", "SignatureVersion", "SigningCertURL") and key not in doc:
             continue  # an unsigned message is well-formed but untrusted: 403, not 400
-        if not isinstance(doc.get(key), str):
+        value = doc.get(key)
+        if not isinstance(value, str):
             raise SNSMalformed(f"{key} is missing or not a string")
+        try:
+            value.encode("utf-8")  # JSON may carry "\ud800"; the string to sign is UTF-8
+        except UnicodeEncodeError:
+            raise SNSMalformed(f"{key} is not Unicode text (a lone surrogate)") from None
     return doc
 
 

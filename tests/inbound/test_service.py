@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import random
 import socket
 import sqlite3
 import struct
@@ -1258,3 +1259,63 @@ async def test_garbage_requests_are_a_400_and_one_warning_line(
     assert "b'" not in lines[0].getMessage()  # the client's bytes are not quoted in the log
     assert_no_tracebacks(caplog)
     assert await env.rows() == []
+
+
+# -- fuzzing the SNS endpoint: seeded, bounded, in the suite ------------------------------------
+
+
+def _mutate(rnd: random.Random, valid: dict[str, Any]) -> bytes:
+    """One hostile variant of a valid signed SNS post: broken bytes, deep nesting, wrong
+    types, odd Unicode, or a field changed under a signature that no longer covers it."""
+    raw = json.dumps(valid).encode()
+    kind = rnd.randrange(9)
+    if kind == 0:  # bytes flipped
+        data = bytearray(raw)
+        for _ in range(rnd.randint(1, 8)):
+            data[rnd.randrange(len(data))] = rnd.randrange(256)
+        return bytes(data)
+    if kind == 1:  # cut short
+        return raw[: rnd.randrange(len(raw))]
+    if kind == 2:  # nesting inserted somewhere
+        at = rnd.randrange(len(raw))
+        return raw[:at] + rnd.choice([b"[", b'{"a":']) * rnd.randint(1, 20_000) + raw[at:]
+    if kind == 3:  # noise
+        return rnd.randbytes(rnd.randint(0, 3000))
+    doc = dict(valid)
+    field = rnd.choice([*doc, "Subject", "Extra"])
+    if kind == 4:  # a wrong type
+        doc[field] = rnd.choice([None, 1, -1.5e308, True, [], {}, [[["x"]]], {"a": {"b": 1}}])
+        return json.dumps(doc).encode()
+    if kind == 5:  # odd strings: lone surrogates, NUL, control characters, very long
+        doc[field] = rnd.choice(["\ud800", "a\x00b", "\u2028\r\n", "x" * 100_000, "é" * 999, ""])
+        return json.dumps(doc).encode()
+    if kind == 6:  # a number too long to convert
+        return raw[:-1] + b', "Big": ' + b"9" * rnd.randint(4_000, 20_000) + b"}"
+    if kind == 7:  # wrapped or repeated
+        return rnd.choice([b"[" + raw + b"]", raw + raw, b'{"Type": ' + raw + b"}"])
+    return raw.replace(b'"', b"'", rnd.randint(1, 5))  # not JSON quoting
+
+
+async def test_fuzzed_sns_posts_get_json_answers_and_a_valid_post_still_works(
+    start: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = tmp_path / "box"
+    env = await start([{"recipients": ["*"], "destination": maildir(box)}])
+    rnd = random.Random(20261130)
+    valid = env.signed(env.ses())
+    seen: dict[int, int] = {}
+    for _ in range(600):
+        async with env.http.post(env.url, data=_mutate(rnd, valid)) as resp:
+            seen[resp.status] = seen.get(resp.status, 0) + 1
+            answer = await resp.json()
+        # 503: a certificate path changed on the real SNS host can't be fetched (SNS retries)
+        assert resp.status in (200, 400, 403, 413, 503), (resp.status, answer)
+        if resp.status != 200:
+            assert set(answer) == {"error", "detail"} and isinstance(answer["detail"], str)
+            assert "Traceback" not in answer["detail"]
+    assert seen.get(400, 0) > 100 and seen.get(403, 0) > 50, seen  # both paths exercised
+    status, answer = await env.post(valid)
+    assert status == 200 and answer["status"] == "queued"
+    await wait_states(env.relay, sent=1)
+    assert maildir_messages(box) == [SIMPLE_MESSAGE]
+    assert_no_tracebacks(caplog)

@@ -337,3 +337,12 @@ async def test_subscribe_url_elsewhere_is_never_visited(
     with pytest.raises(SNSRejected, match="SubscribeURL"):
         await v.confirm_subscription(msg)  # ...but the relay won't go there
     assert calls == [CERT_URL]
+
+
+async def test_lone_surrogate_in_a_signed_field_is_malformed_not_a_crash(
+    verifier: SNSVerifier,
+) -> None:
+    doc = notification()
+    doc["Message"] = "\ud800"  # valid JSON ("\\ud800"), but no UTF-8 string to sign
+    with pytest.raises(SNSMalformed, match="Message is not Unicode text"):
+        await verifier.verify(json.dumps(doc).encode())
