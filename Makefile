@@ -27,6 +27,14 @@ system-deps:
 	  else echo "missing:$$missing: run 'sudo apt-get install$$missing'"; exit 1; fi; \
 	fi
 
+# AWS's own S3 encryption client, the independent writer of the objects the inbound
+# decryptor is tested against. Its only release (4.0.0) pins cryptography<49 while the relay
+# pins 50.x, which pip's resolver refuses; without its dependencies it works with 50.x.
+AWS_S3EC := $(VENV)/.aws-s3ec
+$(AWS_S3EC): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps amazon-s3-encryption-client-python==4.0.0
+	touch $@
+
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/ruff format --check relay tests bench
@@ -34,7 +42,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) system-deps
+unit: $(STAMP) $(AWS_S3EC) system-deps
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from relay.web.client_errors import quiet_client_errors
+
 if TYPE_CHECKING:
     from relay.inbound.service import InboundService
 
@@ -31,6 +33,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(*, readiness: Readiness, inbound: InboundService | None = None) -> web.Application:
+    quiet_client_errors()
     app = web.Application()
     app[READINESS_KEY] = readiness
     app.router.add_get("/healthz", healthz)

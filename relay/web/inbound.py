@@ -18,19 +18,17 @@ This endpoint is what puts the web port on the internet, where clients that rese
 and garbage requests (scanners, fuzzers, TLS spoken to a plain port) are routine. Each is
 one INFO or WARNING line with the client address: a client gone mid-body is handled here,
 and aiohttp's own "Error handling request" tracebacks for requests its parser refuses are
-turned into one line by `quiet_client_errors()`, which `setup()` installs. Tracebacks
-remain for what is not the client's doing (a bug in a handler).
+turned into one line by `relay.web.client_errors`, which every relay web app installs.
+Tracebacks remain for what is not the client's doing (a bug in a handler).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.inbound.notify import NotificationError, is_ses_setup_notification, parse_notification
 from relay.inbound.sns import HTTPSFetcher, SNSError, SNSMessage, SNSVerifier
@@ -56,7 +54,6 @@ _ERROR_NAMES = {400: "malformed", 403: "rejected", 503: "unavailable"}
 
 def setup(app: web.Application, service: InboundService, settings: SNSSettings) -> None:
     """Add the endpoint and the verifier's lifetime to `app`."""
-    quiet_client_errors()
     app[SERVICE_KEY] = service
     app[MAX_BODY_KEY] = int(settings.max_body)
 
@@ -148,39 +145,3 @@ async def _notification(service: InboundService, msg: SNSMessage) -> web.Respons
     return web.json_response(
         {"status": "queued", "queued": sum(queued), "duplicates": len(queued) - sum(queued)}
     )
-
-
-def _first_line(exc: HttpProcessingError) -> str:
-    """aiohttp's fixed description of a protocol error, without the client's bytes that
-    it quotes (never copied into a log line)."""
-    line = exc.message.splitlines()[0] if exc.message else ""
-    line = re.split(r":? b['\"]", line, maxsplit=1)[0].rstrip(": ")  # LineTooLong quotes
-    return line or type(exc).__name__
-
-
-class _ClientErrorFilter(logging.Filter):
-    """On aiohttp's server logger: a traceback caused by the client (a request the parser
-    refuses: WARNING; a connection lost: INFO) becomes one line from `relay.web` with the
-    client address; every other record passes unchanged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if record.levelno < logging.WARNING or not isinstance(
-            exc, HttpProcessingError | ConnectionError
-        ):
-            return True
-        # aiohttp logs "Error handling request from %s" with the peer as the only argument.
-        args = record.args if isinstance(record.args, tuple) else ()
-        peer = args[0] if len(args) == 1 else "an unknown client"
-        if isinstance(exc, HttpProcessingError):
-            log.warning("http request from %s refused: %s %s", peer, exc.code, _first_line(exc))
-        else:
-            log.info("http connection from %s lost: %s", peer, exc)
-        return False
-
-
-def quiet_client_errors() -> None:
-    """Install the filter on aiohttp's server logger (once, however often it is called)."""
-    logger = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, _ClientErrorFilter) for f in logger.filters):
-        logger.addFilter(_ClientErrorFilter())
