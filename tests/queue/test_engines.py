@@ -363,3 +363,34 @@ async def fill_every_state(q: Queue) -> dict[str, int]:
     counts = await q.counts()
     assert counts == {"queued": 2, "sending": 1, "deferred": 1, "sent": 1, "failed": 1, "held": 1}
     return counts
+
+
+def _open_routing(path: str, start_at: float) -> str:
+    """One worker process opening the shared routing state at a given moment."""
+    from relay.queue.sqlite.routing import SQLiteRouting
+
+    while time.time() < start_at:
+        pass
+    store = SQLiteRouting(Path(path))
+    try:
+        store._connection()
+        return "ok"
+    except Exception as exc:
+        return repr(exc)
+    finally:
+        store.close()
+
+
+def test_workers_opening_the_shared_routing_state_together_all_succeed(tmp_path: Path) -> None:
+    """Workers start at the same moment and each opens routing.db; setting WAL mode takes
+    a lock SQLite does not wait for: one of them used to die with "database is locked"."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(8, mp_context=context) as pool:
+        for round_ in range(15):
+            path = str(tmp_path / f"routing-{round_}.db")
+            start_at = time.time() + 0.2
+            results = list(pool.map(_open_routing, [path] * 8, [start_at] * 8))
+            assert results == ["ok"] * 8, results

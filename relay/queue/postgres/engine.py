@@ -58,6 +58,13 @@ def _redact(dsn: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
+async def _session_kept(_conn: asyncpg.Connection) -> None:
+    """Release a pooled connection without asyncpg's reset query (a round trip on every
+    release). Nothing here changes session state: no SET, no LISTEN (that has a connection
+    of its own), advisory locks only within transactions; an open transaction is still
+    rolled back by asyncpg before this is called."""
+
+
 class PostgresQueue(Queue):
     def __init__(
         self, dsn: str, *, owner: str, pool_size: int = 4, auto_migrate: bool = True
@@ -87,6 +94,7 @@ class PostgresQueue(Queue):
                     # answer: give up soon, so SMTP clients get their 451 in time.
                     timeout=CONNECT_TIMEOUT,
                     server_settings={"synchronous_commit": "on", "application_name": "relay"},
+                    reset=_session_kept,
                 )
             except _UNAVAILABLE as exc:
                 raise StoreError(f"cannot reach PostgreSQL at {self.describe}: {exc}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -17,6 +18,7 @@ from typing import TypeVar
 from relay.queue.base import (
     SHARE_COLUMNS,
     RoutingStore,
+    StoreError,
     UpstreamAction,
     UpstreamDelta,
     UpstreamShare,
@@ -60,6 +62,21 @@ def _write(conn: sqlite3.Connection, row: UpstreamShare) -> None:
     )
 
 
+def _use_wal(conn: sqlite3.Connection, tries: int = 50) -> None:
+    """WAL mode is a property of the file: the first process sets it. Workers starting
+    together race for the lock that setting it takes, and SQLite answers "locked" at once
+    instead of waiting, so try again for a moment."""
+    for _ in range(tries):
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:
+            time.sleep(0.02)  # another process holds the lock for a moment
+    conn.execute("PRAGMA journal_mode = WAL")  # the last try raises what it finds
+
+
 class SQLiteRouting(RoutingStore):
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -72,7 +89,7 @@ class SQLiteRouting(RoutingStore):
             conn = sqlite3.connect(
                 self.path, isolation_level=None, timeout=30.0, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous = OFF")
             conn.executescript(SCHEMA)
             self._conn = conn
@@ -91,7 +108,10 @@ class SQLiteRouting(RoutingStore):
                 conn.execute("COMMIT")
                 return result
 
-        return await asyncio.to_thread(run)
+        try:
+            return await asyncio.to_thread(run)
+        except sqlite3.Error as exc:
+            raise StoreError(f"shared routing state ({self.path.name}): {exc}") from None
 
     def close(self) -> None:
         with self._lock:
