@@ -314,6 +314,11 @@ class Queue(abc.ABC):
         for listener in self._listeners:
             listener(kind)
 
+    def _wake_all(self) -> None:
+        """After an operator action that may have made work of any kind due."""
+        for kind in Kind:
+            self._work_arrived(kind)
+
     # -- the delivery path
 
     @abc.abstractmethod

@@ -78,6 +78,8 @@ class PostgresQueue(Queue):
         self._pool: asyncpg.Pool | None = None
         self._batcher: InsertBatcher | None = None
         self._listen_task: asyncio.Task[None] | None = None
+        # Server pids of this process's pooled connections: their NOTIFYs need no wake-up.
+        self._own_backends: set[int] = set()
         self._routing = PostgresRouting(self._transaction)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -95,6 +97,7 @@ class PostgresQueue(Queue):
                     timeout=CONNECT_TIMEOUT,
                     server_settings={"synchronous_commit": "on", "application_name": "relay"},
                     reset=_session_kept,
+                    init=self._remember_backend,
                 )
             except _UNAVAILABLE as exc:
                 raise StoreError(f"cannot reach PostgreSQL at {self.describe}: {exc}") from None
@@ -179,9 +182,14 @@ class PostgresQueue(Queue):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _notified(self, _conn: object, pid: int, _channel: str, payload: str) -> None:
+        if pid in self._own_backends:
+            return  # our own insert or action: this process was woken already, locally
         with contextlib.suppress(ValueError):
             self._work_arrived(Kind(payload))
+
+    async def _remember_backend(self, conn: asyncpg.Connection) -> None:
+        self._own_backends.add(conn.get_server_pid())
 
     # -- running statements ----------------------------------------------------------------
 
@@ -346,7 +354,10 @@ class PostgresQueue(Queue):
                 await conn.execute("SELECT pg_notify($1, $2)", statements.CHANNEL, kind)
             return [r["id"] for r in rows]
 
-        return await self._transaction(run)
+        done = await self._transaction(run)
+        if done:
+            self._wake_all()  # the NOTIFY reaches the others; this process wakes itself
+        return done
 
     async def next_due(self, kind: Kind) -> float | None:
         due: float | None = await self._with_conn(
@@ -464,9 +475,11 @@ class PostgresQueue(Queue):
             await conn.execute("SELECT pg_notify($1, $2)", statements.CHANNEL, row.kind)
 
         await self._act(msg_id, run)
+        self._wake_all()
 
     async def retry(self, msg_id: str, *, now: float, actor: str) -> None:
         await self._act(msg_id, lambda c, row: statements.retry(c, row, now=now, actor=actor))
+        self._wake_all()
 
     async def retry_failed(self, *, now: float, actor: str) -> list[str]:
         async def run(conn: asyncpg.Connection) -> list[str]:
@@ -482,7 +495,10 @@ class PostgresQueue(Queue):
                 done.append(r["id"])
             return done
 
-        return await self._transaction(run)
+        done = await self._transaction(run)
+        if done:
+            self._wake_all()  # the NOTIFY reaches the others; this process wakes itself
+        return done
 
     async def delete(self, msg_id: str, *, actor: str) -> None:
         async def run(conn: asyncpg.Connection, row: MessageRow) -> None:
@@ -506,7 +522,10 @@ class PostgresQueue(Queue):
                 await conn.execute("SELECT pg_notify($1, $2)", statements.CHANNEL, kind)
             return [r["id"] for r in rows]
 
-        return await self._transaction(run)
+        done = await self._transaction(run)
+        if done:
+            self._wake_all()  # the NOTIFY reaches the others; this process wakes itself
+        return done
 
     @property
     def routing(self) -> RoutingStore:

@@ -254,10 +254,6 @@ class SQLiteQueue(Queue):
             self._wake_all()
         return ids
 
-    def _wake_all(self) -> None:
-        for kind in Kind:
-            self._work_arrived(kind)
-
     @property
     def routing(self) -> RoutingStore:
         return self._routing
