@@ -47,9 +47,11 @@ unit: $(STAMP) $(AWS_S3EC) system-deps
 
 test: lint typecheck unit
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.failover
 	$(BIN)/python -m bench.perf
+	$(BIN)/python -m bench.queue
+	$(BIN)/python -m bench.memory
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

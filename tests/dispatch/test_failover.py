@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -330,8 +331,9 @@ async def test_one_stray_500_does_not_stop_the_only_provider(
 
 
 async def test_operator_flush_probes_an_open_breaker_and_deferrals_name_the_real_error(
-    make_relay: RelayFactory, sendgrid: FakeSendGrid
+    make_relay: RelayFactory, sendgrid: FakeSendGrid, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="relay.dispatch")
     relay = await make_relay(
         upstream=[sendgrid_upstream(sendgrid)],
         routing={"failures_to_open": 5, "cooldown": "1h"},
@@ -353,6 +355,11 @@ async def test_operator_flush_probes_an_open_breaker_and_deferrals_name_the_real
     assert len(ids) == 2 and probing == ["sendgrid"]
     await wait_states(relay, sent=2)  # not deferred again for the rest of the hour
     assert relay.router.state("sendgrid").breaker.value == "closed"
+    # Every transition is logged with the upstream and its cause.
+    said = [r.getMessage() for r in caplog.records if "breaker" in r.getMessage()]
+    assert any("sendgrid breaker open for 3600s: upstream-wide error: HTTP 401" in s for s in said)
+    assert any("sendgrid breaker half-open" in s for s in said)
+    assert any("sendgrid breaker closed: an attempt succeeded" in s for s in said)
 
 
 async def test_a_bounce_reaches_the_sender_through_a_json_only_provider(
