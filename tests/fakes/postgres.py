@@ -12,7 +12,6 @@ Fixtures: `postgres` (the server, one per session), `pg_dsn` (a fresh database p
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pwd
@@ -139,15 +138,3 @@ async def pg_dsn(postgres: str) -> AsyncIterator[str]:
 def private_postgres() -> Iterator[PostgresCluster]:
     """A cluster the test may stop and start (never the shared one)."""
     yield from _cluster()
-
-
-async def wait_accepting(dsn: str, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                conn = await asyncpg.connect(dsn, timeout=2)
-            except (OSError, asyncpg.PostgresError):
-                await asyncio.sleep(0.1)
-                continue
-            await conn.close()
-            return

@@ -14,7 +14,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -210,11 +210,17 @@ async def test_database_stopped_under_load_gives_4xx_only_and_loses_nothing(
                 continue
             acked.add(token)
             codes[250] += 1
+            progress.set()
 
+    async def until(done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(30):
+            while not done():
+                progress.clear()
+                await progress.wait()
+
+    progress = asyncio.Event()
     clients = [asyncio.create_task(client()) for _ in range(8)]
-    async with asyncio.timeout(30):
-        while len(acked) < 50:
-            await asyncio.sleep(0.05)
+    await until(lambda: len(acked) >= 50)
     await asyncio.to_thread(private_postgres.stop, "fast")
     down.set()
     stopped_at = time.monotonic()
@@ -230,9 +236,7 @@ async def test_database_stopped_under_load_gives_4xx_only_and_loses_nothing(
     down.clear()
     await asyncio.to_thread(private_postgres.start)
     outage = time.monotonic() - stopped_at
-    async with asyncio.timeout(30):
-        while codes[250] < len(acked_during) + 50:
-            await asyncio.sleep(0.05)
+    await until(lambda: codes[250] >= len(acked_during) + 50)
     stop_clients.set()
     await asyncio.gather(*clients)
     # Dispatch resumed by itself: every acknowledged message reaches the outbox. (A few
