@@ -394,3 +394,20 @@ def test_workers_opening_the_shared_routing_state_together_all_succeed(tmp_path:
             start_at = time.time() + 0.2
             results = list(pool.map(_open_routing, [path] * 8, [start_at] * 8))
             assert results == ["ok"] * 8, results
+
+
+async def test_postgres_commits_new_work_with_a_wal_flush(postgres: str) -> None:
+    """250 means durable: the insert's transaction waits for the flush; the dispatcher's
+    bookkeeping does not (losing its last instant in a database crash means an attempt is
+    made again, never a loss)."""
+    q = PostgresQueue(await create_database(postgres), owner=NODE_A)
+    await q.start()
+    try:
+        show = "SHOW synchronous_commit"
+        assert await q._durably(lambda c: c.fetchval(show)) == "on"
+        assert await q._transaction(lambda c: c.fetchval(show), durable=True) == "on"
+        assert await q._with_conn(lambda c: c.fetchval(show)) == "off"
+        assert await q.insert(new())  # and the batcher goes through the durable path
+        assert q._batcher is not None and q._batcher._run == q._durably
+    finally:
+        await q.close()

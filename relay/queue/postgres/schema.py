@@ -84,6 +84,7 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Apply what is missing; the versions applied (none when current)."""
     applied: list[int] = []
     async with conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit = on")
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS relay_schema"
