@@ -43,7 +43,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     selection = _filters(args)
 
     async def run(admin: QueueAdmin) -> list[MessageRow]:
-        rows = await admin.search(state=args.state, kind=args.kind, limit=BULK_LIMIT)
+        # The queue filters by state and kind itself; the other filters need every row.
+        limit = BULK_LIMIT if selection.filters_rows else args.limit
+        rows = await admin.search(state=args.state, kind=args.kind, limit=limit)
         now = time.time()
         return [r for r in rows if selection.matches(r, now=now)][: args.limit]
 

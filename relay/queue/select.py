@@ -32,6 +32,11 @@ class Selection:
     recipient: str | None = None  # substring of any original recipient, case-insensitive
     older_than: float | None = None  # seconds since arrival
 
+    @property
+    def filters_rows(self) -> bool:
+        """Whether rows must be read to apply it (beyond what the queue's search takes)."""
+        return bool(self.ids or self.sender or self.recipient or self.older_than is not None)
+
     def matches(self, row: MessageRow, *, now: float) -> bool:
         if self.ids and row.id not in self.ids:
             return False
