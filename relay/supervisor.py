@@ -84,7 +84,8 @@ def _wait_ready(read_fd: int, children: dict[int, int], workers: int) -> int | N
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
             children.pop(pid, None)
-            return os.waitstatus_to_exitcode(status) or 1
+            code = os.waitstatus_to_exitcode(status)
+            return code if code > 0 else 1  # killed by a signal (negative) or 0: failure
     log.info(
         "relay ready: %d workers on one port, queue shards %s",
         workers,

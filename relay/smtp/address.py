@@ -60,6 +60,9 @@ def split_path(arg: str) -> tuple[str, str] | None:
 
 
 def _closing_bracket(text: str) -> int | None:
+    if '"' not in text:  # no quoted local part (nearly every address): no scan in Python
+        end = text.find(">", 1)
+        return end if end > 0 else None
     quoted = escaped = False
     for i, char in enumerate(text[1:], start=1):
         if escaped:

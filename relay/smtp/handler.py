@@ -158,12 +158,13 @@ class RelayHandler:
     def _sender_refusal(user: Any, sender: str) -> str | None:
         """An authenticated user may use its allowed_senders only. The null sender is for
         bounces, which a submission account rarely sends: it must be listed as "<>"."""
-        allowed = ", ".join(user.allowed_senders)
         if not sender:
             if NULL_SENDER in user.allowed_senders:
                 return None
+            allowed = ", ".join(user.allowed_senders)
             return replies.NULL_SENDER_NOT_ALLOWED.format(user=user.name, allowed=allowed)
         if not sender_allowed(user, sender):
+            allowed = ", ".join(user.allowed_senders)
             return replies.SENDER_NOT_ALLOWED.format(sender=sender, user=user.name, allowed=allowed)
         return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from relay.smtp.tls import ensure_self_signed, server_tls_context
 log = logging.getLogger("relay.smtp")
 
 # sysexits.h EX_CONFIG: the supervisor does not restart a worker that exits with it.
-EX_CONFIG = 78
+EX_CONFIG = os.EX_CONFIG
 
 
 class ListenerError(SystemExit):

@@ -58,8 +58,8 @@ class RefusalLog:
         sender: str | None = None,
         recipient: str | None = None,
     ) -> None:
-        if not self._take():
-            return
+        if not log.isEnabledFor(logging.INFO) or not self._take():
+            return  # nothing is built for a line nobody will read
         if self._suppressed:
             log.warning("NOQUEUE: %d refusal line(s) not logged (rate limit)", self._suppressed)
             self._suppressed = 0
