@@ -19,7 +19,7 @@ from relay.cli.common import actor, fmt_time, load_for_queue, rfc3339, with_admi
 from relay.config import parse_duration
 from relay.message import Kind, Status
 from relay.queue.admin import QueueAdmin
-from relay.queue.base import MessageRow, QueueActionError, UpstreamShare, heal
+from relay.queue.base import MessageRow, QueueActionError, UpstreamShare, event_detail, heal
 from relay.queue.select import Selection, normalise_id, recipients, shape
 
 STATES = [s.value for s in Status]
@@ -89,7 +89,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"error:     {row.last_error}")
     print("timeline:")
     for ev in view.timeline:
-        detail = {k: v for k, v in ev.items() if k not in ("at", "type")}
+        detail = event_detail(ev)
         print(f"  {fmt_time(ev['at'])}  {ev['type']:9}  {json.dumps(detail, ensure_ascii=False)}")
     return 0
 

@@ -8,6 +8,7 @@ invariants; `relay.queue`'s docstring lists them.
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -70,6 +71,40 @@ class Round:
     defer_detail: dict[str, Any] = field(default_factory=dict)
     fail_detail: dict[str, Any] = field(default_factory=dict)
     sent_detail: dict[str, Any] = field(default_factory=dict)
+
+
+# -- export records (the format of `Queue.export` / `import_record`) -------------------------
+
+IMPORT_COLUMNS = (
+    "id, kind, state, mail_from, rcpts, size, created, updated, next_attempt, attempts,"
+    " last_error, dedupe, meta"
+)
+
+
+def import_values(record: dict[str, Any]) -> tuple[Any, ...]:
+    """The messages row an export record becomes, in IMPORT_COLUMNS order (rcpts and meta
+    as JSON text). A lease does not survive the move: leased work is due again."""
+    state = Status.QUEUED.value if record["state"] == Status.SENDING else record["state"]
+    return (
+        record["id"],
+        record["kind"],
+        state,
+        record["mail_from"],
+        json.dumps(record["rcpts"], separators=(",", ":")),
+        record["size"],
+        record["created"],
+        record["updated"],
+        record["next_attempt"],
+        record["attempts"],
+        record["last_error"],
+        record["dedupe"],
+        json.dumps(record["meta"], separators=(",", ":")),
+    )
+
+
+def event_detail(event: dict[str, Any]) -> dict[str, Any]:
+    """A timeline entry without its time and type: what the events table keeps as detail."""
+    return {k: v for k, v in event.items() if k not in ("at", "type")}
 
 
 # -- routing state shared by every process (and host) ---------------------------------------

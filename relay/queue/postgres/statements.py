@@ -9,7 +9,13 @@ from typing import Any
 import asyncpg
 
 from relay.message import EventType, NewMessage, Status, stored_meta
-from relay.queue.base import MessageRow, QueueActionError
+from relay.queue.base import (
+    IMPORT_COLUMNS,
+    MessageRow,
+    QueueActionError,
+    event_detail,
+    import_values,
+)
 
 CHANNEL = "relay_work"  # LISTEN/NOTIFY channel; the payload is the kind of work
 COLUMNS = (
@@ -136,25 +142,12 @@ async def export_batch(conn: asyncpg.Connection, *, after: str) -> list[dict[str
 
 
 async def import_record(conn: asyncpg.Connection, rec: dict[str, Any]) -> bool:
-    state = Status.QUEUED.value if rec["state"] == Status.SENDING else rec["state"]
+    """Store an export record as it was; a lease it had is dropped (the work is due)."""
     added = await conn.fetchval(
-        "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
-        " next_attempt, attempts, last_error, dedupe, meta)"
+        f"INSERT INTO messages ({IMPORT_COLUMNS})"
         " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)"
         " ON CONFLICT DO NOTHING RETURNING 1",
-        rec["id"],
-        rec["kind"],
-        state,
-        rec["mail_from"],
-        dumps(rec["rcpts"]),
-        rec["size"],
-        rec["created"],
-        rec["updated"],
-        rec["next_attempt"],
-        rec["attempts"],
-        rec["last_error"],
-        rec["dedupe"],
-        dumps(rec["meta"]),
+        *import_values(rec),
     )
     if added is None:
         return False
@@ -165,7 +158,7 @@ async def import_record(conn: asyncpg.Connection, rec: dict[str, Any]) -> bool:
             rec["id"],
             EventType(ev["type"]),
             ev["at"],
-            {k: v for k, v in ev.items() if k not in ("at", "type")},
+            event_detail(ev),
         )
         for ev in rec["events"]
     ]

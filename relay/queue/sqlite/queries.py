@@ -23,7 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status, stored_meta
-from relay.queue.base import MessageRow, QueueActionError, Round
+from relay.queue.base import (
+    IMPORT_COLUMNS,
+    MessageRow,
+    QueueActionError,
+    Round,
+    event_detail,
+    import_values,
+)
 
 
 def _event(
@@ -502,35 +509,15 @@ def export_rows(conn: sqlite3.Connection, *, after: str, limit: int) -> list[dic
 
 def import_row(conn: sqlite3.Connection, rec: dict[str, Any]) -> bool:
     """Store an export record as it was; a lease it had is dropped (the work is due)."""
-    state = Status.QUEUED.value if rec["state"] == Status.SENDING else rec["state"]
     cur = conn.execute(
-        "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
-        " next_attempt, attempts, last_error, dedupe, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        f"INSERT INTO messages ({IMPORT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT DO NOTHING",
-        (
-            rec["id"],
-            rec["kind"],
-            state,
-            rec["mail_from"],
-            json.dumps(rec["rcpts"]),
-            rec["size"],
-            rec["created"],
-            rec["updated"],
-            rec["next_attempt"],
-            rec["attempts"],
-            rec["last_error"],
-            rec["dedupe"],
-            json.dumps(rec["meta"]),
-        ),
+        import_values(rec),
     )
     if cur.rowcount == 0:
         return False
     if rec["body"] is not None:
         conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (rec["id"], rec["body"]))
     for ev in rec["events"]:
-        detail = {k: v for k, v in ev.items() if k not in ("at", "type")}
-        conn.execute(
-            "INSERT INTO events (msg_id, at, type, detail) VALUES (?, ?, ?, ?)",
-            (rec["id"], ev["at"], ev["type"], json.dumps(detail, separators=(",", ":"))),
-        )
+        _event(conn, rec["id"], ev["at"], EventType(ev["type"]), event_detail(ev))
     return True

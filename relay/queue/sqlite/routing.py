@@ -27,6 +27,7 @@ from relay.queue.base import (
     merge_share,
     share_values,
 )
+from relay.queue.sqlite.store import transaction
 
 T = TypeVar("T")
 
@@ -98,15 +99,7 @@ class SQLiteRouting(RoutingStore):
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
             with self._lock:
-                conn = self._connection()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                return result
+                return transaction(self._connection(), fn)
 
         try:
             return await asyncio.to_thread(run)
