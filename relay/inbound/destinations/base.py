@@ -81,5 +81,15 @@ def raise_for_refusals(
     )
 
 
+class FolderDestination(Destination):
+    """A destination that writes files under `path`, one folder per recipient when
+    `per_recipient` (Maildir, directory)."""
+
+    def __init__(self, name: str, path: Path, *, per_recipient: bool = False) -> None:
+        super().__init__(name)
+        self.path = path
+        self.per_recipient = per_recipient
+
+
 def recipient_dir(base: Path, recipient: str) -> Path:
     return base / safe_filename(recipient.strip().lower(), default="unknown-recipient")

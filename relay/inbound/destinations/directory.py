@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.durable import fsync_dir, write_new
-from relay.inbound.destinations.base import Destination, raise_for_refusals, recipient_dir
+from relay.inbound.destinations.base import (
+    FolderDestination,
+    raise_for_refusals,
+    recipient_dir,
+)
 from relay.inbound.parse import ParsedMessage
 from relay.outcomes import PermanentError, RecipientRefusal, TransientError
 
@@ -85,15 +89,10 @@ def _place_file_excl(directory: Path, name: str, data: bytes) -> str:
     raise FileExistsError(errno.EEXIST, "no free file name", name)
 
 
-class DirectoryDestination(Destination):
+class DirectoryDestination(FolderDestination):
     """Attachments as files for a document system. The message itself is not kept."""
 
     type_name = "directory"
-
-    def __init__(self, name: str, path: Path, *, per_recipient: bool = False) -> None:
-        super().__init__(name)
-        self.path = path
-        self.per_recipient = per_recipient
 
     async def start(self) -> None:
         await asyncio.to_thread(self.path.mkdir, parents=True, exist_ok=True)

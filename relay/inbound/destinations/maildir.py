@@ -9,7 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.durable import deliver_to_maildir, make_maildir
-from relay.inbound.destinations.base import Destination, raise_for_refusals, recipient_dir
+from relay.inbound.destinations.base import (
+    FolderDestination,
+    raise_for_refusals,
+    recipient_dir,
+)
 from relay.inbound.parse import ParsedMessage
 from relay.outcomes import PermanentError, RecipientRefusal, TransientError
 
@@ -21,15 +25,10 @@ class MaildirDestinationConfig:
     per_recipient: bool = False
 
 
-class MaildirDestination(Destination):
+class MaildirDestination(FolderDestination):
     """Maildir delivery: readers never see a half-written file, a crash leaves none in new/."""
 
     type_name = "maildir"
-
-    def __init__(self, name: str, path: Path, *, per_recipient: bool = False) -> None:
-        super().__init__(name)
-        self.path = path
-        self.per_recipient = per_recipient
 
     async def start(self) -> None:
         if not self.per_recipient:
