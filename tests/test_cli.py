@@ -14,24 +14,7 @@ import pytest
 from relay.app import Relay
 from relay.smtp.auth import verify_password
 from tests.conftest import RelayFactory, SMTPSink, make_message, smtp_upstream, wait_states
-from tests.fakes.relay_process import free_port
-
-
-async def relay_cli(*args: str, config: Path, stdin: bytes | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        "--config",
-        str(config),
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate(stdin)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests.fakes.relay_process import free_port, relay_cli
 
 
 def cli_config(relay: Relay, tmp_path: Path) -> Path:

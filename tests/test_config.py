@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.test_cli import relay_cli
+from tests.fakes.relay_process import relay_cli
 
 GOOD_HASH = "scrypt$16384$8$1$c2FsdA$aGFzaA"
 

@@ -62,3 +62,29 @@ class RelayProcess:
             await asyncio.wait_for(self.proc.wait(), 30)
         if self._reader:
             await self._reader
+
+
+async def relay_cli(
+    *args: str, config: Path, stdin: bytes | None = None, timeout: float | None = None
+) -> tuple[int, str, str]:
+    """`python -m relay --config CONFIG ARGS...` to its end: (exit status, stdout, stderr).
+    Killed after `timeout` seconds (a `serve` that should have exited)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        "--config",
+        str(config),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -18,15 +18,9 @@ from pathlib import Path
 import pytest
 
 from relay.smtp.tls import ensure_self_signed
+from tests.fakes.relay_process import free_port, relay_cli
 
 EX_CONFIG = 78
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def write_config(tmp_path: Path, address: str, *, workers: int, tls: str = "none") -> Path:
@@ -56,24 +50,8 @@ listen = "127.0.0.1:0"
 
 
 async def serve(config: Path, timeout: float = 30.0) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        "--config",
-        str(config),
-        "serve",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
+    code, _, err = await relay_cli("serve", config=config, timeout=timeout)
+    return code, err
 
 
 @contextlib.contextmanager
