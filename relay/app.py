@@ -28,10 +28,12 @@ from relay.message import Kind, NewMessage, Status
 from relay.queue import open_queue
 from relay.queue.base import StoreError
 from relay.queue.owner import owner_id, process_alive
-from relay.smtp.listener import start_listeners
+from relay.smtp.listener import ListenerError, start_listeners
+from relay.smtp.tls import server_tls_context
 from relay.upstreams.base import Upstream
 from relay.upstreams.registry import create_upstream
 from relay.web.app import create_app
+from relay.web.context import WebContext
 
 if TYPE_CHECKING:
     from relay.inbound.service import InboundService
@@ -153,16 +155,44 @@ class Relay:
         )
 
     async def _start_web(self) -> None:
-        listen = self.config.web.listen
-        app = create_app(readiness=self.readiness_problems, inbound=self.inbound)
+        web_cfg = self.config.web
+        listen = web_cfg.listen
+        if not web_cfg.tokens and not web_cfg.loopback_only and not web_cfg.allow_no_tokens:
+            log.error(
+                "web: %s is not a loopback address and no [[web.tokens]] are configured;"
+                " add a token (relay token new), listen on 127.0.0.1, or set"
+                " [web] allow_no_tokens = true to serve health, metrics and webhooks only",
+                listen,
+            )
+            raise ListenerError
+        context = WebContext(
+            config=self.config,
+            queue=self.queue,
+            submit=self.submit,
+            readiness=self.readiness_problems,
+            inbound=self.inbound,
+            clock=self.clock,
+        )
+        app = create_app(context)
         self.web_runner = web.AppRunner(app, access_log=None)
         await self.web_runner.setup()
-        site = web.TCPSite(self.web_runner, listen.host, listen.port)
-        await site.start()
+        tls = None
+        if web_cfg.tls_cert:
+            tls = server_tls_context(
+                cert=self.config.resolve(web_cfg.tls_cert),
+                key=self.config.resolve(web_cfg.tls_key),
+                min_version="TLSv1.2",
+            )
+        site = web.TCPSite(self.web_runner, listen.host, listen.port, ssl_context=tls)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("web: cannot listen on %s: %s", listen, exc.strerror or exc)
+            raise ListenerError from None
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.web_port = server.sockets[0].getsockname()[1]
-        log.info("web listening on %s:%s", listen.host, self.web_port)
+        log.info("web listening on %s:%s%s", listen.host, self.web_port, " (TLS)" if tls else "")
 
     async def stop(self) -> None:
         for server in self.smtp_servers:

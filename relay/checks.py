@@ -54,7 +54,13 @@ def check(cfg: Config) -> tuple[str, ...]:
         collect(lambda: parse_inbound(cfg.inbound, cfg))
     if problems:
         raise ConfigError(summary(problems))
-    return take_warnings()
+    warnings = take_warnings()
+    if not cfg.web.tokens:
+        warnings += (
+            "web.tokens: none configured, so the status page and the API answer 403;"
+            " `relay token new` makes one",
+        )
+    return warnings
 
 
 def _lines(message: str) -> list[str]:

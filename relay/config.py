@@ -221,6 +221,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return Duration(parse_duration(value))
         if tp is Address:
             return Address(parse_address(value))
+        if tp is TokenSecret:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {type(value).__name__}")
+            if not value.startswith(("env:", "file:")):
+                raise ValueError(
+                    "write env:NAME or file:PATH (tokens are never written in the file)"
+                )
+            return TokenSecret(_secret(value, key))
         if tp is Secret:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {type(value).__name__}")
@@ -491,9 +499,83 @@ class DKIMConfig:
     private_key: Secret
 
 
+TokenRole = Literal["read", "submit", "admin"]
+MetricsAccess = Literal["loopback", "token", "open"]
+
+
+class TokenSecret(Secret):
+    """A secret that must come from `env:` or `file:` (an API token, never in the file)."""
+
+
+@dataclass(frozen=True)
+class WebToken:
+    """A bearer token for the page and the API. `read`: the page and GET API; `submit`:
+    POST messages only; `admin`: everything."""
+
+    name: str
+    token: TokenSecret
+    role: TokenRole = "read"
+    # For `submit` and `admin` tokens: the senders messages sent with this token may use.
+    allowed_senders: tuple[str, ...] = ("*",)
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", self.name):
+            raise ValueError(
+                f"token name {self.name!r}: use letters, digits, '_', '.', '@', '-' (at most 64)"
+            )
+        unresolved = self.token.startswith(("env:", "file:"))  # commands without secrets
+        if not unresolved and len(self.token) < 16:
+            raise ValueError(
+                f"token {self.name!r}: the token is shorter than 16 characters; make one"
+                " with `relay token new`"
+            )
+        for pattern in self.allowed_senders:
+            if pattern != "*" and "@" not in pattern:
+                raise ValueError(
+                    f"token {self.name!r}: allowed_senders pattern {pattern!r} has no @"
+                    f" (for a domain write '*@{pattern.lstrip('*@.')}')"
+                )
+
+
 @dataclass(frozen=True)
 class WebConfig:
     listen: Address = Address("127.0.0.1:8025")
+    tokens: tuple[WebToken, ...] = ()
+    # HTTPS on the web listener: both PEM files, or neither (plain HTTP).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Who may read /metrics: loopback clients only without a token (the default), a
+    # `read` token from anywhere (`token`), or anyone (`open`).
+    metrics: MetricsAccess = "loopback"
+    # A listener on a non-loopback address with no token refuses to start unless this is
+    # set: the page and API are then closed to everyone, which must be a choice.
+    allow_no_tokens: bool = False
+    # How long a page login lasts.
+    session_lifetime: Duration = Duration(12 * 3600.0)
+
+    def validate(self) -> None:
+        names = [t.name for t in self.tokens]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"tokens: the name {name!r} is used twice")
+        secrets = [t.token for t in self.tokens]
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("tokens: two entries have the same token; give each its own")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+        for path in (self.tls_cert, self.tls_key):
+            if path and not Path(path).is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+
+    @property
+    def loopback_only(self) -> bool:
+        host = self.listen.host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
 
 @dataclass(frozen=True)

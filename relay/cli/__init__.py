@@ -13,6 +13,7 @@ import getpass
 import importlib.metadata
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,6 +108,19 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token_new(args: argparse.Namespace) -> int:
+    """A random token and the config entry that uses it (the token itself goes in the
+    environment or a file: the config names where, never the value)."""
+    token = secrets.token_urlsafe(32)
+    variable = "RELAY_TOKEN_" + args.name.upper().replace("-", "_").replace(".", "_")
+    print(f"# the token (keep it secret): export {variable}={token}")
+    print("[[web.tokens]]")
+    print(f'name = "{args.name}"')
+    print(f'token = "env:{variable}"   # or "file:/etc/relay/{args.name}.token"')
+    print(f'role = "{args.role}"')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description="SMTP relay gateway")
     p.add_argument("--version", action="version", version=f"relay {_version()}")
@@ -134,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ua.add_argument("name")
     ua.set_defaults(func=cmd_user_add)
+
+    t = sub.add_parser("token", help="web page and API tokens").add_subparsers(
+        dest="token_command", required=True
+    )
+    tn = t.add_parser("new", help="print a random token and its [[web.tokens]] entry")
+    tn.add_argument("name")
+    tn.add_argument("--role", choices=("read", "submit", "admin"), default="admin")
+    tn.set_defaults(func=cmd_token_new)
 
     d = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="dkim_command", required=True)
     dk = d.add_parser("keygen", help="write a key and print its DNS record")

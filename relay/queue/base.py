@@ -285,6 +285,63 @@ class RoutingStore(abc.ABC):
         second's worth). 0.0 when taken; otherwise how long to wait before asking again."""
 
 
+# -- what the operator surface asks for ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MessageQuery:
+    """A search of the message list (the API's and the page's filters). Text filters are
+    case-insensitive substrings; `since`/`until` bound the arrival time (epoch seconds).
+
+    Results are newest first. `before` is the cursor: only messages older than that id
+    (ids sort by arrival), so pages stay stable while new mail arrives."""
+
+    state: str | None = None
+    kind: str | None = None
+    sender: str | None = None
+    recipient: str | None = None  # any original recipient
+    subject: str | None = None
+    upstream: str | None = None  # the upstream that took it (or last tried it)
+    since: float | None = None
+    until: float | None = None
+    before: str | None = None
+    limit: int = 50
+
+
+@dataclass(slots=True)
+class StatPoint:
+    """One cell of the per-minute rollups every process adds to (`StatsStore`).
+
+    `series` and `label` say what is counted ("attempt", "ses:accepted"); `bucket` is a
+    histogram bucket index, or a negative code the writer defines (count, sum). Values
+    add up across processes and hosts."""
+
+    minute: int  # epoch seconds // 60
+    series: str
+    label: str
+    bucket: int
+    value: float
+
+
+class StatsStore(abc.ABC):
+    """Counters and histograms per minute, where every process and host adds and reads:
+    what the stats API, the overview's charts and percentiles are computed from."""
+
+    @abc.abstractmethod
+    async def add(self, points: list[StatPoint]) -> None:
+        """Add each point's value to its cell (created at 0 when new), in one transaction."""
+
+    @abc.abstractmethod
+    async def read(
+        self, *, since: float, until: float, series: tuple[str, ...] = ()
+    ) -> list[StatPoint]:
+        """The cells of minutes in [since, until) (all series when `series` is empty)."""
+
+    @abc.abstractmethod
+    async def purge(self, *, older_than: float) -> int:
+        """Forget minutes before `older_than`; how many cells went."""
+
+
 # -- the queue --------------------------------------------------------------------------------
 
 WorkListener = Callable[[Kind], None]
@@ -411,6 +468,19 @@ class Queue(abc.ABC):
     async def counts(self) -> dict[str, int]:
         """Messages per state, over the whole queue."""
 
+    @abc.abstractmethod
+    async def find(self, query: MessageQuery) -> list[MessageRow]:
+        """Up to `query.limit` messages matching it, newest first (see MessageQuery)."""
+
+    @abc.abstractmethod
+    async def oldest(self, *, states: tuple[str, ...]) -> float | None:
+        """The arrival time of the oldest message in one of `states` (None: there is none)."""
+
+    @abc.abstractmethod
+    async def dedupe_owner(self, dedupe: str, *, since: float) -> str | None:
+        """The id of the message stored under `dedupe` at or after `since`. A message that
+        took the key before `since` lets go of it (so the key can be used again)."""
+
     # -- operator actions (postsuper / postqueue equivalents); `relay.queue.admin` wraps them
 
     @abc.abstractmethod
@@ -436,6 +506,10 @@ class Queue(abc.ABC):
     @property
     @abc.abstractmethod
     def routing(self) -> RoutingStore: ...
+
+    @property
+    @abc.abstractmethod
+    def stats(self) -> StatsStore: ...
 
     # -- moving a queue between engines
 

@@ -1,0 +1,44 @@
+"""What the web side is given to serve: the parts it uses, never the relay object.
+
+The page, the API and /metrics all read the same things (the queue and its shared
+routing and stats state), so they see the whole relay: every worker process and, with a
+PostgreSQL queue, every host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from relay.config import Config
+from relay.message import NewMessage
+from relay.queue.admin import QueueAdmin
+from relay.queue.base import Queue
+
+if TYPE_CHECKING:
+    from relay.inbound.service import InboundService
+
+Readiness = Callable[[], Awaitable[list[str]]]
+Submit = Callable[[NewMessage], Awaitable[None]]
+
+
+@dataclass
+class WebContext:
+    config: Config
+    queue: Queue
+    # Makes a new message durable (raises StoreFull/StoreError): the SMTP listener's path.
+    submit: Submit
+    readiness: Readiness
+    inbound: InboundService | None = None
+    clock: Callable[[], float] = time.time
+    admin: QueueAdmin = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admin = QueueAdmin(self.queue, clock=self.clock)
+
+
+CONTEXT: web.AppKey[WebContext] = web.AppKey("context")

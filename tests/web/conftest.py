@@ -1,0 +1,46 @@
+"""A relay with one token of each role, and the headers that use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.app import Relay
+from tests.conftest import RelayFactory
+
+# name → (role, token). Written to files, as a deployment would (`file:`).
+TOKENS: dict[str, tuple[str, str]] = {
+    "ops": ("admin", "admin-token-0123456789abcdef"),
+    "viewer": ("read", "read-token-0123456789abcdef"),
+    "app": ("submit", "submit-token-0123456789abcdef"),
+}
+
+
+def token_entries(directory: Path, **senders: list[str]) -> list[dict[str, Any]]:
+    """[[web.tokens]] entries for TOKENS, each token in its own file under `directory`.
+    `senders` gives a token's allowed_senders by name."""
+    entries = []
+    for name, (role, token) in TOKENS.items():
+        path = directory / f"{name}.token"
+        path.write_text(token + "\n")
+        entry: dict[str, Any] = {"name": name, "token": f"file:{path}", "role": role}
+        if name in senders:
+            entry["allowed_senders"] = senders[name]
+        entries.append(entry)
+    return entries
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[name][1]}"}
+
+
+def base_url(relay: Relay) -> str:
+    return f"http://127.0.0.1:{relay.web_port}"
+
+
+@pytest.fixture
+async def web_relay(make_relay: RelayFactory, tmp_path: Path) -> Relay:
+    """A relay whose web listener has the three tokens of TOKENS."""
+    return await make_relay(web={"listen": "127.0.0.1:0", "tokens": token_entries(tmp_path)})
