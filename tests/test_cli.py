@@ -164,11 +164,11 @@ async def test_postgres_schema_check_migrate_and_the_queue_commands(
     code, _, err = await relay_cli("check-config", config=env_cfg)
     assert code == 1 and "run `relay queue migrate`" in err, err
     code, out, _ = await relay_cli("queue", "migrate", config=env_cfg)
-    assert code == 0 and "migrated to version 1" in out
+    assert code == 0 and "migrated to version 2" in out
     code, out, _ = await relay_cli("queue", "migrate", config=env_cfg)
-    assert code == 0 and "current (version 1)" in out
+    assert code == 0 and "current (version 2)" in out
     code, out, _ = await relay_cli("check-config", config=env_cfg)
-    assert code == 0 and "schema version 1" in out and "@" not in out.split("postgresql://")[0]
+    assert code == 0 and "schema version 2" in out and "@" not in out.split("postgresql://")[0]
     # The DSN may come from the environment, like every secret.
     code, _, err = await relay_cli("check-config", config=cfg)
     assert code == 1 and "RELAY_TEST_DSN" in err

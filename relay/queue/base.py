@@ -323,6 +323,12 @@ class StatPoint:
     value: float
 
 
+def minute_range(since: float, until: float) -> tuple[int, int]:
+    """[first, end) of the minutes that start in [since, until): adjacent windows share no
+    minute, and a window ending now includes the minute in progress."""
+    return -int(-since // 60), -int(-until // 60)
+
+
 class StatsStore(abc.ABC):
     """Counters and histograms per minute, where every process and host adds and reads:
     what the stats API, the overview's charts and percentiles are computed from."""
@@ -335,7 +341,8 @@ class StatsStore(abc.ABC):
     async def read(
         self, *, since: float, until: float, series: tuple[str, ...] = ()
     ) -> list[StatPoint]:
-        """The cells of minutes in [since, until) (all series when `series` is empty)."""
+        """The cells of the minutes that start in [since, until) (`minute_range`; all
+        series when `series` is empty)."""
 
     @abc.abstractmethod
     async def purge(self, *, older_than: float) -> int:

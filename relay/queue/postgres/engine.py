@@ -30,10 +30,20 @@ from typing import Any, TypeVar
 import asyncpg
 
 from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status
-from relay.queue.base import MessageRow, Queue, QueueActionError, Round, RoutingStore, StoreError
+from relay.queue.base import (
+    MessageQuery,
+    MessageRow,
+    Queue,
+    QueueActionError,
+    Round,
+    RoutingStore,
+    StatsStore,
+    StoreError,
+)
 from relay.queue.postgres import schema, statements
 from relay.queue.postgres.batcher import InsertBatcher
 from relay.queue.postgres.routing import PostgresRouting
+from relay.queue.postgres.stats import PostgresStats
 
 log = logging.getLogger("relay.queue")
 
@@ -86,6 +96,7 @@ class PostgresQueue(Queue):
         # Server pids of this process's pooled connections: their NOTIFYs need no wake-up.
         self._own_backends: set[int] = set()
         self._routing = PostgresRouting(self._transaction)
+        self._stats = PostgresStats(self._transaction)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -452,6 +463,31 @@ class PostgresQueue(Queue):
         )
         return {r["state"]: r["n"] for r in rows}
 
+    async def find(self, query: MessageQuery) -> list[MessageRow]:
+        return await self._with_conn(lambda c: statements.find(c, query))
+
+    async def oldest(self, *, states: tuple[str, ...]) -> float | None:
+        found: float | None = await self._with_conn(
+            lambda c: c.fetchval(
+                "SELECT min(created) FROM messages WHERE state = ANY($1::text[])", list(states)
+            )
+        )
+        return found
+
+    async def dedupe_owner(self, dedupe: str, *, since: float) -> str | None:
+        async def run(conn: asyncpg.Connection) -> str | None:
+            row = await conn.fetchrow(
+                "SELECT id, created FROM messages WHERE dedupe = $1 FOR UPDATE", dedupe
+            )
+            if row is None:
+                return None
+            if row["created"] >= since:
+                return str(row["id"])
+            await conn.execute("UPDATE messages SET dedupe = NULL WHERE id = $1", row["id"])
+            return None
+
+        return await self._transaction(run, durable=True)
+
     # -- operator actions --------------------------------------------------------------------
 
     async def _act(
@@ -558,6 +594,10 @@ class PostgresQueue(Queue):
     @property
     def routing(self) -> RoutingStore:
         return self._routing
+
+    @property
+    def stats(self) -> StatsStore:
+        return self._stats
 
     # -- export / import -------------------------------------------------------------------
 

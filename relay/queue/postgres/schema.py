@@ -68,6 +68,17 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        """
+        -- Per-minute stats cells every host adds to (relay.queue.postgres.stats).
+        CREATE TABLE stats (
+            minute bigint NOT NULL, series text NOT NULL, label text NOT NULL,
+            bucket integer NOT NULL, value double precision NOT NULL,
+            PRIMARY KEY (minute, series, label, bucket)
+        );
+        """,
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -11,6 +11,7 @@ import asyncpg
 from relay.message import EventType, NewMessage, Status, stored_meta
 from relay.queue.base import (
     IMPORT_COLUMNS,
+    MessageQuery,
     MessageRow,
     QueueActionError,
     event_detail,
@@ -164,3 +165,44 @@ async def import_record(conn: asyncpg.Connection, rec: dict[str, Any]) -> bool:
     ]
     await add_events(conn, events)
     return True
+
+
+def _like(text: str) -> str:
+    """An ILIKE pattern that finds `text` anywhere, wildcards escaped (`\\` is the escape)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+async def find(conn: asyncpg.Connection, query: MessageQuery) -> list[MessageRow]:
+    """Up to `query.limit` messages matching the query, newest (highest id) first."""
+    where: list[str] = []
+    params: list[Any] = []
+
+    def add(sql: str, value: Any) -> None:
+        params.append(value)
+        where.append(sql.replace("?", f"${len(params)}"))
+
+    if query.before:
+        add("id < ?", query.before)
+    if query.state:
+        add("state = ?", query.state)
+    if query.kind:
+        add("kind = ?", query.kind)
+    if query.since is not None:
+        add("created >= ?", query.since)
+    if query.until is not None:
+        add("created < ?", query.until)
+    if query.sender:
+        add("mail_from ILIKE ?", _like(query.sender))
+    if query.recipient:
+        add("(meta->>'rcpts_original') ILIKE ?", _like(query.recipient))
+    if query.subject:
+        add("(meta->>'subject') ILIKE ?", _like(query.subject))
+    if query.upstream:
+        add("(meta->>'upstream') ILIKE ?", _like(query.upstream))
+    sql = f"SELECT {COLUMNS} FROM messages"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    params.append(query.limit)
+    sql += f" ORDER BY id DESC LIMIT ${len(params)}"
+    return [row_of(r) for r in await conn.fetch(sql, *params)]

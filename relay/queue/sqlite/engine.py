@@ -19,9 +19,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.message import Claimed, EventType, Kind, NewMessage, Status
-from relay.queue.base import MessageRow, Queue, QueueActionError, Round, RoutingStore
+from relay.queue.base import (
+    MessageQuery,
+    MessageRow,
+    Queue,
+    QueueActionError,
+    Round,
+    RoutingStore,
+    StatsStore,
+)
 from relay.queue.sqlite import queries
 from relay.queue.sqlite.routing import SQLiteRouting
+from relay.queue.sqlite.stats import SQLiteStats
 from relay.queue.sqlite.store import Spool, connect, shard_of, shard_paths, transaction
 
 T = TypeVar("T")
@@ -47,6 +56,7 @@ class SQLiteQueue(Queue):
         self.spool = Spool(queue_dir, shard=shard, min_free_disk=min_free_disk)
         self._spools: dict[int, Spool] = {shard: self.spool}
         self._routing = SQLiteRouting(queue_dir / "routing.db")
+        self._stats = SQLiteStats(self._routing)
         self._direct: dict[Path, tuple[sqlite3.Connection, threading.Lock]] = {}
         self._direct_lock = threading.Lock()
         self._serving = False
@@ -223,6 +233,24 @@ class SQLiteQueue(Queue):
                 total[state] = total.get(state, 0) + n
         return total
 
+    async def find(self, query: MessageQuery) -> list[MessageRow]:
+        """Each shard's newest matches, merged newest first (ids sort by arrival across
+        shards too: the clock is their prefix)."""
+        rows = await self._each_shard(lambda c: queries.find(c, query), write=False)
+        return sorted(rows, key=lambda r: r.id, reverse=True)[: query.limit]
+
+    async def oldest(self, *, states: tuple[str, ...]) -> float | None:
+        found = await self._each_shard(
+            lambda c: [t] if (t := queries.oldest(c, states)) is not None else [], write=False
+        )
+        return min(found) if found else None
+
+    async def dedupe_owner(self, dedupe: str, *, since: float) -> str | None:
+        owners = await self._each_shard(
+            lambda c: [o] if (o := queries.dedupe_owner(c, dedupe, since=since)) else []
+        )
+        return owners[0] if owners else None
+
     async def _made_due(self, msg_id: str) -> None:
         row = await self.get(msg_id)
         if row is not None:
@@ -257,6 +285,10 @@ class SQLiteQueue(Queue):
     @property
     def routing(self) -> RoutingStore:
         return self._routing
+
+    @property
+    def stats(self) -> StatsStore:
+        return self._stats
 
     # -- export / import ------------------------------------------------------------------
 

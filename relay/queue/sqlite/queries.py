@@ -25,6 +25,7 @@ from typing import Any
 from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status, stored_meta
 from relay.queue.base import (
     IMPORT_COLUMNS,
+    MessageQuery,
     MessageRow,
     QueueActionError,
     Round,
@@ -521,3 +522,71 @@ def import_row(conn: sqlite3.Connection, rec: dict[str, Any]) -> bool:
     for ev in rec["events"]:
         _event(conn, rec["id"], ev["at"], EventType(ev["type"]), event_detail(ev))
     return True
+
+
+# -- the operator surface's search ------------------------------------------------------------
+
+
+def _like(text: str) -> str:
+    """A case-insensitive LIKE pattern that finds `text` anywhere, wildcards escaped."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def find(conn: sqlite3.Connection, query: MessageQuery) -> list[MessageRow]:
+    """Up to `query.limit` messages matching the query, newest (highest id) first."""
+    where: list[str] = []
+    params: list[Any] = []
+    if query.before:
+        where.append("id < ?")
+        params.append(query.before)
+    if query.state:
+        where.append("state = ?")
+        params.append(query.state)
+    if query.kind:
+        where.append("kind = ?")
+        params.append(query.kind)
+    if query.since is not None:
+        where.append("created >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append("created < ?")
+        params.append(query.until)
+    if query.sender:
+        where.append("mail_from LIKE ? ESCAPE '\\'")
+        params.append(_like(query.sender))
+    if query.recipient:
+        where.append("json_extract(meta, '$.rcpts_original') LIKE ? ESCAPE '\\'")
+        params.append(_like(query.recipient))
+    if query.subject:
+        where.append("json_extract(meta, '$.subject') LIKE ? ESCAPE '\\'")
+        params.append(_like(query.subject))
+    if query.upstream:
+        where.append("json_extract(meta, '$.upstream') LIKE ? ESCAPE '\\'")
+        params.append(_like(query.upstream))
+    sql = f"SELECT {_COLUMNS} FROM messages"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    return [_row(r) for r in conn.execute(sql, (*params, query.limit))]
+
+
+def oldest(conn: sqlite3.Connection, states: tuple[str, ...]) -> float | None:
+    if not states:
+        return None
+    row = conn.execute(
+        f"SELECT MIN(created) FROM messages WHERE state IN ({', '.join('?' * len(states))})",
+        states,
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+def dedupe_owner(conn: sqlite3.Connection, dedupe: str, *, since: float) -> str | None:
+    """The id holding `dedupe` since `since`; an older holder lets go of the key."""
+    row = conn.execute("SELECT id, created FROM messages WHERE dedupe = ?", (dedupe,)).fetchone()
+    if row is None:
+        return None
+    if row[1] >= since:
+        return str(row[0])
+    conn.execute("UPDATE messages SET dedupe = NULL WHERE id = ?", (row[0],))
+    return None

@@ -42,6 +42,12 @@ CREATE TABLE IF NOT EXISTS upstream_state (
 CREATE TABLE IF NOT EXISTS rate_budget (
     name TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL
 );
+-- Per-minute stats cells (relay.queue.sqlite.stats): every worker adds, any worker reads.
+CREATE TABLE IF NOT EXISTS stats (
+    minute INTEGER NOT NULL, series TEXT NOT NULL, label TEXT NOT NULL,
+    bucket INTEGER NOT NULL, value REAL NOT NULL,
+    PRIMARY KEY (minute, series, label, bucket)
+) WITHOUT ROWID;
 """
 
 
@@ -96,7 +102,9 @@ class SQLiteRouting(RoutingStore):
             self._conn = conn
         return self._conn
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn(conn) in a transaction on the host's shared database, off the event loop."""
+
         def run() -> T:
             with self._lock:
                 return transaction(self._connection(), fn)
@@ -123,7 +131,7 @@ class SQLiteRouting(RoutingStore):
                 _write(conn, rows[delta.name])
             return rows
 
-        return await self._run(run)
+        return await self.run(run)
 
     async def act(
         self, names: list[str], action: UpstreamAction, *, now: float, cooldown: float
@@ -136,7 +144,7 @@ class SQLiteRouting(RoutingStore):
                 _write(conn, rows[name])
             return rows
 
-        return await self._run(run)
+        return await self.run(run)
 
     async def take_token(self, name: str, *, rate: float, now: float) -> float:
         def run(conn: sqlite3.Connection) -> float:
@@ -151,4 +159,4 @@ class SQLiteRouting(RoutingStore):
             )
             return wait
 
-        return await self._run(run)
+        return await self.run(run)
