@@ -1,0 +1,285 @@
+"""Read models of the operator surface: what the API answers and the admin page renders.
+
+One copy for both doors, so the page never shows something the API would say otherwise.
+Every function returns JSON-ready dicts; times are epoch seconds (floats). Everything is
+read from the queue and its shared routing and stats state, never from this process's
+memory, so the answers cover every worker process (and, on PostgreSQL, every host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from email.errors import MessageError
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
+from typing import Any
+
+from relay.message import EventType, split_message
+from relay.queue.base import MessageQuery, MessageRow, UpstreamShare, heal
+from relay.web.context import WebContext
+
+log = logging.getLogger("relay.web")
+
+#: The `window` values of the stats endpoint, in seconds.
+WINDOWS: dict[str, float] = {"1h": 3600.0, "24h": 86400.0, "7d": 7 * 86400.0}
+#: States in which a message still waits for delivery (the "oldest queued" figure).
+WAITING = ("queued", "deferred", "sending", "held")
+#: Headers the detail view shows, in this order.
+SUMMARY_HEADERS = ("From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID")
+MAX_HEADER_TEXT = 1000
+
+
+def message_summary(row: MessageRow) -> dict[str, Any]:
+    """One line of the message list."""
+    meta = row.meta
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "state": row.state,
+        "from": row.mail_from,
+        "to": list(meta.get("rcpts_original") or row.rcpts),
+        "subject": meta.get("subject"),
+        "size": row.size,
+        "created": row.created,
+        "updated": row.updated,
+        "attempts": row.attempts,
+        "upstream": meta.get("upstream"),
+        "last_error": row.last_error,
+    }
+
+
+async def message_page(ctx: WebContext, query: MessageQuery) -> dict[str, Any]:
+    """A page of search results. One row more than asked for is read to know whether a
+    next page exists, so `next_cursor` is None exactly on the last page."""
+    rows = await ctx.queue.find(dataclasses.replace(query, limit=query.limit + 1))
+    page = rows[: query.limit]
+    more = len(rows) > query.limit
+    return {
+        "messages": [message_summary(r) for r in page],
+        "next_cursor": page[-1].id if more and page else None,
+    }
+
+
+async def message_detail(ctx: WebContext, msg_id: str) -> dict[str, Any] | None:
+    """Everything about one message: where it is, what happened to each recipient, and its
+    timeline. None when there is no such message (never stored, deleted or purged)."""
+    row = await ctx.queue.get(msg_id)
+    if row is None:
+        return None
+    timeline = await ctx.queue.timeline(msg_id)
+    body = await ctx.queue.body(msg_id)
+    now = ctx.clock()
+    detail = message_summary(row)
+    detail.update(
+        recipients=recipient_outcomes(row, timeline),
+        headers=header_summary(body) if body is not None else None,
+        body_stored=body is not None,
+        queue_time=_queue_time(row, timeline, now),
+        next_attempt=row.next_attempt if row.state in ("queued", "deferred") else None,
+        provider_id=row.meta.get("provider_id"),
+        tags=row.meta.get("tags"),
+        timeline=timeline,
+    )
+    return detail
+
+
+def recipient_outcomes(row: MessageRow, timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per original recipient: pending, sent (an upstream took it), delivered (the
+    provider reported delivery) or failed, with the upstream, provider id and reason.
+
+    The queue's meta (`rcpts_done`, `rcpts_failed`) is the record; accepted attempts on the
+    timeline fill in for messages stored before meta carried it."""
+    original = list(row.meta.get("rcpts_original") or row.rcpts)
+    outcome: dict[str, dict[str, Any]] = {
+        r: {
+            "address": r,
+            "state": "pending",
+            "upstream": None,
+            "provider_id": None,
+            "reason": None,
+            "at": None,
+        }
+        for r in original
+    }
+    for event in timeline:
+        kind = event.get("type")
+        if kind == EventType.ATTEMPT and event.get("outcome") == "accepted":
+            refused = event.get("refused") or {}
+            for rcpt in event.get("recipients") or ():
+                if rcpt in outcome and rcpt not in refused:
+                    outcome[rcpt].update(
+                        state="sent",
+                        upstream=event.get("upstream"),
+                        provider_id=event.get("provider_id"),
+                        at=event.get("at"),
+                        reason=None,
+                    )
+        elif kind in (EventType.DELIVERED, EventType.BOUNCED):
+            targets = event.get("recipients") or [event.get("recipient")]
+            for rcpt in targets:
+                if rcpt in outcome:
+                    delivered = kind == EventType.DELIVERED
+                    outcome[rcpt].update(
+                        state="delivered" if delivered else "failed",
+                        at=event.get("at"),
+                        reason=None if delivered else event.get("reason"),
+                    )
+    for rcpt, done in (row.meta.get("rcpts_done") or {}).items():
+        if rcpt in outcome and outcome[rcpt]["state"] == "pending":
+            outcome[rcpt].update(
+                state="sent",
+                upstream=done.get("upstream"),
+                provider_id=done.get("provider_id"),
+                at=done.get("at"),
+            )
+    for rcpt, reason in (row.meta.get("rcpts_failed") or {}).items():
+        if rcpt in outcome:
+            outcome[rcpt].update(state="failed", reason=reason)
+    if row.state == "sent":
+        # A sent message delivered everyone not failed, whatever the record lacks.
+        for item in outcome.values():
+            if item["state"] == "pending":
+                item.update(state="sent", upstream=row.meta.get("upstream"))
+    return list(outcome.values())
+
+
+def header_summary(data: bytes) -> dict[str, str | None]:
+    """The headers a person looks for, decoded (RFC 2047) and cut to a readable length.
+    A header the parser cannot decode is shown as it is stored rather than hidden."""
+    head, _ = split_message(data)
+    try:
+        parsed = BytesHeaderParser(policy=default_policy).parsebytes(head + b"\r\n\r\n")
+    except (MessageError, ValueError) as exc:
+        log.info("headers of a stored message do not parse: %s", exc)
+        return dict.fromkeys(SUMMARY_HEADERS)
+    summary: dict[str, str | None] = {}
+    for name in SUMMARY_HEADERS:
+        try:
+            value = parsed.get(name)
+            text = None if value is None else str(value)
+        except (MessageError, ValueError, IndexError, AttributeError):
+            raw = parsed.get_all(name, failobj=[None])[0]
+            text = None if raw is None else str(raw)
+        summary[name] = None if text is None else text[:MAX_HEADER_TEXT]
+    return summary
+
+
+def _queue_time(row: MessageRow, timeline: list[dict[str, Any]], now: float) -> float:
+    """Seconds from arrival until it left the queue (sent or failed), or until now."""
+    if row.state in ("sent", "failed"):
+        ends = [
+            float(e["at"]) for e in timeline if e.get("type") in (EventType.SENT, EventType.FAILED)
+        ]
+        end = ends[-1] if ends else row.updated
+    else:
+        end = now
+    return max(0.0, end - row.created)
+
+
+# -- upstreams ---------------------------------------------------------------------------
+
+
+async def upstream_rows(ctx: WebContext) -> list[dict[str, Any]]:
+    """Every configured upstream with its shared routing state (what each process last
+    reported) and its attempts, successes and latency over the last 5 minutes and hour."""
+    from relay.telemetry.stats import upstream_windows
+
+    now = ctx.clock()
+    shares = await ctx.admin.upstreams()
+    windows = await upstream_windows(ctx.queue.stats, now=now)
+    half_life = ctx.config.routing.health_half_life
+    rows = []
+    for up in sorted(ctx.config.upstream, key=lambda u: (u.priority, u.name)):
+        share = shares.get(up.name) or UpstreamShare(up.name, health_stamp=now)
+        rows.append(
+            {
+                "name": up.name,
+                "type": up.type,
+                "priority": up.priority,
+                "weight": up.weight,
+                "max_rate": up.max_rate,
+                "health": round(
+                    heal(share.health, share.health_stamp, now=now, half_life=half_life), 3
+                ),
+                "breaker": share.breaker,
+                "next_probe": share.next_probe,
+                "paused": share.paused,
+                "in_flight": getattr(share, "in_flight", 0),
+                "last_error": share.last_error,
+                "latency_ewma": share.latency_ewma,
+                "attempts": share.attempts,
+                "successes": share.successes,
+                "failures": share.failures,
+                "windows": windows.get(up.name) or {"5m": _empty_window(), "1h": _empty_window()},
+            }
+        )
+    return rows
+
+
+def _empty_window() -> dict[str, Any]:
+    return {
+        "attempts": 0,
+        "successes": 0,
+        "failures": 0,
+        "success_rate": None,
+        "latency_p50": None,
+        "latency_p95": None,
+    }
+
+
+# -- stats and the overview ------------------------------------------------------------
+
+
+async def _oldest_age(ctx: WebContext, now: float) -> float | None:
+    oldest = await ctx.queue.oldest(states=WAITING)
+    return None if oldest is None else max(0.0, now - oldest)
+
+
+async def stats(ctx: WebContext, window: str) -> dict[str, Any]:
+    """The stats endpoint: counts by state, the oldest waiting message, and the window's
+    series, queue-time percentiles, per-upstream rates and inbound counts."""
+    from relay.telemetry.stats import window_stats
+
+    now = ctx.clock()
+    counted = await window_stats(ctx.queue.stats, window=WINDOWS[window], now=now)
+    figures = counted.as_dict()
+    return {
+        "window": window,
+        "counts": await ctx.queue.counts(),
+        "oldest_age": await _oldest_age(ctx, now),
+        **figures,
+        "slowest_upstream": slowest_upstream(figures.get("upstreams") or {}),
+    }
+
+
+def slowest_upstream(upstreams: dict[str, dict[str, Any]]) -> str | None:
+    """The upstream with the highest p95 latency in the window (None without data)."""
+    timed = [
+        (float(figures["latency_p95"]), name)
+        for name, figures in upstreams.items()
+        if figures.get("latency_p95") is not None
+    ]
+    return max(timed)[1] if timed else None
+
+
+async def overview(ctx: WebContext) -> dict[str, Any]:
+    """The admin page's first screen, in one read."""
+    from relay.telemetry.stats import window_stats
+
+    now = ctx.clock()
+    hour = (await window_stats(ctx.queue.stats, window=WINDOWS["1h"], now=now)).as_dict()
+    day = (await window_stats(ctx.queue.stats, window=WINDOWS["24h"], now=now)).as_dict()
+    failures = await ctx.queue.find(MessageQuery(state="failed", limit=10))
+    return {
+        "counts": await ctx.queue.counts(),
+        "oldest_age": await _oldest_age(ctx, now),
+        "throughput_1h": hour["series"],
+        "throughput_24h": day["series"],
+        "queue_time": hour["queue_time"],
+        "queue_time_24h": day["queue_time"],
+        "upstreams": await upstream_rows(ctx),
+        "slowest_upstream": slowest_upstream(hour.get("upstreams") or {}),
+        "recent_failures": [message_summary(r) for r in failures],
+        "inbound": day["inbound"],
+    }
