@@ -481,6 +481,8 @@ class Router:
                 [d for d in deltas if not d.empty],
                 now=self.clock(),
                 half_life=self.settings.health_half_life,
+                # What this process has in progress: the store sums every process's.
+                in_flight={s.name: s.in_flight for s in self.states},
             )
         except StoreError as exc:
             self._warn_store(exc)

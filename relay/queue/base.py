@@ -73,6 +73,43 @@ class Round:
     sent_detail: dict[str, Any] = field(default_factory=dict)
 
 
+def round_meta(rnd: Round, *, now: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a round adds to the message's meta: (keys to set, `rcpts_done` entries to merge
+    into the earlier rounds' ones). `upstream`/`provider_id` say who took the message (the
+    last hand-over) or, when it was not all handed over, who was tried last; inbound work
+    names its destination there."""
+    patch: dict[str, Any] = {}
+    if rnd.new_failures:
+        patch["rcpts_failed"] = rnd.failed
+    handed_at: dict[str, float] = {}
+    last_attempt: dict[str, Any] | None = None
+    for type_, at, detail in rnd.events:
+        if type_ is EventType.ATTEMPT:
+            last_attempt = detail
+            handed_at[_taker(detail)] = at
+    done: dict[str, Any] = {}
+    for d in rnd.delivered:
+        taker = _taker(d)
+        entry = {
+            "upstream": taker,
+            "provider_id": d.get("provider_id"),
+            "at": handed_at.get(taker, now),
+        }
+        for rcpt in d.get("recipients") or ():
+            done[rcpt] = entry
+    if rnd.delivered and not rnd.retry:
+        last = rnd.delivered[-1]
+        patch["upstream"], patch["provider_id"] = _taker(last), last.get("provider_id")
+    elif last_attempt is not None:
+        patch["upstream"] = _taker(last_attempt)
+        patch["provider_id"] = last_attempt.get("provider_id")
+    return patch, done
+
+
+def _taker(detail: dict[str, Any]) -> str:
+    return str(detail.get("upstream") or detail.get("destination") or "")
+
+
 # -- export records (the format of `Queue.export` / `import_record`) -------------------------
 
 IMPORT_COLUMNS = (
@@ -134,6 +171,9 @@ class UpstreamShare:
     last_error: str | None = None
     # An operator's `relay upstream pause`: no new attempts until resumed (survives restarts).
     paused: bool = False
+    # Attempts in progress, summed over the processes that reported recently (not stored
+    # with the row: each process reports its own count, see `RoutingStore.sync`).
+    in_flight: int = 0
 
     @property
     def next_probe(self) -> float | None:
@@ -264,14 +304,52 @@ def apply_action(
     return row
 
 
+#: A process's report of its attempts in progress counts this long after it was made: a
+#: process that died stops counting within this time.
+IN_FLIGHT_TTL = 10.0
+#: A process whose counts did not change reports them again this often (well within the TTL),
+#: so a quiet process costs no write on most syncs.
+IN_FLIGHT_HEARTBEAT = 3.0
+
+
+class InFlightReports:
+    """Which of this process's in-flight counts the store needs to hear now: the ones that
+    changed, or all of them once the last report is getting old."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+        self._at = float("-inf")
+
+    def due(self, counts: dict[str, int] | None, *, now: float) -> dict[str, int]:
+        if counts is None:
+            return {}
+        if counts == self._last and now - self._at < IN_FLIGHT_HEARTBEAT:
+            return {}
+        return dict(counts)
+
+    def sent(self, counts: dict[str, int], *, now: float) -> None:
+        """Called once the report is committed (a failed one is made again next time)."""
+        if counts:
+            self._last, self._at = counts, now
+
+
 class RoutingStore(abc.ABC):
     """Breakers, health and rate budgets where every process and host reads them."""
 
     @abc.abstractmethod
     async def sync(
-        self, deltas: list[UpstreamDelta], *, now: float, half_life: float
+        self,
+        deltas: list[UpstreamDelta],
+        *,
+        now: float,
+        half_life: float,
+        in_flight: dict[str, int] | None = None,
     ) -> dict[str, UpstreamShare]:
-        """Apply this process's deltas (`merge_share`) and return every upstream's row."""
+        """Apply this process's deltas (`merge_share`) and return every upstream's row.
+
+        `in_flight` is this process's attempts in progress per upstream (None: a reader
+        such as the CLI, which reports nothing); each row's `in_flight` is the sum over
+        the processes that reported within IN_FLIGHT_TTL."""
 
     @abc.abstractmethod
     async def act(

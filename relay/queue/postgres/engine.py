@@ -39,6 +39,7 @@ from relay.queue.base import (
     RoutingStore,
     StatsStore,
     StoreError,
+    round_meta,
 )
 from relay.queue.postgres import schema, statements
 from relay.queue.postgres.batcher import InsertBatcher
@@ -95,7 +96,7 @@ class PostgresQueue(Queue):
         self._listen_task: asyncio.Task[None] | None = None
         # Server pids of this process's pooled connections: their NOTIFYs need no wake-up.
         self._own_backends: set[int] = set()
-        self._routing = PostgresRouting(self._transaction)
+        self._routing = PostgresRouting(self._transaction, owner=owner)
         self._stats = PostgresStats(self._transaction)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -299,9 +300,7 @@ class PostgresQueue(Queue):
 
     async def record_round(self, item: Claimed, *, now: float, rounds: int, rnd: Round) -> bool:
         events = list(rnd.events)
-        meta_patch: dict[str, Any] = {}
-        if rnd.new_failures:
-            meta_patch["rcpts_failed"] = rnd.failed
+        meta_patch, rcpts_done = round_meta(rnd, now=now)
         if rnd.delivered and (rnd.retry or rnd.failure):
             events.append((EventType.NOTE, now, {"partial": True, "delivered": rnd.delivered}))
         rcpts: str | None = None  # None: unchanged
@@ -326,7 +325,10 @@ class PostgresQueue(Queue):
         updated = await self._with_conn(
             lambda c: c.fetchval(
                 "WITH upd AS (UPDATE messages SET state = $5, updated = $2, attempts = $3,"
-                " meta = meta || $6::jsonb, rcpts = COALESCE($7::jsonb, rcpts),"
+                " meta = meta || $6::jsonb || CASE WHEN $14::jsonb = '{}' THEN '{}'::jsonb"
+                " ELSE jsonb_build_object('rcpts_done',"
+                " COALESCE(meta->'rcpts_done', '{}'::jsonb) || $14::jsonb) END,"
+                " rcpts = COALESCE($7::jsonb, rcpts),"
                 " next_attempt = COALESCE($8, next_attempt), last_error = $9,"
                 " lease_owner = NULL, lease_until = NULL"
                 " WHERE id = $1 AND state = 'sending' AND lease_owner = $4 RETURNING id),"
@@ -349,6 +351,7 @@ class PostgresQueue(Queue):
                 [t.value for t, _, _ in events],
                 [at for _, at, _ in events],
                 [statements.dumps(d) for _, _, d in events],
+                statements.dumps(rcpts_done),
             )
         )
         return bool(updated)

@@ -12,7 +12,9 @@ from typing import TypeVar
 import asyncpg
 
 from relay.queue.base import (
+    IN_FLIGHT_TTL,
     SHARE_COLUMNS,
+    InFlightReports,
     RoutingStore,
     UpstreamAction,
     UpstreamDelta,
@@ -50,21 +52,55 @@ async def _locked_rows(
             "SELECT name FROM upstream_state WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE",
             ordered,
         )
+    # Each row with the attempts in progress that live processes reported (IN_FLIGHT_TTL).
     return {
         r["name"]: UpstreamShare(**dict(r))
-        for r in await conn.fetch(f"SELECT {SHARE_COLUMNS} FROM upstream_state")
+        for r in await conn.fetch(
+            f"SELECT {SHARE_COLUMNS}, COALESCE(f.n, 0)::int AS in_flight FROM upstream_state"
+            " LEFT JOIN (SELECT name, sum(count) AS n FROM in_flight WHERE at >= $1"
+            " GROUP BY name) f USING (name)",
+            now - IN_FLIGHT_TTL,
+        )
     }
 
 
+async def _report_in_flight(
+    conn: asyncpg.Connection, owner: str, counts: dict[str, int], *, now: float
+) -> None:
+    """This process's counts replace its previous report; reports too old to count go."""
+    await conn.execute(
+        "WITH gone AS (DELETE FROM in_flight WHERE at < $5 AND owner <> $1)"
+        " INSERT INTO in_flight (owner, name, count, at)"
+        " SELECT $1, * FROM unnest($2::text[], $3::int[]), (SELECT $4::float8) t"
+        " ON CONFLICT (owner, name) DO UPDATE SET count = excluded.count, at = excluded.at",
+        owner,
+        list(counts),
+        list(counts.values()),
+        now,
+        now - IN_FLIGHT_TTL,
+    )
+
+
 class PostgresRouting(RoutingStore):
-    def __init__(self, run: Run[object]) -> None:
+    def __init__(self, run: Run[object], *, owner: str = "") -> None:
         # `run(fn)` runs fn(conn) in a transaction, turning connection errors into StoreError.
         self._run = run
+        self.owner = owner
+        self._reports = InFlightReports()
 
     async def sync(
-        self, deltas: list[UpstreamDelta], *, now: float, half_life: float
+        self,
+        deltas: list[UpstreamDelta],
+        *,
+        now: float,
+        half_life: float,
+        in_flight: dict[str, int] | None = None,
     ) -> dict[str, UpstreamShare]:
+        report = self._reports.due(in_flight, now=now)
+
         async def run(conn: asyncpg.Connection) -> dict[str, UpstreamShare]:
+            if report:
+                await _report_in_flight(conn, self.owner, report, now=now)
             rows = await _locked_rows(conn, [d.name for d in deltas], now=now)
             for delta in deltas:
                 row = rows.get(delta.name) or UpstreamShare(delta.name, health_stamp=now)
@@ -74,6 +110,7 @@ class PostgresRouting(RoutingStore):
 
         result = await self._run(run)
         assert isinstance(result, dict)
+        self._reports.sent(report, now=now)
         return result
 
     async def act(

@@ -77,6 +77,11 @@ MIGRATIONS: list[tuple[int, str]] = [
             bucket integer NOT NULL, value double precision NOT NULL,
             PRIMARY KEY (minute, series, label, bucket)
         );
+        -- Each process's attempts in progress per upstream, summed while recent.
+        CREATE TABLE in_flight (
+            owner text NOT NULL, name text NOT NULL, count integer NOT NULL,
+            at double precision NOT NULL, PRIMARY KEY (owner, name)
+        );
         """,
     ),
 ]

@@ -55,7 +55,7 @@ class SQLiteQueue(Queue):
         # The shard this process writes new work to (also what tests use to inject faults).
         self.spool = Spool(queue_dir, shard=shard, min_free_disk=min_free_disk)
         self._spools: dict[int, Spool] = {shard: self.spool}
-        self._routing = SQLiteRouting(queue_dir / "routing.db")
+        self._routing = SQLiteRouting(queue_dir / "routing.db", owner=owner)
         self._stats = SQLiteStats(self._routing)
         self._direct: dict[Path, tuple[sqlite3.Connection, threading.Lock]] = {}
         self._direct_lock = threading.Lock()

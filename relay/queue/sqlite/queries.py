@@ -31,6 +31,7 @@ from relay.queue.base import (
     Round,
     event_detail,
     import_values,
+    round_meta,
 )
 
 
@@ -259,7 +260,7 @@ def record_round(
     """The round's attempts and the item's new state, in one transaction; nothing at all
     when the lease was lost meanwhile."""
     holds = conn.execute(
-        "SELECT 1 FROM messages WHERE id = ? AND state = 'sending' AND lease_owner = ?",
+        "SELECT meta FROM messages WHERE id = ? AND state = 'sending' AND lease_owner = ?",
         (msg_id, owner),
     ).fetchone()
     if holds is None:
@@ -268,10 +269,15 @@ def record_round(
         _event(conn, msg_id, at, type_, detail)
     if rnd.delivered and (rnd.retry or rnd.failure):
         _event(conn, msg_id, now, EventType.NOTE, {"partial": True, "delivered": rnd.delivered})
-    if rnd.new_failures:
+    patch, done = round_meta(rnd, now=now)
+    if patch or done:
+        meta = json.loads(holds[0])
+        meta.update(patch)
+        if done:
+            meta["rcpts_done"] = {**(meta.get("rcpts_done") or {}), **done}
         conn.execute(
-            "UPDATE messages SET meta = json_set(meta, '$.rcpts_failed', json(?)) WHERE id = ?",
-            (json.dumps(rnd.failed), msg_id),
+            "UPDATE messages SET meta = ? WHERE id = ?",
+            (json.dumps(meta, separators=(",", ":")), msg_id),
         )
     if rnd.retry:
         return defer(

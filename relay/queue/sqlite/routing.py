@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from relay.queue.base import (
+    IN_FLIGHT_TTL,
     SHARE_COLUMNS,
+    InFlightReports,
     RoutingStore,
     StoreError,
     UpstreamAction,
@@ -42,6 +44,11 @@ CREATE TABLE IF NOT EXISTS upstream_state (
 CREATE TABLE IF NOT EXISTS rate_budget (
     name TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL
 );
+-- Each process's attempts in progress per upstream, summed while recent (IN_FLIGHT_TTL).
+CREATE TABLE IF NOT EXISTS in_flight (
+    owner TEXT NOT NULL, name TEXT NOT NULL, count INTEGER NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (owner, name)
+) WITHOUT ROWID;
 -- Per-minute stats cells (relay.queue.sqlite.stats): every worker adds, any worker reads.
 CREATE TABLE IF NOT EXISTS stats (
     minute INTEGER NOT NULL, series TEXT NOT NULL, label TEXT NOT NULL,
@@ -58,6 +65,26 @@ def _read(conn: sqlite3.Connection) -> dict[str, UpstreamShare]:
         row.paused = bool(row.paused)
         rows[row.name] = row
     return rows
+
+
+def _report_in_flight(
+    conn: sqlite3.Connection, owner: str, counts: dict[str, int], *, now: float
+) -> None:
+    """This process's counts replace its previous report; reports too old to count go."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO in_flight (owner, name, count, at) VALUES (?, ?, ?, ?)",
+        [(owner, name, n, now) for name, n in counts.items()],
+    )
+    conn.execute("DELETE FROM in_flight WHERE at < ?", (now - IN_FLIGHT_TTL,))
+
+
+def _add_in_flight(conn: sqlite3.Connection, rows: dict[str, UpstreamShare], *, now: float) -> None:
+    for name, n in conn.execute(
+        "SELECT name, SUM(count) FROM in_flight WHERE at >= ? GROUP BY name",
+        (now - IN_FLIGHT_TTL,),
+    ):
+        if name in rows:
+            rows[name].in_flight = int(n)
 
 
 def _write(conn: sqlite3.Connection, row: UpstreamShare) -> None:
@@ -85,8 +112,10 @@ def _use_wal(conn: sqlite3.Connection, tries: int = 50) -> None:
 
 
 class SQLiteRouting(RoutingStore):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, owner: str = "") -> None:
         self.path = path
+        self.owner = owner
+        self._reports = InFlightReports()
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
@@ -121,17 +150,29 @@ class SQLiteRouting(RoutingStore):
                 self._conn = None
 
     async def sync(
-        self, deltas: list[UpstreamDelta], *, now: float, half_life: float
+        self,
+        deltas: list[UpstreamDelta],
+        *,
+        now: float,
+        half_life: float,
+        in_flight: dict[str, int] | None = None,
     ) -> dict[str, UpstreamShare]:
+        report = self._reports.due(in_flight, now=now)
+
         def run(conn: sqlite3.Connection) -> dict[str, UpstreamShare]:
             rows = _read(conn)
             for delta in deltas:
                 row = rows.get(delta.name) or UpstreamShare(delta.name, health_stamp=now)
                 rows[delta.name] = merge_share(row, delta, now=now, half_life=half_life)
                 _write(conn, rows[delta.name])
+            if report:
+                _report_in_flight(conn, self.owner, report, now=now)
+            _add_in_flight(conn, rows, now=now)
             return rows
 
-        return await self.run(run)
+        rows = await self.run(run)
+        self._reports.sent(report, now=now)
+        return rows
 
     async def act(
         self, names: list[str], action: UpstreamAction, *, now: float, cooldown: float
