@@ -530,7 +530,7 @@ class WebToken:
                 " with `relay token new`"
             )
         for pattern in self.allowed_senders:
-            if pattern != "*" and "@" not in pattern:
+            if pattern not in ("*", "<>") and "@" not in pattern:  # <>: the null sender
                 raise ValueError(
                     f"token {self.name!r}: allowed_senders pattern {pattern!r} has no @"
                     f" (for a domain write '*@{pattern.lstrip('*@.')}')"

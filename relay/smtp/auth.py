@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from typing import Protocol
 
 from relay.config import UserConfig
 
@@ -58,7 +59,14 @@ def verify_password(password: bytes, stored: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
-def sender_allowed(user: UserConfig, mail_from: str) -> bool:
+class SenderRules(Protocol):
+    """Whoever sends with a list of allowed senders: an SMTP user, an API token."""
+
+    @property
+    def allowed_senders(self) -> tuple[str, ...]: ...
+
+
+def sender_allowed(user: SenderRules, mail_from: str) -> bool:
     """Patterns such as `*@example.com` or `scanner@example.com`, case-insensitive."""
     address = mail_from.lower()
     return any(fnmatch.fnmatchcase(address, pattern.lower()) for pattern in user.allowed_senders)

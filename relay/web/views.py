@@ -205,7 +205,7 @@ async def upstream_rows(ctx: WebContext) -> list[dict[str, Any]]:
                 "breaker": share.breaker,
                 "next_probe": share.next_probe,
                 "paused": share.paused,
-                "in_flight": getattr(share, "in_flight", 0),
+                "in_flight": share.in_flight,
                 "last_error": share.last_error,
                 "latency_ewma": share.latency_ewma,
                 "attempts": share.attempts,
