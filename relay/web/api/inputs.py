@@ -98,10 +98,10 @@ async def json_object(
     return payload
 
 
-def message_query(params: dict[str, Any], *, extra: tuple[str, ...] = ()) -> MessageQuery:
+def message_query(params: dict[str, Any], *, max_limit: int = MAX_LIMIT) -> MessageQuery:
     """A MessageQuery from query parameters or a JSON filter: each value checked, unknown
     names refused (a misspelt filter must not silently match everything)."""
-    known = (*FILTERS, "before", "limit", *extra)
+    known = (*FILTERS, "before", "limit")
     for name in params:
         if name not in known:
             raise invalid(name, f"unknown parameter; the filters are {', '.join(known)}")
@@ -120,7 +120,7 @@ def message_query(params: dict[str, Any], *, extra: tuple[str, ...] = ()) -> Mes
         since=since,
         until=until,
         before=before,
-        limit=_limit(params.get("limit")),
+        limit=_limit(params.get("limit"), max_limit),
         **texts,
     )
 
@@ -174,17 +174,17 @@ def _time(params: dict[str, Any], name: str) -> float | None:
     return seconds
 
 
-def _limit(value: Any) -> int:
+def _limit(value: Any, maximum: int) -> int:
     if value is None or value == "":
         return DEFAULT_LIMIT
     if isinstance(value, bool):
-        raise invalid("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
+        raise invalid("limit", f"must be a whole number from 1 to {maximum}")
     try:
         limit = int(value) if isinstance(value, (int, str)) else -1
     except ValueError:
         limit = -1
-    if not 1 <= limit <= MAX_LIMIT:
-        raise invalid("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
+    if not 1 <= limit <= maximum:
+        raise invalid("limit", f"must be a whole number from 1 to {maximum}")
     return limit
 
 

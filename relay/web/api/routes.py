@@ -319,13 +319,11 @@ async def retry_matching(request: web.Request) -> web.Response:
         if "before" in payload:
             raise invalid("before", "a bulk retry has no cursor; narrow it with since/until")
         limit = payload.pop("limit", BULK_LIMIT)
-        query = message_query({"state": "failed", **payload, "limit": limit})
+        query = message_query({"state": "failed", **payload, "limit": limit}, max_limit=BULK_LIMIT)
     except SubmitError as exc:
         return _error(exc)
     if query.state not in ("failed", "deferred", "held"):
         return _error(invalid("state", "retry takes failed, deferred or held messages"))
-    if query.limit > BULK_LIMIT:
-        return _error(invalid("limit", f"at most {BULK_LIMIT} per call"))
     rows = await ctx.queue.find(query)
     retried: list[str] = []
     skipped: dict[str, str] = {}
