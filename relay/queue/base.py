@@ -386,6 +386,48 @@ class MessageQuery:
     limit: int = 50
 
 
+# -- the search text of a message (`messages.look` in both engines) ---------------------------
+#
+# Substring filters can't use a B-tree, so each message carries one short lower-case text
+# with its sender, recipients and subject: a search scans that narrow column (in id order,
+# through an index on (id, look) where the engine can) instead of decoding every row's JSON.
+# Fields are separated by _FIELD, recipients by _ITEM (control characters, removed from the
+# values), so a pattern can say in which field the text must be: exact, not a prefilter.
+
+_FIELD, _ITEM = "\x01", "\x02"
+_CONTROL = str.maketrans("", "", _FIELD + _ITEM)
+SearchField = Literal["sender", "recipient", "subject"]
+
+
+def look_text(mail_from: str, rcpts: list[str], subject: str | None) -> str:
+    """The search text stored with a message: sender, recipients, subject, lower-cased."""
+    rcpt_list = _ITEM.join(r.translate(_CONTROL) for r in rcpts)
+    sender, title = mail_from.translate(_CONTROL), (subject or "").translate(_CONTROL)
+    return f"{sender}{_FIELD}{rcpt_list}{_FIELD}{title}".lower()
+
+
+def look_pattern(where: SearchField, text: str) -> str:
+    """A LIKE pattern (escape character `\\`) that finds `text` in one field of `look_text`:
+    the only _FIELD separators around the match are the ones that delimit that field."""
+    escaped = text.translate(_CONTROL).lower()
+    escaped = escaped.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    if where == "sender":
+        return f"%{escaped}%{_FIELD}%{_FIELD}%"
+    if where == "recipient":
+        return f"%{_FIELD}%{escaped}%{_FIELD}%"
+    return f"%{_FIELD}%{_FIELD}%{escaped}%"
+
+
+def look_filters(query: MessageQuery) -> list[str]:
+    """The LIKE patterns on `look` that a query's sender/recipient/subject filters need."""
+    wanted: list[tuple[SearchField, str | None]] = [
+        ("sender", query.sender),
+        ("recipient", query.recipient),
+        ("subject", query.subject),
+    ]
+    return [look_pattern(where, text) for where, text in wanted if text]
+
+
 @dataclass(slots=True)
 class StatPoint:
     """One cell of the per-minute rollups every process adds to (`StatsStore`).

@@ -16,6 +16,8 @@ from relay.queue.base import (
     QueueActionError,
     event_detail,
     import_values,
+    look_filters,
+    look_text,
 )
 
 CHANNEL = "relay_work"  # LISTEN/NOTIFY channel; the payload is the kind of work
@@ -96,13 +98,14 @@ async def retry(conn: asyncpg.Connection, row: MessageRow, *, now: float, actor:
 async def insert_batch(conn: asyncpg.Connection, msgs: list[NewMessage]) -> list[bool]:
     """Insert many messages, their bodies and `received` events, and announce them, in one
     statement (one round trip, one commit); per message: inserted, or a dedupe duplicate."""
+    metas = [stored_meta(m) for m in msgs]
     rows = await conn.fetch(
         "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
-        " $5::bigint[], $6::float8[], $7::text[], $8::text[], $9::bytea[], $10::text[])"
-        " AS u(i, k, f, r, s, t, d, m, data, detail)),"
+        " $5::bigint[], $6::float8[], $7::text[], $8::text[], $9::bytea[], $10::text[],"
+        " $12::text[]) AS u(i, k, f, r, s, t, d, m, data, detail, look)),"
         " ins AS (INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created,"
-        " updated, next_attempt, dedupe, meta)"
-        " SELECT i, k, 'queued', f, r::jsonb, s, t, t, t, d, m::jsonb FROM u"
+        " updated, next_attempt, dedupe, meta, look)"
+        " SELECT i, k, 'queued', f, r::jsonb, s, t, t, t, d, m::jsonb, look FROM u"
         " ON CONFLICT DO NOTHING RETURNING id, kind),"
         " b AS (INSERT INTO bodies (id, data) SELECT u.i, u.data FROM u JOIN ins ON ins.id = u.i),"
         " e AS (INSERT INTO events (msg_id, type, at, detail)"
@@ -116,10 +119,14 @@ async def insert_batch(conn: asyncpg.Connection, msgs: list[NewMessage]) -> list
         [len(m.data) for m in msgs],
         [m.received_at for m in msgs],
         [m.dedupe for m in msgs],
-        [dumps(stored_meta(m)) for m in msgs],
+        [dumps(meta) for meta in metas],
         [m.data for m in msgs],
         [dumps(m.received) for m in msgs],
         CHANNEL,
+        [
+            look_text(m.envelope.mail_from, meta["rcpts_original"], meta.get("subject"))
+            for m, meta in zip(msgs, metas, strict=True)
+        ],
     )
     inserted = {r["id"] for r in rows}
     return [m.id in inserted for m in msgs]
@@ -152,6 +159,9 @@ async def import_record(conn: asyncpg.Connection, rec: dict[str, Any]) -> bool:
     )
     if added is None:
         return False
+    meta = rec["meta"]
+    look = look_text(rec["mail_from"], meta.get("rcpts_original") or [], meta.get("subject"))
+    await conn.execute("UPDATE messages SET look = $2 WHERE id = $1", rec["id"], look)
     if rec["body"] is not None:
         await conn.execute("INSERT INTO bodies (id, data) VALUES ($1, $2)", rec["id"], rec["body"])
     events = [
@@ -192,12 +202,8 @@ async def find(conn: asyncpg.Connection, query: MessageQuery) -> list[MessageRow
         add("created >= ?", query.since)
     if query.until is not None:
         add("created < ?", query.until)
-    if query.sender:
-        add("mail_from ILIKE ?", _like(query.sender))
-    if query.recipient:
-        add("(meta->>'rcpts_original') ILIKE ?", _like(query.recipient))
-    if query.subject:
-        add("(meta->>'subject') ILIKE ?", _like(query.subject))
+    for pattern in look_filters(query):
+        add("look LIKE ?", pattern)
     if query.upstream:
         add("(meta->>'upstream') ILIKE ?", _like(query.upstream))
     sql = f"SELECT {COLUMNS} FROM messages"

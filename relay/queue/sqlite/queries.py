@@ -31,6 +31,8 @@ from relay.queue.base import (
     Round,
     event_detail,
     import_values,
+    look_filters,
+    look_text,
     round_meta,
 )
 
@@ -53,7 +55,7 @@ def insert(conn: sqlite3.Connection, msg: NewMessage) -> bool:
     meta = stored_meta(msg)
     cur = conn.execute(
         "INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created, updated,"
-        " next_attempt, dedupe, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+        " next_attempt, dedupe, meta, look) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT DO NOTHING",
         (
             msg.id,
@@ -67,6 +69,7 @@ def insert(conn: sqlite3.Connection, msg: NewMessage) -> bool:
             msg.received_at,
             msg.dedupe,
             json.dumps(meta),
+            look_text(env.mail_from, meta["rcpts_original"], meta.get("subject")),
         ),
     )
     if cur.rowcount == 0:
@@ -523,6 +526,10 @@ def import_row(conn: sqlite3.Connection, rec: dict[str, Any]) -> bool:
     )
     if cur.rowcount == 0:
         return False
+    look = look_text(
+        rec["mail_from"], rec["meta"].get("rcpts_original") or [], rec["meta"].get("subject")
+    )
+    conn.execute("UPDATE messages SET look = ? WHERE id = ?", (look, rec["id"]))
     if rec["body"] is not None:
         conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (rec["id"], rec["body"]))
     for ev in rec["events"]:
@@ -534,13 +541,16 @@ def import_row(conn: sqlite3.Connection, rec: dict[str, Any]) -> bool:
 
 
 def _like(text: str) -> str:
-    """A case-insensitive LIKE pattern that finds `text` anywhere, wildcards escaped."""
+    """A LIKE pattern (escape `\\`) that finds `text` anywhere (ASCII case-insensitive)."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
 
 
 def find(conn: sqlite3.Connection, query: MessageQuery) -> list[MessageRow]:
-    """Up to `query.limit` messages matching the query, newest (highest id) first."""
+    """Up to `query.limit` messages matching the query, newest (highest id) first.
+
+    Text filters read the search text through `messages_look` (named, or the planner may
+    take the primary key for a cursor and read whole rows instead)."""
     where: list[str] = []
     params: list[Any] = []
     if query.before:
@@ -558,19 +568,16 @@ def find(conn: sqlite3.Connection, query: MessageQuery) -> list[MessageRow]:
     if query.until is not None:
         where.append("created < ?")
         params.append(query.until)
-    if query.sender:
-        where.append("mail_from LIKE ? ESCAPE '\\'")
-        params.append(_like(query.sender))
-    if query.recipient:
-        where.append("json_extract(meta, '$.rcpts_original') LIKE ? ESCAPE '\\'")
-        params.append(_like(query.recipient))
-    if query.subject:
-        where.append("json_extract(meta, '$.subject') LIKE ? ESCAPE '\\'")
-        params.append(_like(query.subject))
+    looks = look_filters(query)
+    for pattern in looks:
+        where.append("look LIKE ? ESCAPE '\\'")
+        params.append(pattern)
     if query.upstream:
         where.append("json_extract(meta, '$.upstream') LIKE ? ESCAPE '\\'")
         params.append(_like(query.upstream))
     sql = f"SELECT {_COLUMNS} FROM messages"
+    if looks:
+        sql += " INDEXED BY messages_look"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY id DESC LIMIT ?"

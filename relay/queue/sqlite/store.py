@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS messages (
     lease_until  REAL,
     last_error   TEXT,
     dedupe       TEXT,                   -- inbound: the SES message id, for idempotency
-    meta         TEXT NOT NULL DEFAULT '{}'
+    meta         TEXT NOT NULL DEFAULT '{}',
+    look         TEXT                    -- the search text (relay.queue.base.look_text)
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (kind, state, next_attempt);
 CREATE INDEX IF NOT EXISTS messages_state ON messages (state, updated);
@@ -86,7 +87,36 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         # and every checkpoint is another fsync of the main database.
         conn.execute("PRAGMA wal_autocheckpoint = 8192")
         conn.executescript(SCHEMA)
+        _add_search_text(conn)
     return conn
+
+
+# The operator's search scans this index, not the table: narrow, in id (arrival) order,
+# and only ever appended to (ids grow, `look` never changes), so an insert adds one entry
+# at its right-hand edge and claims and rounds don't touch it.
+SEARCH_INDEX = "CREATE INDEX IF NOT EXISTS messages_look ON messages (id, look)"
+
+
+def _add_search_text(conn: sqlite3.Connection) -> None:
+    """Give a queue made before the search text existed its `look` column, filled in."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
+    if "look" not in columns:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ALTER TABLE messages ADD COLUMN look TEXT")
+            # ASCII lower-casing here (SQLite's lower()); new messages get Python's.
+            conn.execute(
+                "UPDATE messages SET look = lower(mail_from || char(1) || coalesce((SELECT"
+                " group_concat(value, char(2)) FROM json_each(meta, '$.rcpts_original')), '')"
+                " || char(1) || coalesce(json_extract(meta, '$.subject'), ''))"
+            )
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            conn.execute("ROLLBACK")
+            # "duplicate column": another process added it meanwhile, nothing left to do.
+            if "duplicate column" not in str(exc):
+                raise
+    conn.execute(SEARCH_INDEX)
 
 
 def db_path(queue_dir: Path, shard: int = 0) -> Path:
