@@ -15,12 +15,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/relay --config config.toml serve
 
-# Debian packages the tests use: swaks (a client) and postgresql (the cluster queue's
-# engine; the tests start a private throwaway cluster). Installed only when missing.
+# Debian packages the tests use: swaks (a client), postgresql (the cluster queue's
+# engine; the tests start a private throwaway cluster), chromium and chromium-driver (the
+# status page's browser tests, driven by Selenium). Installed only when missing.
 system-deps:
 	@missing=""; \
 	command -v swaks >/dev/null 2>&1 || missing="$$missing swaks"; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	test -x /usr/bin/chromedriver || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
