@@ -30,6 +30,8 @@ from relay.queue.base import StoreError
 from relay.queue.owner import owner_id, process_alive
 from relay.smtp.listener import ListenerError, start_listeners
 from relay.smtp.tls import server_tls_context
+from relay.telemetry.core import Telemetry
+from relay.telemetry.rollup import KEEP as KEEP_STATS
 from relay.upstreams.base import Upstream
 from relay.upstreams.registry import create_upstream
 from relay.web.app import create_app
@@ -58,6 +60,8 @@ class Relay:
         self.shard = shard
         self.workers = workers
         self.queue = open_queue(config, owner=self.owner, shard=shard, workers=workers)
+        # What this process counts: Prometheus values and the shared per-minute stats.
+        self.telemetry = Telemetry(self.queue.stats, clock=clock)
         r = config.routing
         self.router = Router(
             settings=BreakerSettings(
@@ -85,6 +89,7 @@ class Relay:
     ) -> None:
         cfg = self.config
         await self.queue.start()
+        self.telemetry.start()
         recovered = await self._recover()
         if recovered:
             log.warning(
@@ -114,13 +119,19 @@ class Relay:
             from relay.inbound.service import InboundService
 
             self.inbound = InboundService(
-                config=cfg, queue=self.queue, clock=self.clock, on_finish=self.notify_progress
+                config=cfg,
+                queue=self.queue,
+                clock=self.clock,
+                on_finish=self.notify_progress,
+                telemetry=self.telemetry,
             )
             await self.inbound.start(dispatch=dispatch)
         if web_server and self.shard == 0:
             await self._start_web()
         if smtp:
-            self.smtp_servers = await start_listeners(cfg, self.submit, reuse_port=self.workers > 1)
+            self.smtp_servers = await start_listeners(
+                cfg, self.submit, reuse_port=self.workers > 1, telemetry=self.telemetry
+            )
 
     def _outbound_scheduler(self) -> Scheduler:
         cfg = self.config
@@ -144,6 +155,7 @@ class Relay:
             on_finish=self.notify_progress,
             signer=signer,
             bouncer=bouncer,
+            telemetry=self.telemetry,
         )
         return Scheduler(
             self.queue,
@@ -172,6 +184,7 @@ class Relay:
             readiness=self.readiness_problems,
             inbound=self.inbound,
             clock=self.clock,
+            telemetry=self.telemetry,
         )
         app = create_app(context)
         self.web_runner = web.AppRunner(app, access_log=None)
@@ -210,6 +223,7 @@ class Relay:
             await self.web_runner.cleanup()
         for upstream in self.upstreams:
             await upstream.close()
+        await self.telemetry.stop()
         await self.queue.close()
 
     async def _maintenance(self) -> None:
@@ -225,6 +239,7 @@ class Relay:
                     (Status.FAILED, server.keep_failed),
                 ):
                     await self.queue.purge_history(state=state, older_than=self.clock() - keep)
+                await self.queue.stats.purge(older_than=self.clock() - KEEP_STATS)
             except StoreError as exc:
                 log.warning("queue maintenance skipped: %s", exc)
                 continue

@@ -51,14 +51,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     workers = cfg.server.worker_count
-    if workers > 1:
-        from relay import supervisor
+    # Before a worker exists or prometheus_client is loaded: where the workers' metric
+    # values go, so that /metrics adds them up (see relay.telemetry.multiprocess).
+    from relay.telemetry import multiprocess
 
-        return supervisor.run(cfg, workers)
-    from relay.app import serve
+    values = multiprocess.prepare(workers)
+    try:
+        if workers > 1:
+            from relay import supervisor
 
-    asyncio.run(serve(cfg))
-    return 0
+            return supervisor.run(cfg, workers)
+        from relay.app import serve
+
+        asyncio.run(serve(cfg))
+        return 0
+    finally:
+        multiprocess.cleanup(values)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

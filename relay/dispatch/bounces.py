@@ -32,9 +32,10 @@ class BounceSender:
         self.hostname = hostname
         self.clock = clock
 
-    async def __call__(self, item: Claimed, failed: dict[str, str]) -> None:
+    async def __call__(self, item: Claimed, failed: dict[str, str]) -> bool:
+        """True when the bounce was queued."""
         if not should_bounce(item.envelope, item.data):
-            return
+            return False
         now = self.clock()
         report = build_dsn(
             original=item.data,
@@ -61,7 +62,7 @@ class BounceSender:
             log.error(
                 "%s: could not queue the bounce to <%s>: %s", item.id, item.envelope.mail_from, exc
             )
-            return
+            return False
         try:
             await self.queue.add_event(
                 item.id,
@@ -74,3 +75,4 @@ class BounceSender:
                 "%s: bounce %s queued but not noted on the timeline: %s", item.id, dsn_id, exc
             )
         log.info("%s: bounce %s queued to <%s>", item.id, dsn_id, item.envelope.mail_from)
+        return True

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.routing import Router
@@ -24,7 +24,11 @@ from relay.dispatch.scheduler import record_outcome
 from relay.message import Claimed, EventType
 from relay.outcomes import Accepted, PermanentError, TransientError, UpstreamError
 from relay.queue.base import Queue, Round
+from relay.telemetry.core import BOUNCED, FAILED, SENT
 from relay.upstreams.base import Upstream
+
+if TYPE_CHECKING:
+    from relay.telemetry.core import Telemetry
 
 log = logging.getLogger("relay.dispatch")
 
@@ -35,8 +39,9 @@ class Signer(Protocol):
     ) -> bytes: ...
 
 
-#: Called with the message and {recipient: reason} of recipients that failed for good.
-Bouncer = Callable[[Claimed, dict[str, str]], Awaitable[None]]
+#: Called with the message and {recipient: reason} of recipients that failed for good;
+#: True when a bounce was queued to the sender.
+Bouncer = Callable[[Claimed, dict[str, str]], Awaitable[bool]]
 
 
 class OutboundWorker:
@@ -50,6 +55,7 @@ class OutboundWorker:
         signer: Signer | None = None,
         bouncer: Bouncer | None = None,
         on_finish: Callable[[], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.queue = queue
         self.router = router
@@ -59,6 +65,7 @@ class OutboundWorker:
         self.bouncer = bouncer
         # Tests and the web page await this instead of polling the queue.
         self.on_finish = on_finish
+        self.telemetry = telemetry
 
     async def process(self, item: Claimed) -> None:
         pending = list(item.envelope.rcpt_tos)
@@ -167,6 +174,8 @@ class OutboundWorker:
                 else:
                     last_error = result
             events.append((EventType.ATTEMPT, self.clock(), attempt))
+            if self.telemetry is not None:
+                self.telemetry.attempt(upstream.name, attempt["outcome"], latency)
 
         await self._finish(
             item,
@@ -250,7 +259,7 @@ class OutboundWorker:
             fail_detail={"recipients": failed},
             sent_detail={"deliveries": delivered},
         )
-        await record_outcome(self.queue, item, now=now, rounds=rounds, rnd=rnd)
+        recorded = await record_outcome(self.queue, item, now=now, rounds=rounds, rnd=rnd)
         if self.on_finish is not None:
             self.on_finish()
         if pending:
@@ -263,8 +272,15 @@ class OutboundWorker:
                 item.id,
                 ", ".join(f"{d['upstream']} ({d['provider_id']})" for d in delivered),
             )
+        bounced = False
         if new_failures and self.bouncer is not None:
-            await self.bouncer(item, new_failures)
+            bounced = await self.bouncer(item, new_failures)
+        if recorded and self.telemetry is not None:
+            if pending:
+                self.telemetry.deferred(item.kind.value)
+            else:
+                state = (BOUNCED if bounced else FAILED) if failure is not None else SENT
+                self.telemetry.finished(item.kind.value, state, now - item.created)
 
 
 def _iso(ts: float) -> str:

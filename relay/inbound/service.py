@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
 from relay.dispatch.retry import RetryPolicy
@@ -39,6 +39,9 @@ from relay.inbound.worker import UNUSABLE_KEY, InboundWorker
 from relay.message import Envelope, Kind, NewMessage, new_message_id
 from relay.queue.base import Queue
 
+if TYPE_CHECKING:
+    from relay.telemetry.core import Telemetry
+
 log = logging.getLogger("relay.inbound")
 
 
@@ -52,8 +55,10 @@ class InboundService:
         queue: Queue,
         clock: Callable[[], float] = time.time,
         on_finish: Callable[[], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
+        self.telemetry = telemetry
         self.queue = queue
         self.clock = clock
         self.on_finish = on_finish
@@ -109,6 +114,7 @@ class InboundService:
             policy=RetryPolicy(schedule=tuple(cfg.retry.schedule), max_age=cfg.retry.max_age),
             clock=self.clock,
             on_finish=self.on_finish,
+            telemetry=self.telemetry,
         )
         self.scheduler = Scheduler(
             self.queue,
@@ -199,6 +205,8 @@ class InboundService:
             meta={"via": via},
         )
         inserted = await self._insert(message)
+        if self.telemetry is not None:
+            self.telemetry.inbound("queued" if inserted else "duplicate")
         if inserted:
             log.info(
                 "inbound %s queued via %s: s3://%s/%s for %s",
@@ -230,6 +238,8 @@ class InboundService:
             meta={"via": via},
         )
         inserted = await self._insert(message)
+        if self.telemetry is not None:
+            self.telemetry.inbound("unusable" if inserted else "duplicate")
         if inserted:
             log.warning("inbound %s via %s cannot be acted on: %s", message.id, via, reason)
         return inserted

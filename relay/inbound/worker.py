@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.scheduler import record_outcome
@@ -41,6 +41,9 @@ from relay.inbound.settings import InboundSettings, RouteSettings
 from relay.message import HEADER_END, Claimed, EventType
 from relay.outcomes import PermanentError, TransientError, UpstreamError
 from relay.queue.base import Queue, Round
+
+if TYPE_CHECKING:
+    from relay.telemetry.core import Telemetry
 
 log = logging.getLogger("relay.inbound")
 
@@ -126,8 +129,10 @@ class InboundWorker:
         policy: RetryPolicy,
         clock: Callable[[], float] = time.time,
         on_finish: Callable[[], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.queue = queue
+        self.telemetry = telemetry
         self.settings = settings
         self.fetcher = fetcher
         self.decryptor = decryptor
@@ -416,9 +421,13 @@ class InboundWorker:
             fail_detail={"recipients": all_failed} if all_failed else {},
             sent_detail={"outcome": "delivered", "deliveries": rnd.delivered},
         )
-        await record_outcome(self.queue, item, now=now, rounds=rounds, rnd=rnd_record)
+        recorded = await record_outcome(self.queue, item, now=now, rounds=rounds, rnd=rnd_record)
         if self.on_finish is not None:
             self.on_finish()
+        if recorded and self.telemetry is not None:
+            self.telemetry.inbound_round(
+                deferred=retrying, failed=bool(summary), queue_time=now - item.created
+            )
         if retrying:
             log.info("inbound %s deferred: %s", item.id, reason)
         elif summary:

@@ -9,6 +9,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay.config import Config, ListenConfig
 from relay.queue import is_postgres
@@ -18,6 +19,9 @@ from relay.smtp.limits import ConnectionLimits, LargeMessages
 from relay.smtp.refusals import RefusalLog
 from relay.smtp.server import RelaySMTP
 from relay.smtp.tls import ensure_self_signed, server_tls_context
+
+if TYPE_CHECKING:
+    from relay.telemetry.core import Telemetry
 
 log = logging.getLogger("relay.smtp")
 
@@ -91,7 +95,11 @@ def _warn_cleartext_auth(index: int, listen: ListenConfig) -> None:
 
 
 async def start_listeners(
-    config: Config, submit: Submit, *, reuse_port: bool = False
+    config: Config,
+    submit: Submit,
+    *,
+    reuse_port: bool = False,
+    telemetry: Telemetry | None = None,
 ) -> list[asyncio.Server]:
     smtp = config.smtp
     ctx = tls_context(config)
@@ -127,6 +135,8 @@ async def start_listeners(
                 refusals=refusals,
                 spool_dir=spool_dir,
                 spool_threshold=smtp.data_spool_threshold,
+                telemetry=telemetry,
+                listener_name=str(cfg.address),
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=True,
                 hostname=config.server.hostname,

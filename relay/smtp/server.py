@@ -23,7 +23,7 @@ from asyncio import sslproto
 from base64 import b64decode
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, _AuthMechAttr
 
@@ -33,6 +33,9 @@ from relay.smtp.auth import Authenticator
 from relay.smtp.data import DataError, Spool, read_data
 from relay.smtp.limits import ConnectionLimits, LargeMessages
 from relay.smtp.refusals import RefusalLog, printable
+
+if TYPE_CHECKING:
+    from relay.telemetry.core import Telemetry
 
 log = logging.getLogger("relay.smtp")
 
@@ -82,6 +85,8 @@ class RelaySMTP(SMTP):
         refusals: RefusalLog,
         spool_dir: Path | None,
         spool_threshold: int,
+        telemetry: Telemetry | None = None,
+        listener_name: str = "",
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
@@ -93,6 +98,8 @@ class RelaySMTP(SMTP):
         self.refusals = refusals
         self.spool_dir = spool_dir
         self.spool_threshold = spool_threshold
+        self.telemetry = telemetry
+        self.listener_name = listener_name  # the configured address, a metrics label
         self._reset_connection_state()
 
     def _reset_connection_state(self) -> None:
@@ -159,6 +166,8 @@ class RelaySMTP(SMTP):
         refusal = self.limits.acquire(ip)
         if refusal is None:
             self._slot = ip
+            if self.telemetry is not None:
+                self.telemetry.session_opened(self.listener_name)
             return True
         self._refused = True
         self.refusals.refused(command="CONNECT", peer=_peer(peer), reply=refusal)
@@ -218,7 +227,22 @@ class RelaySMTP(SMTP):
                 status = f"{code} {enhanced} {rest}"
             if code[:1] in ("4", "5") and self.session is not None:
                 self._log_refusal(status)
+            if self.telemetry is not None:
+                self._count_message(code, status)
         await super().push(status)
+
+    def _count_message(self, code: str, reply: str) -> None:
+        """A transaction ends with the reply to DATA after its content (or to DATA when
+        it is refused outright), or with a refused MAIL: one message offered, counted
+        once. A DATA refused when no MAIL was taken is not a second message."""
+        command = cast(Commands, self._smtp_methods).last
+        if command == "DATA":
+            if code == "354" or self.envelope is None or self.envelope.mail_from is None:
+                return
+        elif command != "MAIL" or code[:1] not in ("4", "5"):
+            return
+        assert self.telemetry is not None
+        self.telemetry.message_replied(self.listener_name, reply)
 
     def _log_refusal(self, reply: str) -> None:
         assert self.session is not None
@@ -382,6 +406,8 @@ class RelaySMTP(SMTP):
     def _failed(self, mechanism: str, login: bytes, message: str) -> AuthResult:
         self._auth_failures += 1
         self._auth_login = login.decode("utf-8", "replace")
+        if self.telemetry is not None:
+            self.telemetry.auth_failed(self.listener_name)
         log.info(
             "%s AUTH %s failed (%d of %d)",
             self._peer_text,

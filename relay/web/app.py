@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from relay.web import api, pages
+from relay.web import api, metrics, pages
 from relay.web.auth import ACCESS_KEY, Access, authenticate
 from relay.web.client_errors import quiet_client_errors
 from relay.web.context import CONTEXT, WebContext
@@ -35,6 +35,7 @@ def create_app(context: WebContext) -> web.Application:
     app.router.add_get("/readyz", readyz)
     api.setup(app)
     pages.setup(app)
+    metrics.setup(app)
     inbound = context.inbound
     if inbound is not None and inbound.settings.sns is not None:
         from relay.web.inbound import setup

@@ -21,6 +21,7 @@ from relay.queue.base import Queue
 
 if TYPE_CHECKING:
     from relay.inbound.service import InboundService
+    from relay.telemetry.core import Telemetry
 
 Readiness = Callable[[], Awaitable[list[str]]]
 Submit = Callable[[NewMessage], Awaitable[None]]
@@ -35,6 +36,8 @@ class WebContext:
     readiness: Readiness
     inbound: InboundService | None = None
     clock: Callable[[], float] = time.time
+    # This process's counters (of every worker, in multiprocess mode), for /metrics.
+    telemetry: Telemetry | None = None
     admin: QueueAdmin = field(init=False)
 
     def __post_init__(self) -> None:
