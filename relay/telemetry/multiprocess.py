@@ -46,6 +46,7 @@ def cleanup(path: Path | None) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if os.environ.get(ENV) == str(path):
         del os.environ[ENV]
+        _reload_value_class()
 
 
 def sweep(directory: Path | None = None) -> list[Path]:
