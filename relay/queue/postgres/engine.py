@@ -425,6 +425,7 @@ class PostgresQueue(Queue):
             if ids:
                 await conn.execute("DELETE FROM events WHERE msg_id = ANY($1::text[])", ids)
                 await conn.execute("DELETE FROM bodies WHERE id = ANY($1::text[])", ids)
+                await conn.execute("DELETE FROM message_look WHERE id = ANY($1::text[])", ids)
             return len(ids)
 
         return await self._transaction(run)
@@ -472,7 +473,9 @@ class PostgresQueue(Queue):
     async def oldest(self, *, states: tuple[str, ...]) -> float | None:
         found: float | None = await self._with_conn(
             lambda c: c.fetchval(
-                "SELECT min(created) FROM messages WHERE state = ANY($1::text[])", list(states)
+                # Ids sort by arrival: the first match from the oldest, not every row.
+                "SELECT created FROM messages WHERE state = ANY($1::text[]) ORDER BY id LIMIT 1",
+                list(states),
             )
         )
         return found
@@ -571,6 +574,7 @@ class PostgresQueue(Queue):
         async def run(conn: asyncpg.Connection, row: MessageRow) -> None:
             await conn.execute("DELETE FROM bodies WHERE id = $1", msg_id)
             await conn.execute("DELETE FROM events WHERE msg_id = $1", msg_id)
+            await conn.execute("DELETE FROM message_look WHERE id = $1", msg_id)
             await conn.execute("DELETE FROM messages WHERE id = $1", msg_id)
 
         await self._act(msg_id, run)

@@ -77,13 +77,16 @@ MIGRATIONS: list[tuple[int, str]] = [
             bucket integer NOT NULL, value double precision NOT NULL,
             PRIMARY KEY (minute, series, label, bucket)
         );
-        -- The operator's search: the search text (relay.queue.base.look_text), filled in
-        -- for messages already here (PostgreSQL's lower() is Unicode-aware, as Python's);
-        -- held messages by id (rare, and never on the delivery path).
-        ALTER TABLE messages ADD COLUMN look text;
-        UPDATE messages SET look = lower(mail_from || chr(1) || coalesce((SELECT
-            string_agg(r, chr(2)) FROM jsonb_array_elements_text(meta->'rcpts_original') r),
-            '') || chr(1) || coalesce(meta->>'subject', ''));
+        -- The operator's search scans this narrow table, not messages: one row per message,
+        -- written with it and never updated (a message's row is rewritten by its claim and
+        -- round; this one is not, so it stays small and its pages stay all-visible).
+        -- Filled in for messages already here (lower() is Unicode-aware, as Python's).
+        CREATE TABLE message_look (id text PRIMARY KEY, look text NOT NULL);
+        INSERT INTO message_look (id, look) SELECT id, lower(mail_from || chr(1) ||
+            coalesce((SELECT string_agg(r, chr(2))
+            FROM jsonb_array_elements_text(meta->'rcpts_original') r), '') || chr(1) ||
+            coalesce(meta->>'subject', '')) FROM messages;
+        -- Held messages by id (rare, and never on the delivery path).
         CREATE INDEX messages_held ON messages (id) WHERE state = 'held';
         -- Each process's attempts in progress per upstream, summed while recent.
         CREATE TABLE in_flight (

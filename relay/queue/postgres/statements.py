@@ -104,9 +104,11 @@ async def insert_batch(conn: asyncpg.Connection, msgs: list[NewMessage]) -> list
         " $5::bigint[], $6::float8[], $7::text[], $8::text[], $9::bytea[], $10::text[],"
         " $12::text[]) AS u(i, k, f, r, s, t, d, m, data, detail, look)),"
         " ins AS (INSERT INTO messages (id, kind, state, mail_from, rcpts, size, created,"
-        " updated, next_attempt, dedupe, meta, look)"
-        " SELECT i, k, 'queued', f, r::jsonb, s, t, t, t, d, m::jsonb, look FROM u"
+        " updated, next_attempt, dedupe, meta)"
+        " SELECT i, k, 'queued', f, r::jsonb, s, t, t, t, d, m::jsonb FROM u"
         " ON CONFLICT DO NOTHING RETURNING id, kind),"
+        " l AS (INSERT INTO message_look (id, look)"
+        " SELECT u.i, u.look FROM u JOIN ins ON ins.id = u.i),"
         " b AS (INSERT INTO bodies (id, data) SELECT u.i, u.data FROM u JOIN ins ON ins.id = u.i),"
         " e AS (INSERT INTO events (msg_id, type, at, detail)"
         " SELECT u.i, 'received', u.t, u.detail FROM u JOIN ins ON ins.id = u.i ORDER BY u.i),"
@@ -161,7 +163,7 @@ async def import_record(conn: asyncpg.Connection, rec: dict[str, Any]) -> bool:
         return False
     meta = rec["meta"]
     look = look_text(rec["mail_from"], meta.get("rcpts_original") or [], meta.get("subject"))
-    await conn.execute("UPDATE messages SET look = $2 WHERE id = $1", rec["id"], look)
+    await conn.execute("INSERT INTO message_look (id, look) VALUES ($1, $2)", rec["id"], look)
     if rec["body"] is not None:
         await conn.execute("INSERT INTO bodies (id, data) VALUES ($1, $2)", rec["id"], rec["body"])
     events = [
@@ -202,8 +204,15 @@ async def find(conn: asyncpg.Connection, query: MessageQuery) -> list[MessageRow
         add("created >= ?", query.since)
     if query.until is not None:
         add("created < ?", query.until)
-    for pattern in look_filters(query):
-        add("look LIKE ?", pattern)
+    looks = look_filters(query)
+    if looks:
+        # The narrow table first (and the cursor with it, so a deep page scans less).
+        inner = " AND ".join(f"look LIKE ${len(params) + i + 1}" for i in range(len(looks)))
+        params.extend(looks)
+        if query.before:
+            inner += f" AND id < ${len(params) + 1}"
+            params.append(query.before)
+        where.append(f"id IN (SELECT id FROM message_look WHERE {inner})")
     if query.upstream:
         add("(meta->>'upstream') ILIKE ?", _like(query.upstream))
     sql = f"SELECT {COLUMNS} FROM messages"

@@ -246,10 +246,24 @@ class SQLiteQueue(Queue):
         return min(found) if found else None
 
     async def dedupe_owner(self, dedupe: str, *, since: float) -> str | None:
-        owners = await self._each_shard(
-            lambda c: [o] if (o := queries.dedupe_owner(c, dedupe, since=since)) else []
-        )
-        return owners[0] if owners else None
+        """Read first (the usual answer needs no write lock); a holder too old lets go in
+        a write transaction of its shard."""
+        owner = None
+        for path in shard_paths(self.queue_dir):
+            held = await self._on_shard(
+                path, lambda c: queries.dedupe_holder(c, dedupe), write=False
+            )
+            if held is None:
+                continue
+            msg_id, created = held
+            if created >= since:
+                owner = owner or msg_id
+            else:
+                release = functools.partial(
+                    queries.release_dedupe, msg_id=msg_id, dedupe=dedupe, before=since
+                )
+                await self._on_shard(path, release)
+        return owner
 
     async def _made_due(self, msg_id: str) -> None:
         row = await self.get(msg_id)

@@ -587,19 +587,25 @@ def find(conn: sqlite3.Connection, query: MessageQuery) -> list[MessageRow]:
 def oldest(conn: sqlite3.Connection, states: tuple[str, ...]) -> float | None:
     if not states:
         return None
+    # Ids sort by arrival: walking them from the oldest stops at the first match, where
+    # MIN(created) would read every row of those states.
     row = conn.execute(
-        f"SELECT MIN(created) FROM messages WHERE state IN ({', '.join('?' * len(states))})",
+        f"SELECT created FROM messages WHERE state IN ({', '.join('?' * len(states))})"
+        " ORDER BY id LIMIT 1",
         states,
     ).fetchone()
     return None if row is None or row[0] is None else float(row[0])
 
 
-def dedupe_owner(conn: sqlite3.Connection, dedupe: str, *, since: float) -> str | None:
-    """The id holding `dedupe` since `since`; an older holder lets go of the key."""
+def dedupe_holder(conn: sqlite3.Connection, dedupe: str) -> tuple[str, float] | None:
+    """(id, arrival) of the message holding `dedupe`, if any."""
     row = conn.execute("SELECT id, created FROM messages WHERE dedupe = ?", (dedupe,)).fetchone()
-    if row is None:
-        return None
-    if row[1] >= since:
-        return str(row[0])
-    conn.execute("UPDATE messages SET dedupe = NULL WHERE id = ?", (row[0],))
-    return None
+    return None if row is None else (str(row[0]), float(row[1]))
+
+
+def release_dedupe(conn: sqlite3.Connection, msg_id: str, dedupe: str, *, before: float) -> None:
+    """The message lets go of its key, if it still holds it and arrived before `before`."""
+    conn.execute(
+        "UPDATE messages SET dedupe = NULL WHERE id = ? AND dedupe = ? AND created < ?",
+        (msg_id, dedupe, before),
+    )
