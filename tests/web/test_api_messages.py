@@ -136,10 +136,12 @@ async def test_search_filters_and_the_cursor_walk_every_match_newest_first(
 async def test_actions_are_on_the_timeline_with_the_token_as_actor(web_relay: Relay) -> None:
     relay = await paused(web_relay)
     msg_id = await submit(relay)
-    await relay.wait_for(lambda: _state_is(relay, msg_id, "deferred"))  # tried, found paused
     for action in ("hold", "release", "retry"):
+        # Released and retried messages are due at once: dispatch tries (and defers) them.
+        await relay.wait_for(lambda: _settled(relay, msg_id))
         status, body = await call(relay, "POST", f"/messages/{msg_id}/{action}")
         assert status == 200 and body["action"] == action, body
+    await relay.wait_for(lambda: _state_is(relay, msg_id, "deferred"))
     status, body = await call(relay, "POST", f"/messages/{msg_id}/release")
     assert (status, body["error"]) == (409, "conflict") and "not held" in body["message"]
 
@@ -231,6 +233,12 @@ async def test_a_paused_upstream_shows_paused_and_stays_paused_after_a_restart(
     status, body = await call(second, "POST", "/queue/flush")
     assert status == 200 and body["flushed"] == [msg_id]
     await wait_states(second, sent=1)
+
+
+async def _settled(relay: Relay, msg_id: str) -> bool:
+    """Not queued or being tried: an action now does not race the dispatcher."""
+    row = await relay.queue.get(msg_id)
+    return row is not None and row.state in ("deferred", "held")
 
 
 async def _state_is(relay: Relay, msg_id: str, state: str) -> bool:

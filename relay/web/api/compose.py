@@ -68,7 +68,9 @@ RESERVED_HEADERS = frozenset(
 HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
 # What may not appear in any text that becomes a header: C0 controls but tab, DEL, and
 # the characters str.splitlines() breaks at (the email package refuses them as newlines).
-UNSAFE_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+UNSAFE_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
+# JSON can carry a lone surrogate ("\ud800"), which no encoding can write.
+SURROGATE = re.compile(r"[\ud800-\udfff]")
 MESSAGE_ID = re.compile(r"<[!-;=?-~]+@[!-;=?-~]+>")
 CONTENT_TYPE = re.compile(r"([A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*)/([A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*)")
 # A display name with its address: `Name <a@b>` or `"Name, Jr" <a@b>`.
@@ -217,6 +219,8 @@ def _text(value: Any, field_name: str) -> str:
         raise invalid(field_name, f"must be a string, not {_json_type(value)}")
     if "\x00" in value:
         raise invalid(field_name, "contains a NUL character")
+    if SURROGATE.search(value):
+        raise invalid(field_name, "contains a lone surrogate (\\ud800-\\udfff), which is not text")
     return value
 
 
