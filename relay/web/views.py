@@ -17,6 +17,7 @@ from typing import Any
 
 from relay.message import EventType, split_message
 from relay.queue.base import MessageQuery, MessageRow, UpstreamShare, heal
+from relay.telemetry.stats import upstream_windows, window_stats
 from relay.web.context import WebContext
 
 log = logging.getLogger("relay.web")
@@ -183,8 +184,6 @@ def _queue_time(row: MessageRow, timeline: list[dict[str, Any]], now: float) -> 
 async def upstream_rows(ctx: WebContext) -> list[dict[str, Any]]:
     """Every configured upstream with its shared routing state (what each process last
     reported) and its attempts, successes and latency over the last 5 minutes and hour."""
-    from relay.telemetry.stats import upstream_windows
-
     now = ctx.clock()
     shares = await ctx.admin.upstreams()
     windows = await upstream_windows(ctx.queue.stats, now=now)
@@ -239,8 +238,6 @@ async def _oldest_age(ctx: WebContext, now: float) -> float | None:
 async def stats(ctx: WebContext, window: str) -> dict[str, Any]:
     """The stats endpoint: counts by state, the oldest waiting message, and the window's
     series, queue-time percentiles, per-upstream rates and inbound counts."""
-    from relay.telemetry.stats import window_stats
-
     now = ctx.clock()
     counted = await window_stats(ctx.queue.stats, window=WINDOWS[window], now=now)
     figures = counted.as_dict()
@@ -265,8 +262,6 @@ def slowest_upstream(upstreams: dict[str, dict[str, Any]]) -> str | None:
 
 async def overview(ctx: WebContext) -> dict[str, Any]:
     """The admin page's first screen, in one read."""
-    from relay.telemetry.stats import window_stats
-
     now = ctx.clock()
     hour = (await window_stats(ctx.queue.stats, window=WINDOWS["1h"], now=now)).as_dict()
     day = (await window_stats(ctx.queue.stats, window=WINDOWS["24h"], now=now)).as_dict()
