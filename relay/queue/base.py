@@ -375,7 +375,7 @@ class MessageQuery:
     (ids sort by arrival), so pages stay stable while new mail arrives."""
 
     state: str | None = None
-    kind: str | None = None
+    kind: str | None = None  # outbound, inbound, or bounce (outbound with the null sender)
     sender: str | None = None
     recipient: str | None = None  # any original recipient
     subject: str | None = None
@@ -426,6 +426,17 @@ def look_filters(query: MessageQuery) -> list[str]:
         ("subject", query.subject),
     ]
     return [look_pattern(where, text) for where, text in wanted if text]
+
+
+SEARCH_KINDS = ("outbound", "inbound", "bounce")
+
+
+def kind_conditions(kind: str) -> list[tuple[str, str]]:
+    """The column tests a search's `kind` stands for, as (SQL with one ?, value): a bounce
+    is the relay's own outbound mail with the null sender (RFC 3464), not a kind of work."""
+    if kind == "bounce":
+        return [("kind = ?", "outbound"), ("mail_from = ?", "")]
+    return [("kind = ?", kind)]
 
 
 @dataclass(slots=True)

@@ -295,3 +295,22 @@ async def test_the_search_form_filters_and_explains_a_bad_time(
             assert "write a UTC time such as 2025-06-01T14:30" in await r.text()
         async with session.get(url + "/messages/0000000000NOSUCHID00") as r:
             assert r.status == 404
+
+
+async def test_a_test_message_from_the_page_says_where_it_came_from(web_relay: Relay) -> None:
+    url = base_url(web_relay)
+    async with client() as session:
+        await log_in(session, web_relay, "ops")
+        csrf = await page_csrf(session, web_relay, "/send")
+        form = {
+            "csrf": csrf,
+            "from": "ops@example.com",
+            "to": "someone@example.org",
+            "subject": "Checking the setup",
+            "body": "Hello",
+        }
+        async with session.post(url + "/send", data=form, allow_redirects=False) as r:
+            assert r.status == 303
+            msg_id = r.headers["Location"].rpartition("sent=")[2]
+    [received] = [e for e in await web_relay.queue.timeline(msg_id) if e["type"] == "received"]
+    assert received["client"] == "127.0.0.1" and received["via"] == "page", received

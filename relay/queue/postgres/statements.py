@@ -16,6 +16,7 @@ from relay.queue.base import (
     QueueActionError,
     event_detail,
     import_values,
+    kind_conditions,
     look_filters,
     look_text,
 )
@@ -198,8 +199,8 @@ async def find(conn: asyncpg.Connection, query: MessageQuery) -> list[MessageRow
         add("id < ?", query.before)
     if query.state:
         add("state = ?", query.state)
-    if query.kind:
-        add("kind = ?", query.kind)
+    for sql, value in kind_conditions(query.kind) if query.kind else ():
+        add(sql, value)
     if query.since is not None:
         add("created >= ?", query.since)
     if query.until is not None:

@@ -31,6 +31,7 @@ from relay.queue.base import (
     Round,
     event_detail,
     import_values,
+    kind_conditions,
     look_filters,
     look_text,
     round_meta,
@@ -559,9 +560,9 @@ def find(conn: sqlite3.Connection, query: MessageQuery) -> list[MessageRow]:
     if query.state:
         where.append("state = ?")
         params.append(query.state)
-    if query.kind:
-        where.append("kind = ?")
-        params.append(query.kind)
+    for sql, value in kind_conditions(query.kind) if query.kind else ():
+        where.append(sql)
+        params.append(value)
     if query.since is not None:
         where.append("created >= ?")
         params.append(query.since)

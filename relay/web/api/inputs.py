@@ -11,14 +11,14 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.message import Kind, Status
-from relay.queue.base import MessageQuery
+from relay.message import Status
+from relay.queue.base import SEARCH_KINDS, MessageQuery
 from relay.web.api.compose import SubmitError, invalid
 
 #: What GET /api/v1/messages and the bulk retry filter understand.
 FILTERS = ("state", "kind", "sender", "recipient", "subject", "upstream", "since", "until")
 STATES = tuple(s.value for s in Status)
-KINDS = tuple(k.value for k in Kind)
+KINDS = SEARCH_KINDS
 MESSAGE_ID = re.compile(r"[0-9A-Z]{1,40}")
 MAX_FILTER_TEXT = 320
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500

@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 from relay.message import Kind, Status
+from relay.queue.base import SEARCH_KINDS
 
 Schema = dict[str, Any]
 
@@ -334,7 +335,11 @@ ID_PARAM = _path("id", {"type": "string"})
 NAME_PARAM = _path("name", {"type": "string"})
 FILTER_PARAMS = [
     _query("state", {"type": "string", "enum": STATES}, "the message's state"),
-    _query("kind", {"type": "string", "enum": KINDS}, "outbound mail or inbound work"),
+    _query(
+        "kind",
+        {"type": "string", "enum": list(SEARCH_KINDS)},
+        "outbound mail, inbound work, or bounce (the relay's own DSNs)",
+    ),
     _query("sender", TEXT_FILTER, "envelope sender contains this (any case)"),
     _query("recipient", TEXT_FILTER, "an original recipient contains this (any case)"),
     _query("subject", TEXT_FILTER, "the subject contains this (any case)"),

@@ -6,10 +6,10 @@ import calendar
 import time
 from collections.abc import Mapping
 
-from relay.queue.base import MessageQuery
+from relay.queue.base import SEARCH_KINDS, MessageQuery
 
 STATE_CHOICES = ("queued", "sending", "deferred", "held", "sent", "failed")
-KIND_CHOICES = ("outbound", "inbound", "bounce")
+KIND_CHOICES = SEARCH_KINDS
 TIME_FORMATS = ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 PAGE_SIZE = 50
 

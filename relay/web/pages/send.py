@@ -52,7 +52,7 @@ async def send_form(request: web.Request, principal: Principal) -> web.StreamRes
 
 @page("submit")
 async def send(request: web.Request, principal: Principal) -> web.StreamResponse:
-    from relay.web.api.submit import SubmitError, submit_json
+    from relay.web.api.submit import Origin, SubmitError, submit_json
 
     posted = await request.post()
     form = {k: str(posted.get(k) or "") for k in FIELDS}
@@ -64,7 +64,8 @@ async def send(request: web.Request, principal: Principal) -> web.StreamResponse
         "text": form["body"],
     }
     try:
-        msg_id, _ = await submit_json(request.app[CONTEXT], principal, payload)
+        origin = Origin(client=request.remote or "unknown", tls=request.secure, via="page")
+        msg_id, _ = await submit_json(request.app[CONTEXT], principal, payload, origin=origin)
     except SubmitError as exc:
         return _show(
             request,
