@@ -79,7 +79,7 @@ def gauges(
         )
         breaker.add_metric(labels, float(breaker_state(share, now)))
         paused.add_metric(labels, 1.0 if share.paused else 0.0)
-        in_flight.add_metric(labels, float(getattr(share, "in_flight", 0)))
+        in_flight.add_metric(labels, float(share.in_flight))
     return [sizes, oldest, health, breaker, paused, in_flight]
 
 
