@@ -22,6 +22,8 @@ _REFUSED_BY_SUBJECT = {
     "6": "refused_content",
     "7": "refused_policy",
 }
+REFUSED_ADDRESS = _REFUSED_BY_SUBJECT["1"]
+REFUSED_POLICY = _REFUSED_BY_SUBJECT["7"]
 REFUSED_SIZE = "refused_size"  # X.3.4: message too big for the system
 REFUSED_OTHER = "refused_other"
 

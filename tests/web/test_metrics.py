@@ -362,3 +362,19 @@ listen = "127.0.0.1:{web_port}"
         await proc.stop()
     assert proc.proc is not None and proc.proc.returncode == 0
     assert metrics_dirs(proc.proc.pid) == []  # removed at exit
+
+
+async def test_messages_submitted_over_http_are_counted_like_smtp_ones(web_relay: Relay) -> None:
+    url = base_url(web_relay)
+    good = {"from": "app@example.com", "to": ["r@example.org"], "subject": "s", "text": "x"}
+    async with aiohttp.ClientSession() as http:
+        for payload, key in ((good, "k1"), (good, "k1"), ({**good, "to": ["not an address"]}, "")):
+            headers = {**bearer("app"), **({"Idempotency-Key": key} if key else {})}
+            async with http.post(f"{url}/api/v1/messages", json=payload, headers=headers) as r:
+                assert r.status in (200, 202, 400), await r.text()
+    _, _, text = await scrape(url)
+    samples = parse(text)
+    name = "relay_messages_received_total"
+    # The repeated idempotent request is the same message: counted once.
+    assert value(samples, name, listener="api", result="accepted") == 1
+    assert value(samples, name, listener="api", result="refused_address") == 1

@@ -32,7 +32,7 @@ from relay.web.api.inputs import (
     single_params,
 )
 from relay.web.api.openapi import document
-from relay.web.api.submit import Origin, submit_json, submit_raw
+from relay.web.api.submit import Origin, count_submission, submit_json, submit_raw
 from relay.web.auth import Need, require
 from relay.web.context import CONTEXT, WebContext
 from relay.web.errors import http_error, json_error
@@ -130,6 +130,7 @@ async def post_message(request: web.Request) -> web.Response:
             exc.status,
             exc.message,
         )
+        count_submission(ctx, "api", exc)
         return _error(exc)
     try:
         if request.content_type == "message/rfc822":
@@ -147,7 +148,10 @@ async def post_message(request: web.Request) -> web.Response:
                 ctx, principal, payload, idempotency_key=key, origin=origin
             )
     except SubmitError as exc:
+        count_submission(ctx, "api", exc)
         return _error(exc)
+    if created:
+        count_submission(ctx, "api", None)
     return web.json_response({"id": msg_id, "created": created}, status=202 if created else 200)
 
 

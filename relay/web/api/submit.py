@@ -25,6 +25,14 @@ from relay.message import Envelope, Kind, NewMessage, new_message_id
 from relay.queue.base import StoreError, StoreFull
 from relay.smtp.address import Problem, mailbox_problem
 from relay.smtp.auth import sender_allowed
+from relay.telemetry.classify import (
+    ACCEPTED,
+    DEFERRED,
+    REFUSED_ADDRESS,
+    REFUSED_OTHER,
+    REFUSED_POLICY,
+    REFUSED_SIZE,
+)
 from relay.web.api.compose import Composed, SubmitError, compose, invalid
 from relay.web.auth import Principal
 from relay.web.context import WebContext
@@ -50,6 +58,31 @@ class Origin:
     client: str = "unknown"
     tls: bool = False
     via: str = "api"  # "api" or "page"
+
+
+# The request fields that hold addresses: a refusal naming one is an address refusal.
+ADDRESS_FIELDS = frozenset({"from", "to", "cc", "bcc", "reply_to"})
+
+
+def count_submission(ctx: WebContext, via: str, error: SubmitError | None) -> None:
+    """Count a message offered over HTTP (`via` "api" or "page") as the SMTP listener
+    counts its transactions: accepted, deferred (the queue could not take it: try again)
+    or refused, by class. A repeated idempotent request is not a new message: not counted."""
+    if ctx.telemetry is None:
+        return
+    if error is None:
+        result = ACCEPTED
+    elif error.status == 503:
+        result = DEFERRED
+    elif error.status == 413:
+        result = REFUSED_SIZE
+    elif error.status == 403:
+        result = REFUSED_POLICY
+    elif (error.field or "").partition("[")[0] in ADDRESS_FIELDS:
+        result = REFUSED_ADDRESS
+    else:
+        result = REFUSED_OTHER
+    ctx.telemetry.message_received(via, result)
 
 
 async def submit_json(

@@ -52,7 +52,7 @@ async def send_form(request: web.Request, principal: Principal) -> web.StreamRes
 
 @page("submit")
 async def send(request: web.Request, principal: Principal) -> web.StreamResponse:
-    from relay.web.api.submit import Origin, SubmitError, submit_json
+    from relay.web.api.submit import Origin, SubmitError, count_submission, submit_json
 
     posted = await request.post()
     form = {k: str(posted.get(k) or "") for k in FIELDS}
@@ -63,10 +63,12 @@ async def send(request: web.Request, principal: Principal) -> web.StreamResponse
         "subject": form["subject"],
         "text": form["body"],
     }
+    ctx = request.app[CONTEXT]
     try:
         origin = Origin(client=request.remote or "unknown", tls=request.secure, via="page")
-        msg_id, _ = await submit_json(request.app[CONTEXT], principal, payload, origin=origin)
+        msg_id, _ = await submit_json(ctx, principal, payload, origin=origin)
     except SubmitError as exc:
+        count_submission(ctx, "page", exc)
         return _show(
             request,
             principal,
@@ -75,4 +77,5 @@ async def send(request: web.Request, principal: Principal) -> web.StreamResponse
             field=exc.field or "",
             status=exc.status,
         )
+    count_submission(ctx, "page", None)
     raise web.HTTPSeeOther(f"/send?sent={msg_id}")
