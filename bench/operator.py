@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -123,7 +124,13 @@ async def paced_smtp(port: int, *, rate: float, until: asyncio.Event) -> int:
 
 
 async def login(http: aiohttp.ClientSession, url: str) -> None:
-    async with http.post(f"{url}/login", data={"token": TOKEN}, allow_redirects=False) as resp:
+    """Log in as a browser does: the form's CSRF token first, then the token."""
+    async with http.get(f"{url}/login") as resp:
+        found = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+    if found is None:
+        raise BenchError("the login page has no CSRF field")
+    form = {"token": TOKEN, "csrf": found.group(1), "next": "/"}
+    async with http.post(f"{url}/login", data=form, allow_redirects=False) as resp:
         if resp.status not in (302, 303):
             raise BenchError(f"login to the page failed: {resp.status} {await resp.text()}")
 
