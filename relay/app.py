@@ -185,6 +185,7 @@ class Relay:
             inbound=self.inbound,
             clock=self.clock,
             telemetry=self.telemetry,
+            routing_changed=self.router.refresh,
         )
         app = create_app(context)
         self.web_runner = web.AppRunner(app, access_log=None)

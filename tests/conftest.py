@@ -20,6 +20,7 @@ from relay.config import Config, parse
 from relay.queue.sqlite.engine import SQLiteQueue
 from relay.queue.sqlite.store import Spool
 from relay.smtp.auth import hash_password
+from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeProvider
 
 # The moto server fixtures (`moto`, `moto_session`) for every test that needs AWS.
 pytest_plugins = ("tests.fakes.moto_server", "tests.fakes.postgres")
@@ -248,3 +249,26 @@ async def sink() -> AsyncIterator[SMTPSink]:
 
 def smtp_upstream(port: int, name: str = "smarthost", **extra: Any) -> dict[str, Any]:
     return {"name": name, "type": "smtp", "host": "127.0.0.1", "port": port, "tls": "none", **extra}
+
+
+@pytest.fixture
+async def mailgun() -> AsyncIterator[FakeMailgun]:
+    """A fake Mailgun that checks each request as the real API does (fails on demand)."""
+    fake = FakeMailgun(domain="mg.example.com")
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def mailgun_upstream(fake: FakeProvider, **extra: Any) -> dict[str, Any]:
+    """An [[upstream]] entry for a fake Mailgun (priority 1, a 5 s timeout)."""
+    return {
+        "name": "mailgun",
+        "type": "mailgun",
+        "api_key": FAKE_KEY,
+        "base_url": fake.url,
+        "domain": "mg.example.com",
+        "priority": 1,
+        "timeout": "5s",
+        **extra,
+    }

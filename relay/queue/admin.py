@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +28,18 @@ class MessageView:
 
 
 class QueueAdmin:
-    def __init__(self, queue: Queue, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        clock: Callable[[], float] = time.time,
+        routing_changed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """`routing_changed`: called after an upstream's shared state was changed here, so
+        a router in this process adopts it at once (the others at their next sync)."""
         self.queue = queue
         self.clock = clock
+        self.routing_changed = routing_changed
 
     async def show(self, msg_id: str) -> MessageView:
         row = await self.queue.get(msg_id)
@@ -78,6 +87,7 @@ class QueueAdmin:
         open_now = [name for name, row in rows.items() if row.breaker == "open"]
         if open_now:
             await self.queue.routing.act(open_now, "probe", now=self.clock(), cooldown=0.0)
+            await self._adopt()
             log.info("breakers of %s probe now, asked by %s", ", ".join(open_now), actor)
         return open_now
 
@@ -92,4 +102,9 @@ class QueueAdmin:
     ) -> UpstreamShare:
         rows = await self.queue.routing.act([name], action, now=self.clock(), cooldown=cooldown)
         log.warning("upstream %s: %s by %s", name, action, actor)
+        await self._adopt()
         return rows[name]
+
+    async def _adopt(self) -> None:
+        if self.routing_changed is not None:
+            await self.routing_changed()

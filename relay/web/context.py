@@ -38,10 +38,14 @@ class WebContext:
     clock: Callable[[], float] = time.time
     # This process's counters (of every worker, in multiprocess mode), for /metrics.
     telemetry: Telemetry | None = None
+    # This process's router adopting an operator's upstream change at once (a pause is
+    # then in force when the button's answer arrives; other processes follow within
+    # their sync interval).
+    routing_changed: Callable[[], Awaitable[None]] | None = None
     admin: QueueAdmin = field(init=False)
 
     def __post_init__(self) -> None:
-        self.admin = QueueAdmin(self.queue, clock=self.clock)
+        self.admin = QueueAdmin(self.queue, clock=self.clock, routing_changed=self.routing_changed)
 
 
 CONTEXT: web.AppKey[WebContext] = web.AppKey("context")

@@ -22,7 +22,7 @@ import pytest
 from relay.app import Relay
 from relay.dkim import generate_key
 from relay.queue.admin import QueueAdmin
-from tests.conftest import RelayFactory, make_message, wait_states
+from tests.conftest import RelayFactory, mailgun_upstream, make_message, wait_states
 from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeProvider, FakeSendGrid
 from tests.upstreams.conftest import RICH
 
@@ -33,32 +33,11 @@ FAST = {
 
 
 @pytest.fixture
-async def mailgun() -> AsyncIterator[FakeMailgun]:
-    fake = FakeMailgun(domain="mg.example.com")
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
 async def sendgrid() -> AsyncIterator[FakeSendGrid]:
     fake = FakeSendGrid()
     await fake.start()
     yield fake
     await fake.stop()
-
-
-def mailgun_upstream(fake: FakeProvider, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": "mailgun",
-        "type": "mailgun",
-        "api_key": FAKE_KEY,
-        "base_url": fake.url,
-        "domain": "mg.example.com",
-        "priority": 1,
-        "timeout": "5s",
-        **extra,
-    }
 
 
 def sendgrid_upstream(fake: FakeProvider, **extra: Any) -> dict[str, Any]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 
 from relay.app import Relay
-from tests.conftest import RelayFactory
+from tests.conftest import RelayFactory, make_message
 
 # name → (role, token). Written to files, as a deployment would (`file:`).
 TOKENS: dict[str, tuple[str, str]] = {
@@ -44,3 +45,15 @@ def base_url(relay: Relay) -> str:
 async def web_relay(make_relay: RelayFactory, tmp_path: Path) -> Relay:
     """A relay whose web listener has the three tokens of TOKENS."""
     return await make_relay(web={"listen": "127.0.0.1:0", "tokens": token_entries(tmp_path)})
+
+
+async def send_mail(relay: Relay, subject: str, to: str = "alice@example.org") -> None:
+    """One message over SMTP (no TLS, from a trusted address) to the relay."""
+    await aiosmtplib.send(
+        make_message(subject=subject, to=to),
+        sender="app@example.com",
+        recipients=[to],
+        hostname="127.0.0.1",
+        port=relay.smtp_ports()[0],
+        start_tls=False,
+    )

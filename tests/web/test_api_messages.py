@@ -3,14 +3,13 @@ actor of each action, bulk retry, upstream pause/resume across a restart, stats.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from relay.app import Relay
-from tests.conftest import RelayFactory, wait_states
-from tests.fakes.providers import FAKE_KEY, FakeMailgun
+from tests.conftest import RelayFactory, mailgun_upstream, wait_states
+from tests.fakes.providers import FakeMailgun
 from tests.web.api import call, simple_message
 from tests.web.conftest import token_entries
 
@@ -169,28 +168,12 @@ async def test_the_raw_bytes_are_gone_once_sent(web_relay: Relay) -> None:
     assert detail["recipients"][0]["upstream"] == "outbox" and detail["upstream"] == "outbox"
 
 
-@pytest.fixture
-async def mailgun() -> AsyncIterator[FakeMailgun]:
-    provider = FakeMailgun(domain="mg.example.com")
-    await provider.start()
-    yield provider
-    await provider.stop()
-
-
 async def test_bulk_retry_requeues_the_failed_messages_a_filter_matches(
     make_relay: RelayFactory, tmp_path: Path, mailgun: FakeMailgun
 ) -> None:
     relay = await make_relay(
         web={"tokens": token_entries(tmp_path)},
-        upstream=[
-            {
-                "name": "mailgun",
-                "type": "mailgun",
-                "api_key": FAKE_KEY,
-                "base_url": mailgun.url,
-                "domain": "mg.example.com",
-            }
-        ],
+        upstream=[mailgun_upstream(mailgun)],
     )
     mailgun.fail(400, times=3, message="'to' parameter is not a valid address")
     ids = [await submit(relay, subject=f"bulk {i}") for i in range(3)]
@@ -258,3 +241,13 @@ async def test_stats_answer_each_window(web_relay: Relay) -> None:
         assert body["series"] and set(body["queue_time"]) == {"p50", "p95", "p99", "max"}
     status, body = await call(web_relay, "GET", "/stats", token="viewer", params={"window": "2h"})
     assert (status, body["field"]) == (400, "window")
+
+
+async def test_a_pause_is_in_force_in_this_process_when_the_answer_arrives(
+    web_relay: Relay,
+) -> None:
+    """No window in which the serving process still sends through a paused upstream."""
+    [state] = web_relay.router.states
+    for action, expected in (("pause", True), ("resume", False)):
+        status, _ = await call(web_relay, "POST", f"/upstreams/outbox/{action}")
+        assert status == 200 and state.paused is expected

@@ -8,15 +8,14 @@ import base64
 import email
 import email.policy
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from relay.app import Relay
-from tests.conftest import RelayFactory, outbox, sqlite_spool, states, wait_states
-from tests.fakes.providers import FAKE_KEY, FakeMailgun
+from tests.conftest import RelayFactory, mailgun_upstream, outbox, sqlite_spool, states, wait_states
+from tests.fakes.providers import FakeMailgun
 from tests.web.api import call, simple_message
 from tests.web.conftest import token_entries
 
@@ -130,28 +129,12 @@ async def test_a_json_message_is_built_into_mime_and_reaches_the_maildir_byte_fo
     assert outbox(web_relay) == [data]
 
 
-@pytest.fixture
-async def mailgun() -> AsyncIterator[FakeMailgun]:
-    provider = FakeMailgun(domain="mg.example.com")
-    await provider.start()
-    yield provider
-    await provider.stop()
-
-
 async def test_a_json_message_reaches_an_http_provider_byte_for_byte(
     make_relay: RelayFactory, tmp_path: Path, mailgun: FakeMailgun
 ) -> None:
     relay = await make_relay(
         web={"tokens": token_entries(tmp_path)},
-        upstream=[
-            {
-                "name": "mailgun",
-                "type": "mailgun",
-                "api_key": FAKE_KEY,
-                "base_url": mailgun.url,
-                "domain": "mg.example.com",
-            }
-        ],
+        upstream=[mailgun_upstream(mailgun)],
     )
     await pause(relay, "mailgun")
     status, body = await call(relay, "POST", "/messages", token="app", json=rich_message())

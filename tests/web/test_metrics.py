@@ -8,7 +8,7 @@ import smtplib
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from relay.queue.admin import QueueAdmin
 from relay.telemetry.multiprocess import PREFIX
 from relay.telemetry.stats import upstream_windows, window_stats
 from relay.web.metrics import is_loopback
-from tests.conftest import PASSWORD, USER, RelayFactory, make_message, wait_states
-from tests.fakes.providers import FAKE_KEY, FakeMailgun
+from tests.conftest import PASSWORD, USER, RelayFactory, mailgun_upstream, make_message, wait_states
+from tests.fakes.providers import FakeMailgun
 from tests.fakes.relay_process import RelayProcess, free_port
 from tests.web.conftest import TOKENS, base_url, bearer, token_entries
 
@@ -50,25 +50,10 @@ async def scrape(url: str, headers: dict[str, str] | None = None) -> tuple[int, 
         return r.status, r.headers.get("Content-Type", ""), await r.text()
 
 
-@pytest.fixture
-async def mailgun() -> AsyncIterator[FakeMailgun]:
-    fake = FakeMailgun(domain="mg.example.com")
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
 def upstreams(mailgun: FakeMailgun, tmp_path: Path) -> list[dict[str, Any]]:
     """A provider first (the failing one in these tests), the maildir outbox after it."""
     return [
-        {
-            "name": "mailgun",
-            "type": "mailgun",
-            "api_key": FAKE_KEY,
-            "base_url": mailgun.url,
-            "domain": "mg.example.com",
-            "priority": 1,
-        },
+        mailgun_upstream(mailgun, timeout="30s"),
         {"name": "outbox", "type": "maildir", "path": str(tmp_path / "outbox"), "priority": 2},
     ]
 

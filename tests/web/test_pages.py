@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 
 import aiohttp
-import aiosmtplib
 from yarl import URL
 
 from relay.app import Relay
 from relay.web.auth import LOGIN_FAILURES, SESSION_COOKIE
-from tests.conftest import RelayFactory, make_message, wait_states
-from tests.web.conftest import TOKENS, base_url
+from tests.conftest import RelayFactory, wait_states
+from tests.web.conftest import TOKENS, base_url, send_mail
 
 CSRF_INPUT = re.compile(r'name="csrf" value="([^"]+)"')
 PAGES = ("/", "/live/overview", "/messages", "/upstreams", "/inbound", "/send")
@@ -47,17 +46,6 @@ async def page_csrf(session: aiohttp.ClientSession, relay: Relay, path: str = "/
     async with session.get(base_url(relay) + path) as r:
         assert r.status == 200
         return csrf_of(await r.text())
-
-
-async def send_mail(relay: Relay, subject: str, to: str = "rcpt@example.org") -> None:
-    await aiosmtplib.send(
-        make_message(subject=subject, to=to),
-        sender="app@example.com",
-        recipients=[to],
-        hostname="127.0.0.1",
-        port=relay.smtp_ports()[0],
-        start_tls=False,
-    )
 
 
 async def paused(relay: Relay, name: str = "outbox") -> bool:

@@ -7,12 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
-
 from relay.app import Relay
-from tests.conftest import RelayFactory, SMTPSink, make_message, smtp_upstream, wait_states
+from tests.conftest import RelayFactory, SMTPSink, smtp_upstream, wait_states
 from tests.web.browser.conftest import PHONE, Browser, publish
-from tests.web.conftest import token_entries
+from tests.web.conftest import send_mail, token_entries
 
 BrowserFor = Callable[[Relay], Browser]
 
@@ -22,17 +20,6 @@ async def start(make_relay: RelayFactory, sink: SMTPSink, tmp_path: Path, **extr
         upstream=[smtp_upstream(sink.port), *extra.pop("upstreams", [])],
         web={"listen": "127.0.0.1:0", "tokens": token_entries(tmp_path)},
         **extra,
-    )
-
-
-async def send_mail(relay: Relay, subject: str, to: str = "alice@example.org") -> None:
-    await aiosmtplib.send(
-        make_message(subject=subject, to=to),
-        sender="app@example.com",
-        recipients=[to],
-        hostname="127.0.0.1",
-        port=relay.smtp_ports()[0],
-        start_tls=False,
     )
 
 
