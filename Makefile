@@ -55,6 +55,8 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.perf
 	$(BIN)/python -m bench.queue
 	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.search
+	$(BIN)/python -m bench.operator
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
