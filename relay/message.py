@@ -29,8 +29,18 @@ def new_message_id(now: float | None = None) -> str:
     Sortable ids make `queue list` chronological for free and keep index inserts at the
     right-hand edge of the B-tree.
     """
+    return _encode_id(now, _random.getrandbits(52))
+
+
+def first_id_at(when: float) -> str:
+    """The lowest id a message arriving at `when` can have: every message that arrived
+    earlier has a lower id, so "arrived before T" is an id range an index can walk."""
+    return _encode_id(when, 0)
+
+
+def _encode_id(now: float | None, random_bits: int) -> str:
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
-    value = (ms << 52) | _random.getrandbits(52)
+    value = (ms << 52) | random_bits
     chars = []
     for _ in range(20):
         chars.append(_ALPHABET[value & 31])

@@ -48,9 +48,12 @@ async def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
 
 
 def new(
-    *rcpts: str, data: bytes = b"Subject: x\r\n\r\nbody\r\n", dedupe: str | None = None
+    *rcpts: str,
+    data: bytes = b"Subject: x\r\n\r\nbody\r\n",
+    dedupe: str | None = None,
+    at: float | None = None,
 ) -> NewMessage:
-    now = time.time()
+    now = time.time() if at is None else at
     return NewMessage(
         id=new_message_id(now),
         kind=Kind.OUTBOUND,
@@ -227,12 +230,13 @@ async def test_operator_actions_and_their_refusals(make_queue: MakeQueue) -> Non
 
 async def test_search_counts_and_history_purge(make_queue: MakeQueue) -> None:
     q = await make_queue()
-    msgs = [new() for _ in range(4)]
+    ten_days_ago = time.time() - 10 * 86400
+    msgs = [new(at=ten_days_ago + i) for i in range(4)]
     for m in msgs:
         await q.insert(m)
     items = await claim(q, limit=2)
     for item in items:
-        await q.record_round(item, now=time.time() - 10 * 86400, rounds=1, rnd=sent_round())
+        await q.record_round(item, now=ten_days_ago + 60, rounds=1, rnd=sent_round())
     assert (await q.counts()) == {"queued": 2, "sent": 2}
     assert [r.id for r in await q.search(limit=3)] == sorted(m.id for m in msgs)[:3]
     assert len(await q.search(state="queued", kind="outbound")) == 2

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from relay.message import Envelope, EventType, Kind, NewMessage, new_message_id, subject_of
+from relay.message import (
+    Envelope,
+    EventType,
+    Kind,
+    NewMessage,
+    first_id_at,
+    new_message_id,
+    subject_of,
+)
 from relay.queue.base import (
     IN_FLIGHT_TTL,
     MessageQuery,
@@ -344,3 +352,12 @@ async def test_in_flight_sums_live_processes_and_forgets_dead_ones(make_queue: M
     assert (await b.routing.sync([], now=later + IN_FLIGHT_TTL + 1, half_life=60))[
         "ses"
     ].in_flight == 0
+
+
+def test_every_id_of_a_moment_sorts_after_that_moments_first_id() -> None:
+    """The purge walks (state, id) below first_id_at(T): an id of any earlier arrival
+    must sort below it, and no id of an arrival at or after T."""
+    t = 1_780_000_000.123
+    ids = [new_message_id(t) for _ in range(100)]
+    assert all(first_id_at(t) <= i < first_id_at(t + 0.002) for i in ids)
+    assert max(new_message_id(t - 0.002) for _ in range(100)) < first_id_at(t)

@@ -22,7 +22,16 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status, stored_meta
+from relay.message import (
+    Claimed,
+    Envelope,
+    EventType,
+    Kind,
+    NewMessage,
+    Status,
+    first_id_at,
+    stored_meta,
+)
 from relay.queue.base import (
     IMPORT_COLUMNS,
     MessageQuery,
@@ -310,11 +319,13 @@ def record_round(
 
 def purge_history(conn: sqlite3.Connection, *, state: Status, older_than: float) -> int:
     """Forget messages (and their timelines) that ended in `state` before `older_than`."""
+    # A message finished before `older_than` arrived before it too: the id bound keeps
+    # the walk of (state, id) to the candidates.
     ids = [
         r[0]
         for r in conn.execute(
-            "SELECT id FROM messages WHERE state = ? AND updated < ? LIMIT 5000",
-            (state.value, older_than),
+            "SELECT id FROM messages WHERE state = ? AND id < ? AND updated < ? LIMIT 5000",
+            (state.value, first_id_at(older_than), older_than),
         )
     ]
     for msg_id in ids:
@@ -588,14 +599,18 @@ def find(conn: sqlite3.Connection, query: MessageQuery) -> list[MessageRow]:
 def oldest(conn: sqlite3.Connection, states: tuple[str, ...]) -> float | None:
     if not states:
         return None
-    # Ids sort by arrival: walking them from the oldest stops at the first match, where
-    # MIN(created) would read every row of those states.
-    row = conn.execute(
-        f"SELECT created FROM messages WHERE state IN ({', '.join('?' * len(states))})"
-        " ORDER BY id LIMIT 1",
-        states,
-    ).fetchone()
-    return None if row is None or row[0] is None else float(row[0])
+    # Ids sort by arrival: the first entry of each state in (state, id) is its oldest.
+    found = [
+        float(row[0])
+        for state in states
+        if (
+            row := conn.execute(
+                "SELECT created FROM messages WHERE state = ? ORDER BY id LIMIT 1", (state,)
+            ).fetchone()
+        )
+        is not None
+    ]
+    return min(found) if found else None
 
 
 def dedupe_holder(conn: sqlite3.Connection, dedupe: str) -> tuple[str, float] | None:

@@ -50,7 +50,11 @@ CREATE TABLE IF NOT EXISTS messages (
     look         TEXT                    -- the search text (relay.queue.base.look_text)
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (kind, state, next_attempt);
-CREATE INDEX IF NOT EXISTS messages_state ON messages (state, updated);
+-- Per state in arrival order: the newest of a state for the operator's search, the
+-- oldest waiting one, the finished ones to purge. (It replaced (state, updated), which
+-- made "newest deferred first" read and sort every deferred message.)
+CREATE INDEX IF NOT EXISTS messages_state_id ON messages (state, id);
+DROP INDEX IF EXISTS messages_state;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe ON messages (dedupe)
     WHERE dedupe IS NOT NULL;
 CREATE TABLE IF NOT EXISTS bodies (
