@@ -154,7 +154,7 @@ class Access:
     def session(self, cookie: str) -> tuple[Principal, str] | None:
         """The principal and CSRF token of a valid, unexpired session cookie."""
         payload, _, signature = cookie.partition(".")
-        if not signature or not hmac.compare_digest(signature, self._sign(payload)):
+        if not signature or not same_text(signature, self._sign(payload)):
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -178,7 +178,10 @@ class Access:
         )
 
     def _sign(self, payload: str) -> str:
-        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
+        # A cookie is whatever the client sent: bytes that are not UTF-8 arrive as
+        # surrogates, which must sign (and fail to match), not raise.
+        data = payload.encode("utf-8", "surrogateescape")
+        return _b64(hmac.new(self._key, data, hashlib.sha256).digest())
 
     # -- failures
 
@@ -203,6 +206,15 @@ class Access:
         )
         response.headers["Retry-After"] = str(int(wait) + 1)
         return response
+
+
+def same_text(presented: str, expected: str) -> bool:
+    """A constant-time comparison of a value the client sent (any text: a header, a form
+    field, a cookie) with ours. compare_digest raises TypeError on str with non-ASCII
+    characters, so both are compared as bytes."""
+    return hmac.compare_digest(
+        presented.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -275,7 +287,7 @@ async def _csrf_ok(request: web.Request, expected: str) -> bool:
         form = await request.post()
         value = form.get(CSRF_FIELD)
         presented = value if isinstance(value, str) else None
-    return presented is not None and hmac.compare_digest(presented, expected)
+    return presented is not None and same_text(presented, expected)
 
 
 def require(request: web.Request, need: Need) -> Principal:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,17 @@ async def send_mail(relay: Relay, subject: str, to: str = "alice@example.org") -
         port=relay.smtp_ports()[0],
         start_tls=False,
     )
+
+
+async def raw_request(url: str, head: bytes, body: bytes = b"") -> bytes:
+    """Send a request's bytes as they are (`head`: the request line and headers, each
+    ending CRLF; Content-Length is added for `body`) and return the whole answer: for
+    bytes no HTTP client would send."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    length = f"Content-Length: {len(body)}\r\n".encode() if body else b""
+    writer.write(head + length + b"Connection: close\r\n\r\n" + body)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer

@@ -31,7 +31,7 @@ from relay.web.auth import (
     require,
 )
 from tests.conftest import RelayFactory, relay_config
-from tests.web.conftest import TOKENS, base_url, bearer, token_entries
+from tests.web.conftest import TOKENS, base_url, bearer, raw_request, token_entries
 
 
 class Clock:
@@ -270,3 +270,26 @@ async def test_the_web_listener_speaks_tls_when_given_a_certificate(
         with pytest.raises(aiohttp.ClientError):
             async with http.get(f"http://127.0.0.1:{relay.web_port}/healthz") as resp:
                 await resp.read()
+
+
+async def test_a_csrf_token_or_cookie_that_is_not_ascii_is_refused_not_a_500(
+    server: tuple[str, Clock],
+) -> None:
+    url, _ = server
+    async with session() as http:
+        await status(http, "POST", f"{url}/test-login", json={"name": "ops"})
+        code, body = await status(http, "POST", f"{url}/admin", data={"csrf": "é"})
+        assert code == 403 and body["error"] == "csrf"
+        code, body = await status(
+            http, "POST", f"{url}/admin", headers={CSRF_HEADER: "\u00e9".encode().decode("latin-1")}
+        )
+        assert code == 403 and body["error"] == "csrf"
+    async with aiohttp.ClientSession() as http:
+        headers = {"Cookie": f"{SESSION_COOKIE}=e30.\u00e9".encode().decode("latin-1")}
+        assert (await status(http, "GET", f"{url}/read", headers=headers))[0] == 401
+    # Bytes that are not UTF-8 (aiohttp hands them on as surrogates), in either half.
+    for cookie in (b"\xff\xfe.abc", b"abc.\xff", b"\xff"):
+        answer = await raw_request(
+            url, b"GET /read HTTP/1.1\r\nHost: x\r\nCookie: relay_session=" + cookie + b"\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 401 "), (cookie, answer[:200])

@@ -13,7 +13,7 @@ from yarl import URL
 from relay.app import Relay
 from relay.web.auth import LOGIN_FAILURES, SESSION_COOKIE
 from tests.conftest import RelayFactory, wait_states
-from tests.web.conftest import TOKENS, base_url, send_mail
+from tests.web.conftest import TOKENS, base_url, raw_request, send_mail
 
 CSRF_INPUT = re.compile(r'name="csrf" value="([^"]+)"')
 PAGES = ("/", "/live/overview", "/messages", "/upstreams", "/inbound", "/send")
@@ -234,6 +234,27 @@ async def test_a_login_post_from_another_site_is_refused(web_relay: Relay) -> No
     ):
         assert r.status == 403
         assert SESSION_COOKIE not in r.cookies
+
+
+async def test_a_login_cookie_that_is_not_ours_gets_a_fresh_form_not_a_500(
+    web_relay: Relay,
+) -> None:
+    url = base_url(web_relay)
+    body = b"csrf=%FF&token=x"
+    for cookie in (b"\xff\xfe", "\u00e9t\u00e9".encode(), b"short"):
+        head = b"Host: x\r\nCookie: relay_login=" + cookie + b"\r\n"
+        answer = await raw_request(url, b"GET /login HTTP/1.1\r\n" + head)
+        assert answer.startswith(b"HTTP/1.1 200 "), (cookie, answer[:200])
+        assert b"relay_login=" + cookie not in answer  # a new token replaces it
+        answer = await raw_request(
+            url,
+            b"POST /login HTTP/1.1\r\n"
+            + head
+            + b"Content-Type: application/x-www-form-urlencoded\r\n",
+            body,
+        )
+        assert answer.startswith(b"HTTP/1.1 403 "), (cookie, answer[:200])
+        assert b"The login form had expired" in answer
 
 
 async def test_logout_ends_the_session(web_relay: Relay) -> None:

@@ -8,17 +8,26 @@ looks at the token at all.
 
 from __future__ import annotations
 
-import hmac
+import re
 import secrets
 
 from aiohttp import web
 
-from relay.web.auth import ACCESS_KEY, CSRF_FIELD, NO_TOKENS, PRINCIPAL, SESSION_COOKIE
+from relay.web.auth import (
+    ACCESS_KEY,
+    CSRF_FIELD,
+    NO_TOKENS,
+    PRINCIPAL,
+    SESSION_COOKIE,
+    same_text,
+)
 from relay.web.context import CONTEXT
 from relay.web.pages.guard import safe_next
 from relay.web.pages.render import render
 
 LOGIN_COOKIE = "relay_login"
+# What `secrets.token_urlsafe(24)` makes: a login cookie of any other shape is not ours.
+FORM_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
 def _secure(request: web.Request) -> bool:
@@ -30,7 +39,8 @@ def _form(
 ) -> web.Response:
     access = request.app[ACCESS_KEY]
     # One token per browser (kept while its cookie lasts), so two open login tabs work.
-    form_token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(24)
+    kept = request.cookies.get(LOGIN_COOKIE, "")
+    form_token = kept if FORM_TOKEN.fullmatch(kept) else secrets.token_urlsafe(24)
     response = render(
         request,
         "login.html",
@@ -85,7 +95,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         return response
     presented = _text(form.get(CSRF_FIELD))
     expected = request.cookies.get(LOGIN_COOKIE, "")
-    if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+    if not expected or not same_text(presented, expected):
         return _form(
             request,
             target=target,
