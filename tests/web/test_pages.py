@@ -92,7 +92,12 @@ async def test_login_opens_every_page_and_returns_to_the_page_asked_for(
 
 
 async def test_login_never_redirects_off_the_site(web_relay: Relay) -> None:
-    for target in ("//evil.example/", "https://evil.example/", "/\\evil.example"):
+    for target in (
+        "//evil.example/",
+        "https://evil.example/",
+        "/\\evil.example",
+        "/\t/evil.example",
+    ):
         async with client() as session:
             r = await log_in(session, web_relay, "ops", next_page=target)
             assert r.headers["Location"] == "/", target
@@ -323,3 +328,29 @@ async def test_a_test_message_from_the_page_says_where_it_came_from(web_relay: R
             msg_id = r.headers["Location"].rpartition("sent=")[2]
     [received] = [e for e in await web_relay.queue.timeline(msg_id) if e["type"] == "received"]
     assert received["client"] == "127.0.0.1" and received["via"] == "page", received
+
+
+async def test_an_action_returns_to_a_page_of_this_site_only(web_relay: Relay) -> None:
+    """The `back` field of an action's form is where the browser goes afterwards: a path
+    here, or the overview (never another site, never a broken header)."""
+    url = base_url(web_relay)
+    backs = {
+        "/inbound": "/inbound?done=delete",
+        "/\t/evil.example/": "/?done=delete",
+        "//evil.example/?a=1": "/?done=delete",
+        "/\r\nSet-Cookie: x=1": "/?done=delete",
+    }
+    for i in range(len(backs)):
+        await send_mail(web_relay, f"to delete {i}")
+    await wait_states(web_relay, sent=len(backs))
+    ids = [row.id for row in await web_relay.queue.search(limit=len(backs))]
+    async with client() as session:
+        await log_in(session, web_relay, "ops")
+        csrf = await page_csrf(session, web_relay)
+        for msg_id, (back, expected) in zip(ids, backs.items(), strict=True):
+            async with session.post(
+                f"{url}/messages/{msg_id}/delete",
+                data={"csrf": csrf, "back": back},
+                allow_redirects=False,
+            ) as r:
+                assert (r.status, r.headers.get("Location")) == (303, expected), repr(back)

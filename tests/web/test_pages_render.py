@@ -73,3 +73,7 @@ def test_after_login_only_paths_on_this_site() -> None:
     assert safe_next("/messages?state=failed") == "/messages?state=failed"
     for target in (None, "", "//evil.example", "https://evil.example", "/\\evil", "/login"):
         assert safe_next(target) == "/"
+    # Browsers drop tabs and line breaks from a URL before reading it, so "/\t/evil"
+    # is "//evil": off the site. A header cannot carry a line break at all.
+    for target in ("/\t/evil.example", "/\n/evil.example", "/\r\n/evil", "/a\x00", "/\\/evil"):
+        assert safe_next(target) == "/", repr(target)

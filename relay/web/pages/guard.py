@@ -7,6 +7,7 @@ it has and which one this needs (an HTML page, since a person reads it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
@@ -15,14 +16,21 @@ from aiohttp import web
 from relay.web.auth import ACCESS_KEY, GRANTS, PRINCIPAL, Need, Principal
 from relay.web.pages.render import render
 
+# Control characters (a browser drops some, a header cannot carry others) and backslashes.
+UNSAFE_TARGET = re.compile(r"[\x00-\x1f\x7f\\]")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PageHandler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
 
 
 def safe_next(target: str | None) -> str:
     """Where to go after logging in: a path on this server only (never `//host` or a
-    full URL, which would make the login form an open redirect)."""
-    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+    full URL, which would make the login form an open redirect). Browsers drop tabs and
+    line breaks from a URL and read a backslash as a slash, so `/<tab>/host` and `/\\host`
+    are `//host`: a target with any control character or backslash is refused whole
+    (a path this server writes has them percent-encoded)."""
+    if not target or not target.startswith("/") or UNSAFE_TARGET.search(target):
+        return "/"
+    if target.startswith("//"):
         return "/"
     if target.startswith(("/login", "/logout")):
         return "/"

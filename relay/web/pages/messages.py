@@ -115,7 +115,8 @@ async def message_action(request: web.Request, principal: Principal) -> web.Stre
     except QueueActionError as exc:
         return await _message(request, msg_id, error=f"Not done: {exc}.", status=409)
     if isinstance(back, str) and back:
-        raise web.HTTPSeeOther(f"{safe_next(back)}{'&' if '?' in back else '?'}done={action}")
+        target = safe_next(back)
+        raise web.HTTPSeeOther(f"{target}{'&' if '?' in target else '?'}done={action}")
     if action == "delete":
         raise web.HTTPSeeOther("/messages?done=delete")
     raise web.HTTPSeeOther(f"/messages/{msg_id}?done={action}")
