@@ -72,6 +72,11 @@ class Principal:
         return f"web:{self.name}"
 
 
+# Routes that never ask who is calling, passed on as they come: the health checks, and
+# the SNS endpoint, which trusts the SNS signature alone (an Authorization header there
+# is SNS's Basic credentials from the subscription URL, or a proxy's, not ours to judge,
+# and a cookie there is not a session that could need CSRF).
+UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/inbound/sns"})
 PRINCIPAL: web.RequestKey[Principal | None] = web.RequestKey("principal")
 CSRF: web.RequestKey[str] = web.RequestKey("csrf")
 
@@ -237,6 +242,8 @@ async def authenticate(
     access = request.app[ACCESS_KEY]
     request[PRINCIPAL] = None
     request[CSRF] = ""
+    if request.path in UNAUTHENTICATED:
+        return await handler(request)
     header = request.headers.get("Authorization", "")
     if header:
         scheme, _, presented = header.partition(" ")

@@ -293,3 +293,39 @@ async def test_a_csrf_token_or_cookie_that_is_not_ascii_is_refused_not_a_500(
             url, b"GET /read HTTP/1.1\r\nHost: x\r\nCookie: relay_session=" + cookie + b"\r\n"
         )
         assert answer.startswith(b"HTTP/1.1 401 "), (cookie, answer[:200])
+
+
+async def test_the_sns_endpoint_answers_as_before_whatever_authorization_it_carries(
+    make_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """/inbound/sns trusts the SNS signature alone: an Authorization header (SNS sends
+    Basic when the subscription URL has credentials, a proxy may add its own) is not the
+    relay's to judge there, and a wrong one must not count towards a lockout."""
+    relay = await make_relay(
+        web={"listen": "127.0.0.1:0", "tokens": token_entries(tmp_path)},
+        inbound={
+            "aws": {"region": "eu-west-1", "endpoint_url": "http://127.0.0.1:9"},
+            "route": [
+                {
+                    "recipients": ["*"],
+                    "destination": {"type": "maildir", "path": str(tmp_path / "box")},
+                }
+            ],
+            "sns": {"topics": ["arn:aws:sns:eu-west-1:123456789012:relay-inbound"]},
+        },
+    )
+    url = f"{base_url(relay)}/inbound/sns"
+    unsigned = json.dumps({"Type": "Notification", "Message": "{}"})
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=unsigned) as resp:
+            plain = resp.status, await resp.json()
+        assert plain[0] in (400, 403)
+        for header in (
+            "Basic dXNlcjpwYXNzd29yZA==",
+            "Bearer not-a-token-at-all-0000",
+            "Bearer " + TOKENS["ops"][1],
+        ) * LOGIN_FAILURES:
+            async with http.post(url, data=unsigned, headers={"Authorization": header}) as resp:
+                assert (resp.status, await resp.json()) == plain, header
+        async with http.get(f"{base_url(relay)}/api/v1/upstreams", headers=bearer("ops")) as resp:
+            assert resp.status == 200  # no lockout earned on the SNS endpoint
