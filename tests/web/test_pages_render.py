@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import jinja2
 import pytest
 
+from relay.dispatch.routing import BreakerState
 from relay.web.pages.charts import nice_ceiling, throughput_chart
 from relay.web.pages.forms import FormError, message_query, parse_time
 from relay.web.pages.guard import safe_next
-from relay.web.pages.render import ago, duration, event_extra, percent, utc
+from relay.web.pages.render import TEMPLATES, ago, duration, event_extra, percent, utc
 
 
 def test_times_read_as_utc_and_distance_from_now() -> None:
@@ -77,3 +79,21 @@ def test_after_login_only_paths_on_this_site() -> None:
     # is "//evil": off the site. A header cannot carry a line break at all.
     for target in ("/\t/evil.example", "/\n/evil.example", "/\r\n/evil", "/a\x00", "/\\/evil"):
         assert safe_next(target) == "/", repr(target)
+
+
+def test_a_probing_breaker_reads_as_probing() -> None:
+    """The routing state's words (BreakerState) as the page shows and styles them."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+    breaker = env.get_template("macros.html").module.breaker  # type: ignore[attr-defined]
+    css = (TEMPLATES.parent / "static" / "relay.css").read_text()
+    shown = {
+        BreakerState.CLOSED.value: "breaker closed",
+        BreakerState.OPEN.value: "breaker open",
+        BreakerState.HALF_OPEN.value: "probing",
+    }
+    for state, text in shown.items():
+        html = str(breaker(state))
+        assert f">{text}</span>" in html, html
+        assert f".breaker-{state} " in css, state
+    for state in (BreakerState.OPEN, BreakerState.HALF_OPEN):  # the overview's card border
+        assert f".upstream.up-{state.value} " in css, state
