@@ -154,16 +154,29 @@ def header_summary(data: bytes) -> dict[str, str | None]:
     except (MessageError, ValueError) as exc:
         log.info("headers of a stored message do not parse: %s", exc)
         return dict.fromkeys(SUMMARY_HEADERS)
+    # The stored text of each header, first occurrence (bytes that are not UTF-8 as U+FFFD).
+    stored: dict[str, str] = {}
+    for key, value in parsed.raw_items():
+        stored.setdefault(key.lower(), _as_text(value))
     summary: dict[str, str | None] = {}
     for name in SUMMARY_HEADERS:
         try:
             value = parsed.get(name)
             text = None if value is None else str(value)
-        except (MessageError, ValueError, IndexError, AttributeError):
-            raw = parsed.get_all(name, failobj=[None])[0]
-            text = None if raw is None else str(raw)
+        except Exception:
+            # Malformed addresses and ids make the email package raise more than its own
+            # errors (IndexError, AttributeError, UnboundLocalError in 3.11), and a
+            # second get() raises again: the stored text is shown instead.
+            text = stored.get(name.lower())
         summary[name] = None if text is None else text[:MAX_HEADER_TEXT]
     return summary
+
+
+def _as_text(value: str) -> str:
+    """A raw header value (undecodable bytes kept as surrogates) as printable text:
+    unfolded, and U+FFFD for bytes that are not UTF-8."""
+    data = value.encode("utf-8", "surrogateescape")
+    return " ".join(data.decode("utf-8", "replace").split())
 
 
 def _queue_time(row: MessageRow, timeline: list[dict[str, Any]], now: float) -> float:
