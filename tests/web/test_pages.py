@@ -309,6 +309,11 @@ async def test_the_search_form_filters_and_explains_a_bad_time(
             assert "write a UTC time such as 2025-06-01T14:30" in await r.text()
         async with session.get(url + "/messages/0000000000NOSUCHID00") as r:
             assert r.status == 404
+        # A cursor that is not an id never reaches the database.
+        async with session.get(url + "/messages", params={"before": "x\x00'"}) as r:
+            assert r.status == 400 and "not a page cursor" in await r.text()
+        async with session.get(url + "/inbound", params={"before": "x\x00'"}) as r:
+            assert r.status == 200
 
 
 async def test_a_test_message_from_the_page_says_where_it_came_from(web_relay: Relay) -> None:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 
 from relay.queue.base import SEARCH_KINDS, MessageQuery
+from relay.web.api.inputs import MESSAGE_ID
 
 STATE_CHOICES = ("queued", "sending", "deferred", "held", "sent", "failed")
 KIND_CHOICES = SEARCH_KINDS
@@ -39,6 +40,17 @@ def parse_time(field: str, text: str) -> float | None:
     raise FormError(field, f"{field}: write a UTC time such as 2025-06-01T14:30, not {text!r}")
 
 
+def page_cursor(value: str) -> str | None:
+    """A page cursor (a message id) or none; anything else is the form's error, never a
+    string handed to the database."""
+    value = value.strip()
+    if not value:
+        return None
+    if not MESSAGE_ID.fullmatch(value):
+        raise FormError("before", "before: not a page cursor; start from the first page")
+    return value
+
+
 def message_query(form: Mapping[str, str]) -> MessageQuery:
     """The search the form asks for (empty fields are no filter)."""
 
@@ -60,6 +72,6 @@ def message_query(form: Mapping[str, str]) -> MessageQuery:
         upstream=text("upstream"),
         since=parse_time("since", form.get("since", "")),
         until=parse_time("until", form.get("until", "")),
-        before=text("before"),
+        before=page_cursor(form.get("before", "")),
         limit=PAGE_SIZE,
     )

@@ -10,6 +10,7 @@ from relay.queue.base import MessageQuery
 from relay.web import views
 from relay.web.auth import Principal
 from relay.web.context import CONTEXT
+from relay.web.pages.forms import FormError, page_cursor
 from relay.web.pages.guard import page
 from relay.web.pages.render import render
 
@@ -19,7 +20,10 @@ DONE = {"retry": "Queued again: it will be fetched and delivered now."}
 @page()
 async def inbound_page(request: web.Request, principal: Principal) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    before = request.query.get("before") or None
+    try:
+        before = page_cursor(request.query.get("before", ""))
+    except FormError:
+        before = None  # a cursor that is not one: the first page
     recent = await views.message_page(ctx, MessageQuery(kind="inbound", before=before, limit=50))
     failed = await views.message_page(ctx, MessageQuery(kind="inbound", state="failed", limit=20))
     cursor = recent["next_cursor"]
