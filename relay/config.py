@@ -395,6 +395,16 @@ class ListenConfig:
                 raise ValueError(f"{key}: {net!r} is not a network such as 10.0.0.0/8") from None
 
 
+def check_sender_patterns(owner: str, patterns: tuple[str, ...]) -> None:
+    """An allowed_senders list names addresses or `*@domain`; `<>` is the null sender."""
+    for pattern in patterns:
+        if pattern not in ("*", "<>") and "@" not in pattern:
+            raise ValueError(
+                f"{owner}: allowed_senders pattern {pattern!r} has no @"
+                f" (for a domain write '*@{pattern.lstrip('*@.')}')"
+            )
+
+
 @dataclass(frozen=True)
 class UserConfig:
     name: str
@@ -408,12 +418,7 @@ class UserConfig:
                 f"user {self.name!r}: password_hash must come from `relay user add`"
                 " (scrypt$N$r$p$salt$hash)"
             )
-        for pattern in self.allowed_senders:
-            if pattern not in ("*", "<>") and "@" not in pattern:  # <>: the null sender
-                raise ValueError(
-                    f"user {self.name!r}: allowed_senders pattern {pattern!r} has no @"
-                    f" (for a domain write '*@{pattern.lstrip('*@.')}')"
-                )
+        check_sender_patterns(f"user {self.name!r}", self.allowed_senders)
 
 
 @dataclass(frozen=True)
@@ -529,12 +534,7 @@ class WebToken:
                 f"token {self.name!r}: the token is shorter than 16 characters; make one"
                 " with `relay token new`"
             )
-        for pattern in self.allowed_senders:
-            if pattern not in ("*", "<>") and "@" not in pattern:  # <>: the null sender
-                raise ValueError(
-                    f"token {self.name!r}: allowed_senders pattern {pattern!r} has no @"
-                    f" (for a domain write '*@{pattern.lstrip('*@.')}')"
-                )
+        check_sender_patterns(f"token {self.name!r}", self.allowed_senders)
 
 
 @dataclass(frozen=True)
