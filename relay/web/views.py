@@ -74,7 +74,7 @@ async def message_detail(ctx: WebContext, msg_id: str) -> dict[str, Any] | None:
     detail = message_summary(row)
     detail.update(
         recipients=recipient_outcomes(row, timeline),
-        headers=header_summary(body) if body is not None else None,
+        headers=header_summary(body) if body is not None else stored_headers(row),
         body_stored=body is not None,
         queue_time=_queue_time(row, timeline, now),
         next_attempt=row.next_attempt if row.state in ("queued", "deferred") else None,
@@ -143,6 +143,17 @@ def recipient_outcomes(row: MessageRow, timeline: list[dict[str, Any]]) -> list[
             if item["state"] == "pending":
                 item.update(state="sent", upstream=row.meta.get("upstream"))
     return list(outcome.values())
+
+
+def stored_headers(row: MessageRow) -> dict[str, str | None] | None:
+    """The header summary kept in meta at arrival (`relay.message.header_summary`), for a
+    message whose body is gone; None for one stored before the relay kept it."""
+    kept = row.meta.get("headers")
+    if not isinstance(kept, dict):
+        return None
+    summary: dict[str, str | None] = {name: kept.get(name) for name in SUMMARY_HEADERS}
+    summary["Subject"] = row.meta.get("subject")
+    return summary
 
 
 def header_summary(data: bytes) -> dict[str, str | None]:

@@ -165,6 +165,12 @@ async def test_the_raw_bytes_are_gone_once_sent(web_relay: Relay) -> None:
     assert (status, body["error"]) == (410, "body_gone")
     status, detail = await call(web_relay, "GET", f"/messages/{msg_id}")
     assert detail["state"] == "sent" and detail["recipients"][0]["state"] == "sent"
+    # The header summary kept at arrival outlives the body: what the operator matches a
+    # complaint against ("my Message-ID ... never arrived").
+    headers = detail["headers"]
+    assert headers["From"] == "app@example.com" and headers["To"] == "rcpt@example.org"
+    assert headers["Subject"] == "hello" and headers["Message-ID"].endswith(">")
+    assert headers["Date"] and headers["Cc"] is None and detail["body_stored"] is False
     assert detail["recipients"][0]["upstream"] == "outbox" and detail["upstream"] == "outbox"
 
 
