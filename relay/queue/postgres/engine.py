@@ -51,6 +51,8 @@ log = logging.getLogger("relay.queue")
 T = TypeVar("T")
 CONNECT_TIMEOUT = 3.0
 # Errors that mean "the database can't be reached or used right now", not a bug of ours.
+# Errors after which a connection cannot be trusted with another statement.
+_BROKEN_CONNECTION = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
@@ -215,7 +217,16 @@ class PostgresQueue(Queue):
         pool = await self._open(min_size=0)
         try:
             async with pool.acquire() as conn:
-                return await fn(conn)
+                try:
+                    return await fn(conn)
+                except (asyncio.CancelledError, *_BROKEN_CONNECTION):
+                    # Interrupted mid-operation (cancelled, or the server went away under
+                    # it), the connection may still be in that operation; released as is
+                    # (the pool runs no reset query, see _session_kept) the next statement
+                    # on it fails with "another operation is in progress", and so on for
+                    # as long as it lives. Closed, the pool opens a fresh one instead.
+                    conn.terminate()
+                    raise
         except _UNAVAILABLE as exc:
             raise StoreError(
                 f"cannot reach PostgreSQL at {self.describe}: {type(exc).__name__}: {exc}"
