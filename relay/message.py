@@ -164,10 +164,11 @@ _SUMMARY_NAMES = {name.lower().encode(): name for name in SUMMARY_HEADERS}
 _FIELD_START = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.M)
 
 
-def header_summary(data: bytes) -> dict[str, str]:
+def header_summary(data: bytes, *, limit: int = SUBJECT_LIMIT) -> dict[str, str]:
     """The first occurrence of each of SUMMARY_HEADERS in the header section, as a reader
-    sees it (RFC 2047 encoded-words decoded, folding undone, at most SUBJECT_LIMIT
-    characters each).
+    sees it (RFC 2047 encoded-words decoded, folding undone, bytes that are not UTF-8 as
+    U+FFFD, at most `limit` characters each). Never raises on malformed values: mail from
+    anyone is shown as it came.
 
     On the listener's hot path: one regex pass over the header section only (found with
     bytes.find, no copy of the body), so a 100 KB message costs what its header does."""
@@ -183,7 +184,7 @@ def header_summary(data: bytes) -> dict[str, str]:
         value = _FIELD_VALUE.match(data, start.end())
         assert value is not None  # the pattern matches the empty string too
         text = _FOLD.sub("", value.group().decode("utf-8", "replace")).strip()
-        found[name] = (_decode_words(text) if "=?" in text else text)[:SUBJECT_LIMIT]
+        found[name] = (_decode_words(text) if "=?" in text else text)[:limit]
         if len(found) == len(SUMMARY_HEADERS):
             break
     return found

@@ -9,25 +9,18 @@ memory, so the answers cover every worker process (and, on PostgreSQL, every hos
 from __future__ import annotations
 
 import dataclasses
-import logging
-from email.errors import MessageError
-from email.parser import BytesHeaderParser
-from email.policy import default as default_policy
 from typing import Any
 
-from relay.message import EventType, split_message
+from relay.message import SUMMARY_HEADERS, EventType, header_summary
 from relay.queue.base import MessageQuery, MessageRow, UpstreamShare, heal
 from relay.telemetry.stats import upstream_windows, window_stats
 from relay.web.context import WebContext
-
-log = logging.getLogger("relay.web")
 
 #: The `window` values of the stats endpoint, in seconds.
 WINDOWS: dict[str, float] = {"1h": 3600.0, "24h": 86400.0, "7d": 7 * 86400.0}
 #: States in which a message still waits for delivery (the "oldest queued" figure).
 WAITING = ("queued", "deferred", "sending", "held")
-#: Headers the detail view shows, in this order.
-SUMMARY_HEADERS = ("From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID")
+#: How much of a header the detail view shows while the body is stored.
 MAX_HEADER_TEXT = 1000
 
 
@@ -74,7 +67,7 @@ async def message_detail(ctx: WebContext, msg_id: str) -> dict[str, Any] | None:
     detail = message_summary(row)
     detail.update(
         recipients=recipient_outcomes(row, timeline),
-        headers=header_summary(body) if body is not None else stored_headers(row),
+        headers=headers_of(row, body),
         body_stored=body is not None,
         queue_time=_queue_time(row, timeline, now),
         next_attempt=row.next_attempt if row.state in ("queued", "deferred") else None,
@@ -145,49 +138,20 @@ def recipient_outcomes(row: MessageRow, timeline: list[dict[str, Any]]) -> list[
     return list(outcome.values())
 
 
-def stored_headers(row: MessageRow) -> dict[str, str | None] | None:
-    """The header summary kept in meta at arrival (`relay.message.header_summary`), for a
-    message whose body is gone; None for one stored before the relay kept it."""
-    kept = row.meta.get("headers")
-    if not isinstance(kept, dict):
-        return None
-    summary: dict[str, str | None] = {name: kept.get(name) for name in SUMMARY_HEADERS}
-    summary["Subject"] = row.meta.get("subject")
-    return summary
-
-
-def header_summary(data: bytes) -> dict[str, str | None]:
-    """The headers a person looks for, decoded (RFC 2047) and cut to a readable length.
-    A header the parser cannot decode is shown as it is stored rather than hidden."""
-    head, _ = split_message(data)
-    try:
-        parsed = BytesHeaderParser(policy=default_policy).parsebytes(head + b"\r\n\r\n")
-    except (MessageError, ValueError) as exc:
-        log.info("headers of a stored message do not parse: %s", exc)
-        return dict.fromkeys(SUMMARY_HEADERS)
-    # The stored text of each header, first occurrence (bytes that are not UTF-8 as U+FFFD).
-    stored: dict[str, str] = {}
-    for key, value in parsed.raw_items():
-        stored.setdefault(key.lower(), _as_text(value))
-    summary: dict[str, str | None] = {}
-    for name in SUMMARY_HEADERS:
-        try:
-            value = parsed.get(name)
-            text = None if value is None else str(value)
-        except Exception:
-            # Malformed addresses and ids make the email package raise more than its own
-            # errors (IndexError, AttributeError, UnboundLocalError in 3.11), and a
-            # second get() raises again: the stored text is shown instead.
-            text = stored.get(name.lower())
-        summary[name] = None if text is None else text[:MAX_HEADER_TEXT]
-    return summary
-
-
-def _as_text(value: str) -> str:
-    """A raw header value (undecodable bytes kept as surrogates) as printable text:
-    unfolded, and U+FFFD for bytes that are not UTF-8."""
-    data = value.encode("utf-8", "surrogateescape")
-    return " ".join(data.decode("utf-8", "replace").split())
+def headers_of(row: MessageRow, body: bytes | None) -> dict[str, str | None] | None:
+    """SUMMARY_HEADERS as they arrived: read from the stored body, or, once the body is
+    gone (dropped when sent), from the summary kept in meta at arrival (both made by
+    `relay.message.header_summary`). None for a bodiless message stored before the relay
+    kept that summary."""
+    found: dict[str, Any]
+    if body is not None:
+        found = header_summary(body, limit=MAX_HEADER_TEXT)
+    else:
+        kept = row.meta.get("headers")
+        if not isinstance(kept, dict):
+            return None
+        found = {**kept, "Subject": row.meta.get("subject")}
+    return {name: found.get(name) for name in SUMMARY_HEADERS}
 
 
 def _queue_time(row: MessageRow, timeline: list[dict[str, Any]], now: float) -> float:

@@ -271,7 +271,7 @@ BROKEN_HEADERS = (
 
 
 def test_a_header_the_parser_fails_on_is_shown_as_stored() -> None:
-    from relay.web.views import header_summary
+    from relay.message import header_summary
 
     for line in BROKEN_HEADERS:
         summary = header_summary(line + b"Subject: still read\r\n\r\nbody\r\n")
