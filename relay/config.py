@@ -395,6 +395,15 @@ class ListenConfig:
                 raise ValueError(f"{key}: {net!r} is not a network such as 10.0.0.0/8") from None
 
 
+def check_tls_pair(cert: str, key: str) -> None:
+    """A listener's certificate and key: both PEM files that exist, or neither."""
+    if bool(cert) != bool(key):
+        raise ValueError("tls_cert and tls_key must be given together")
+    for path in (cert, key):
+        if path and not Path(path).is_file():
+            raise ValueError(f"TLS file {path} does not exist")
+
+
 def check_sender_patterns(owner: str, patterns: tuple[str, ...]) -> None:
     """An allowed_senders list names addresses or `*@domain`; `<>` is the null sender."""
     for pattern in patterns:
@@ -446,11 +455,7 @@ class SMTPConfig:
         ListenConfig.check_networks("trusted_networks", self.trusted_networks)
         if self.max_connections < 1 or self.max_connections_per_ip < 1:
             raise ValueError("max_connections and max_connections_per_ip must be at least 1")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key must be given together")
-        for path in (self.tls_cert, self.tls_key):
-            if path and not Path(path).is_file():
-                raise ValueError(f"TLS file {path} does not exist")
+        check_tls_pair(self.tls_cert, self.tls_key)
 
 
 @dataclass(frozen=True)
@@ -561,11 +566,7 @@ class WebConfig:
         secrets = [t.token for t in self.tokens]
         if len(set(secrets)) != len(secrets):
             raise ValueError("tokens: two entries have the same token; give each its own")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key must be given together")
-        for path in (self.tls_cert, self.tls_key):
-            if path and not Path(path).is_file():
-                raise ValueError(f"TLS file {path} does not exist")
+        check_tls_pair(self.tls_cert, self.tls_key)
 
     @property
     def loopback_only(self) -> bool:
