@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.queue import postgres
 from relay.message import Envelope, EventType, Kind, NewMessage, Status, new_message_id
 from relay.queue.base import MessageQuery, Queue, Round
 from relay.queue.postgres.engine import PostgresQueue
 from relay.queue.sqlite.engine import SQLiteQueue
-from tests.fakes.postgres import PostgresCluster, create_database
+from tests.fakes.postgres import create_database
 
 SUBJECTS = ("Invoice {n}", "Welcome aboard, {n}", "Password reset", "Your order {n} shipped")
 UPSTREAMS = ("ses", "sendgrid", "mailgun")
@@ -194,21 +195,13 @@ async def sqlite_queues(top: Path) -> AsyncIterator[list[Queue]]:
 
 @contextlib.asynccontextmanager
 async def postgres_queues(top: Path) -> AsyncIterator[list[Queue]]:
-    root = top / "pg"
-    root.mkdir()
-    cluster = PostgresCluster(root)
-    cluster.init()
-    cluster.start()
-    try:
+    with postgres(top) as cluster:
         queue = PostgresQueue(await create_database(cluster.dsn), owner="bench:0:0")
         await queue.start()
         try:
             yield [queue]
         finally:
             await queue.close()
-    finally:
-        with contextlib.suppress(RuntimeError):
-            cluster.stop("fast")
 
 
 async def bench_engine(
