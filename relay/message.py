@@ -63,6 +63,10 @@ class Status(StrEnum):
         return self in (Status.SENT, Status.FAILED)
 
 
+#: The states of work still waiting to be delivered (what "the oldest waiting" means).
+WAITING = tuple(s.value for s in Status if not s.final)
+
+
 class Kind(StrEnum):
     """The queue carries both directions; each kind has its own worker."""
 

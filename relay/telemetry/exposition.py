@@ -20,8 +20,6 @@ from relay.queue.base import UpstreamShare, heal
 
 #: The numbers of `relay_upstream_breaker_state`.
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
-#: States a message waits in (for the oldest message's age).
-WAITING = ("queued", "deferred", "sending", "held")
 
 
 @dataclass(frozen=True)

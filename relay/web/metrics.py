@@ -17,7 +17,8 @@ import itertools
 
 from aiohttp import web
 
-from relay.telemetry.exposition import WAITING, QueueFigures, gauges, render
+from relay.message import WAITING
+from relay.telemetry.exposition import QueueFigures, gauges, render
 from relay.web.auth import require
 from relay.web.context import CONTEXT
 

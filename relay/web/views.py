@@ -11,15 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from relay.message import SUMMARY_HEADERS, EventType, header_summary
+from relay.message import SUMMARY_HEADERS, WAITING, EventType, header_summary
 from relay.queue.base import MessageQuery, MessageRow, UpstreamShare, heal
 from relay.telemetry.stats import upstream_windows, window_stats
 from relay.web.context import WebContext
 
 #: The `window` values of the stats endpoint, in seconds.
 WINDOWS: dict[str, float] = {"1h": 3600.0, "24h": 86400.0, "7d": 7 * 86400.0}
-#: States in which a message still waits for delivery (the "oldest queued" figure).
-WAITING = ("queued", "deferred", "sending", "held")
 #: How much of a header the detail view shows while the body is stored.
 MAX_HEADER_TEXT = 1000
 
