@@ -12,13 +12,13 @@ import base64
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from relay.cli.common import actor, fmt_time, load_for_queue, rfc3339, with_admin
 from relay.config import parse_duration
 from relay.message import Kind, Status
-from relay.queue.admin import QueueAdmin
+from relay.queue.admin import MessageAction, QueueAdmin
 from relay.queue.base import MessageRow, QueueActionError, UpstreamShare, event_detail, heal
 from relay.queue.select import Selection, normalise_id, recipients, shape
 
@@ -125,7 +125,7 @@ def _selected_ids(args: argparse.Namespace) -> tuple[list[str], Selection | None
     return [], _filters(args, ids)
 
 
-def bulk(action: str, done: str) -> Callable[[argparse.Namespace], int]:
+def bulk(action: MessageAction, done: str) -> Callable[[argparse.Namespace], int]:
     """hold / release / delete / retry over a selection; one line per refusal, then a sum."""
 
     def run(args: argparse.Namespace) -> int:
@@ -137,17 +137,14 @@ def bulk(action: str, done: str) -> Callable[[argparse.Namespace], int]:
                 rows = await admin.search(state=selection.state, limit=BULK_LIMIT)
                 now = time.time()
                 targets = [r.id for r in rows if selection.matches(r, now=now)]
-            method: Callable[..., Awaitable[Any]] = getattr(admin, action)
             acted, refused, probing = [], [], set()
             for msg_id in targets:
                 try:
-                    result = await method(msg_id, actor=actor())
+                    probing.update(await admin.act(msg_id, action, actor=actor()))
                 except QueueActionError as exc:
                     refused.append(str(exc))
                     continue
                 acted.append(msg_id)
-                if isinstance(result, list):
-                    probing.update(result)
             return acted, refused, probing
 
         acted, refused, probing = with_admin(args, act)
@@ -367,11 +364,12 @@ def add_queue_commands(sub: Any) -> None:
     qr.add_argument("--failed", action="store_true", help="every failed message")
     _add_filters(qr)
     qr.set_defaults(func=cmd_retry)
-    for name, done, help_text in (
+    commands: tuple[tuple[MessageAction, str, str], ...] = (
         ("hold", "held", "keep messages from being sent"),
         ("release", "released", "undo hold"),
         ("delete", "deleted", "remove messages for good"),
-    ):
+    )
+    for name, done, help_text in commands:
         qa = q.add_parser(name, help=help_text)
         qa.add_argument("ids", nargs="+", metavar="ID", help="IDs, ALL, or - (IDs on stdin)")
         _add_filters(qa)

@@ -11,11 +11,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from relay.queue.base import MessageRow, Queue, QueueActionError, UpstreamAction, UpstreamShare
 
 log = logging.getLogger("relay.queue")
+
+MessageAction = Literal["retry", "hold", "release", "delete"]
+MESSAGE_ACTIONS: tuple[MessageAction, ...] = ("retry", "hold", "release", "delete")
 
 
 @dataclass(slots=True)
@@ -74,6 +77,19 @@ class QueueAdmin:
     async def delete(self, msg_id: str, *, actor: str) -> None:
         await self.queue.delete(msg_id, actor=actor)
         log.warning("%s deleted by %s", msg_id, actor)
+
+    async def act(self, msg_id: str, action: MessageAction, *, actor: str) -> list[str]:
+        """One of MESSAGE_ACTIONS by name, for the doors that take it as a word (a CLI
+        command, an API path, a page's button). The upstreams whose breakers probe now."""
+        if action == "hold":
+            await self.hold(msg_id, actor=actor)
+        elif action == "delete":
+            await self.delete(msg_id, actor=actor)
+        elif action == "release":
+            return await self.release(msg_id, actor=actor)
+        else:
+            return await self.retry(msg_id, actor=actor)
+        return []
 
     async def flush(self, *, actor: str) -> tuple[list[str], list[str]]:
         ids = await self.queue.flush(now=self.clock(), actor=actor)

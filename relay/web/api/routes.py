@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.queue.admin import MessageAction
 from relay.queue.base import QueueActionError, StoreError
 from relay.web import views
 from relay.web.api.compose import SubmitError, invalid
@@ -260,23 +261,14 @@ async def get_stats(request: web.Request) -> web.Response:
 # -- acting (admin) ------------------------------------------------------------------------
 
 
-async def _act(request: web.Request, action: str) -> web.Response:
+async def _act(request: web.Request, action: MessageAction) -> web.Response:
     principal = require(request, "admin")
     msg_id = _message_id(request)
     ctx = _ctx(request)
     if await ctx.queue.get(msg_id) is None:
         raise _not_found(msg_id)
-    actor = principal.actor
-    probing: list[str] = []
     try:
-        if action == "retry":
-            probing = await ctx.admin.retry(msg_id, actor=actor)
-        elif action == "hold":
-            await ctx.admin.hold(msg_id, actor=actor)
-        elif action == "release":
-            probing = await ctx.admin.release(msg_id, actor=actor)
-        else:
-            await ctx.admin.delete(msg_id, actor=actor)
+        probing = await ctx.admin.act(msg_id, action, actor=principal.actor)
     except QueueActionError as exc:
         raise http_error(409, "conflict", str(exc)) from None
     row = await ctx.queue.get(msg_id)

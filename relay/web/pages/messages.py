@@ -7,6 +7,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from relay.queue.admin import MESSAGE_ACTIONS
 from relay.queue.base import QueueActionError
 from relay.web import views
 from relay.web.auth import Principal
@@ -15,7 +16,6 @@ from relay.web.pages.forms import KIND_CHOICES, STATE_CHOICES, FormError, messag
 from relay.web.pages.guard import page, safe_next
 from relay.web.pages.render import render
 
-ACTIONS = ("retry", "hold", "release", "delete")
 DONE = {
     "retry": "Queued again: it will be tried now.",
     "hold": "Held: no attempts until it is released.",
@@ -97,21 +97,14 @@ async def message_page(request: web.Request, principal: Principal) -> web.Stream
 @page("admin")
 async def message_action(request: web.Request, principal: Principal) -> web.StreamResponse:
     """Retry, hold, release or delete, as the logged-in operator (on the timeline)."""
-    msg_id, action = request.match_info["id"], request.match_info["action"]
-    if action not in ACTIONS:
+    msg_id = request.match_info["id"]
+    action = next((a for a in MESSAGE_ACTIONS if a == request.match_info["action"]), None)
+    if action is None:
         raise web.HTTPNotFound()
-    admin = request.app[CONTEXT].admin
     form = await request.post()
     back = form.get("back")
     try:
-        if action == "retry":
-            await admin.retry(msg_id, actor=principal.actor)
-        elif action == "hold":
-            await admin.hold(msg_id, actor=principal.actor)
-        elif action == "release":
-            await admin.release(msg_id, actor=principal.actor)
-        else:
-            await admin.delete(msg_id, actor=principal.actor)
+        await request.app[CONTEXT].admin.act(msg_id, action, actor=principal.actor)
     except QueueActionError as exc:
         return await _message(request, msg_id, error=f"Not done: {exc}.", status=409)
     if isinstance(back, str) and back:
