@@ -38,6 +38,10 @@ def check(cfg: Config) -> tuple[str, ...]:
 
     for i, up in enumerate(cfg.upstream):
         collect(functools.partial(validate_upstream, up, f"upstream[{i}]", cfg))
+        if up.events:
+            from relay.events.registry import validate_webhook
+
+            collect(functools.partial(validate_webhook, up, f"upstream[{i}]"))
     if cfg.dkim:
         from relay.dkim import DKIMSigner
 

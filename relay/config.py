@@ -24,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
@@ -496,6 +497,11 @@ class UpstreamConfig:
     max_rate: float = 0.0  # messages per second; 0 = unlimited
     max_concurrency: int = 16
     timeout: Duration = Duration(30.0)
+    # The provider's event webhooks (delivered, bounced, complained...) are taken at
+    # POST /webhooks/<name>; `webhook` holds the provider's verification settings, checked
+    # by relay.events (its Settings per upstream type).
+    events: bool = False
+    webhook: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -507,6 +513,88 @@ class DKIMConfig:
     domain: str
     selector: str
     private_key: Secret
+
+
+SuppressionReason = Literal["hard_bounce", "complaint", "unsubscribe"]
+SUPPRESSION_REASONS: tuple[SuppressionReason, ...] = typing.get_args(SuppressionReason)
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    """Addresses that must not be mailed again (hard bounces, complaints): every
+    provider punishes senders who keep mailing them."""
+
+    enabled: bool = True
+    # Which provider events add the address (manual adds and imports always work).
+    on: tuple[SuppressionReason, ...] = ("hard_bounce", "complaint")
+    # How long an entry lasts, per reason ("30d"); a reason not listed never expires.
+    expire_after: dict[str, Duration] = field(default_factory=dict)
+    # "global": the address is suppressed for every sender; "sender_domain": only for
+    # mail from the domain whose message bounced (or was complained about).
+    scope: Literal["global", "sender_domain"] = "global"
+    # "refuse": 550 at RCPT TO (and 422 from the HTTP API); "bounce": accept, then fail
+    # the recipient at dispatch with a DSN to the sender.
+    action: Literal["refuse", "bounce"] = "refuse"
+
+    def validate(self) -> None:
+        for reason in self.expire_after:
+            if reason not in SUPPRESSION_REASONS:
+                known = ", ".join(SUPPRESSION_REASONS)
+                raise ValueError(f"suppression.expire_after: unknown reason {reason!r} ({known})")
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """What the relay does with the providers' events (relay.events)."""
+
+    # A provider-side drop (not the recipient's fault) re-sends the recipient through
+    # another upstream; for that, a handed-over message's body is kept this long.
+    requeue: bool = True
+    keep_body: Duration = Duration(2 * 3600.0)
+    # A hard bounce after hand-over sends the sender an RFC 3464 report.
+    bounce_reports: bool = True
+    # The largest webhook body taken (providers batch events).
+    max_body: Size = Size(10 * 1000**2)
+
+
+WEBHOOK_EVENTS = (
+    "sent",
+    "failed",
+    "delivered",
+    "deferred",
+    "bounced",
+    "complained",
+    "dropped",
+    "rejected",
+    "unsubscribed",
+    "requeued",
+)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """An application's URL the relay POSTs each message event to, signed (relay.events.
+    outbox): what Postal's MessageSent/MessageDeliveryFailed/MessageBounced give apps."""
+
+    url: str
+    secret: TokenSecret
+    name: str = ""  # default: the URL's host
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    timeout: Duration = Duration(10.0)
+    # Give up on an event after this long (then it stays, dead, for the operator).
+    max_age: Duration = Duration(3 * 86400.0)
+
+    def validate(self) -> None:
+        if not self.url.startswith(("https://", "http://")):
+            raise ValueError(f"webhook url {self.url!r} must be http:// or https://")
+        for event in self.events:
+            if event not in WEBHOOK_EVENTS:
+                known = ", ".join(WEBHOOK_EVENTS)
+                raise ValueError(f"webhook events: unknown event {event!r} (known: {known})")
+
+    @property
+    def label(self) -> str:
+        return self.name or urlsplit(self.url).hostname or self.url
 
 
 TokenRole = Literal["read", "submit", "admin"]
@@ -589,6 +677,9 @@ class Config:
     dkim: tuple[DKIMConfig, ...] = ()
     web: WebConfig = WebConfig()
     inbound: dict[str, Any] = field(default_factory=dict)
+    suppression: SuppressionConfig = SuppressionConfig()
+    events: EventsConfig = EventsConfig()
+    webhook: tuple[WebhookConfig, ...] = ()
     # Filled in by the loader, never from the file:
     path: Path = Path("config.toml")
     warnings: tuple[str, ...] = ()  # what check-config prints and serve logs
@@ -638,10 +729,13 @@ def parse(data: dict[str, Any], path: Path, *, secrets: bool = True) -> Config:
     finally:
         _base_dir_for_secrets, _resolve_secrets = None, True
     cfg = dataclasses.replace(cfg, path=path, warnings=take_warnings())
-    names = [u.name for u in cfg.upstream]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"upstream: the name {name!r} is used twice")
+    for section, names in (
+        ("upstream", [u.name for u in cfg.upstream]),
+        ("webhook", [w.label for w in cfg.webhook]),
+    ):
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"{section}: the name {name!r} is used twice")
     return cfg
 
 

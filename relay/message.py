@@ -88,10 +88,21 @@ class EventType(StrEnum):
     RETRY = "retry"
     FLUSHED = "flushed"
     DELETED = "deleted"
-    DELIVERED = "delivered"
-    BOUNCED = "bounced"
     DSN = "dsn"
     NOTE = "note"
+    # From the providers' event webhooks (relay.events), after hand-over: one per
+    # normalised event. A provider's own deferral is `delayed` here (the relay's own
+    # retry is `deferred`); the webhook payloads out name it `deferred`.
+    PROCESSED = "processed"
+    DELIVERED = "delivered"
+    DELAYED = "delayed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    DROPPED = "dropped"
+    REJECTED = "rejected"
+    UNSUBSCRIBED = "unsubscribed"
+    # A recipient put back in the queue for another upstream after a provider-side drop.
+    REQUEUED = "requeued"
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,9 @@ class Round:
     defer_detail: dict[str, Any] = field(default_factory=dict)
     fail_detail: dict[str, Any] = field(default_factory=dict)
     sent_detail: dict[str, Any] = field(default_factory=dict)
+    # Keep the body when the message is sent (a provider that reports events may still
+    # drop it, and then it is re-sent elsewhere); `Queue.drop_bodies` removes it later.
+    keep_body: bool = False
 
 
 def round_meta(rnd: Round, *, now: float) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -480,6 +483,164 @@ class StatsStore(abc.ABC):
         """Forget minutes before `older_than`; how many cells went."""
 
 
+# -- provider events (relay.events) ---------------------------------------------------------
+
+
+def provider_keys(provider_id: str | None) -> list[str]:
+    """The lookup keys of an upstream's message id as stored in meta (SES may join several
+    with commas; Mailgun wraps its id in <>, its events do not): what `find_by_provider_id`
+    is given and what the engines index at hand-over."""
+    if not provider_id:
+        return []
+    keys = (part.strip().strip("<>").strip() for part in provider_id.split(","))
+    return [k for k in keys if k]
+
+
+#: A recipient's state after hand-over (`meta.rcpts_status[rcpt]["status"]`), by how much it
+#: says: a later event of a lower rank does not undo a higher one (a "delivered" that
+#: arrives after the "bounced" of an asynchronous bounce keeps "bounced").
+STATUS_RANK = {
+    "requeued": 0,
+    "delayed": 1,
+    "delivered": 2,
+    "unsubscribed": 3,
+    "bounced": 4,
+    "dropped": 4,
+    "rejected": 4,
+    "complained": 5,
+}
+
+
+def status_after(current: str | None, new: str) -> str:
+    """A recipient's status once `new` is reported: "requeued" always applies (a new
+    hand-over starts over), otherwise the higher rank wins."""
+    if new == "requeued" or current is None:
+        return new
+    return new if STATUS_RANK.get(new, 0) >= STATUS_RANK.get(current, 0) else current
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """One normalised provider event for a message's timeline (`Queue.record_delivery`).
+
+    `key` is stable across the provider's retries of the same event (its event id), so a
+    duplicate adds nothing. `type` is the timeline type (EventType.DELIVERED, ...);
+    `detail` holds recipient, upstream, provider_id, event, bounce, reason."""
+
+    key: str
+    msg_id: str
+    rcpt: str
+    type: EventType
+    at: float
+    detail: dict[str, Any]
+    # The recipient's new status (STATUS_RANK), or None to leave it (processed).
+    status: str | None = None
+
+
+class QueueBusy(StoreError):
+    """The message is leased by a dispatcher right now: ask again shortly (503)."""
+
+
+@dataclass(slots=True)
+class Suppression:
+    """An address the relay will not mail (`scope` "": for every sender, else only for
+    senders of that domain). Addresses and scopes are stored lower-cased."""
+
+    address: str
+    scope: str
+    reason: str  # hard_bounce, complaint, unsubscribe, manual, import
+    source: str  # the event key, "cli:<user>", "web:<token>", "import:<file>"
+    created: float
+    expires: float | None = None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class SuppressionStore(abc.ABC):
+    """The suppression list, where every process and host reads it. Processes keep a copy
+    in memory (relay.suppression) and follow `changes` to stay current."""
+
+    @abc.abstractmethod
+    async def add(self, entries: list[Suppression]) -> int:
+        """Insert or replace each (address, scope) entry (a new event renews an old one);
+        how many were written."""
+
+    @abc.abstractmethod
+    async def remove(self, address: str, *, scope: str | None = None) -> int:
+        """Forget an address (in one scope, or every scope when None); how many went."""
+
+    @abc.abstractmethod
+    async def changes(self, after: int) -> tuple[list[Suppression], list[tuple[str, str]], int]:
+        """What changed since cursor `after` (0: everything current): (entries added or
+        replaced, (address, scope) pairs removed, the new cursor)."""
+
+    @abc.abstractmethod
+    async def list(
+        self, *, contains: str | None = None, after: str | None = None, limit: int = 100
+    ) -> list[Suppression]:
+        """Entries in address order, those whose address contains `contains`, after the
+        address `after` (the cursor)."""
+
+    @abc.abstractmethod
+    async def purge(self, *, now: float) -> int:
+        """Forget expired entries (and removal records old enough that no process can still
+        be behind them); how many went."""
+
+
+@dataclass(slots=True)
+class OutboxEntry:
+    """One signed event on its way to an application's webhook (relay.events.outbox)."""
+
+    seq: int
+    hook: str
+    key: str
+    msg_id: str
+    body: bytes
+    created: float
+    attempts: int
+    next_attempt: float
+    last_error: str | None = None
+
+
+class WebhookOutbox(abc.ABC):
+    """Events due to the applications' webhooks, durable (a webhook due when the relay
+    crashes is still sent) and in order per message: only the oldest undelivered entry of
+    each (hook, message) can be claimed."""
+
+    @abc.abstractmethod
+    async def add(self, entries: list[tuple[str, str, str, bytes]], *, now: float) -> int:
+        """(hook, key, msg_id, body) entries, due now; an entry whose (hook, key) is here
+        already is skipped (a repeated event). How many were added."""
+
+    @abc.abstractmethod
+    async def claim(
+        self, *, now: float, owner: str, lease_time: float, limit: int
+    ) -> list[OutboxEntry]:
+        """Lease up to `limit` due entries, each the oldest live one of its (hook, msg_id)."""
+
+    @abc.abstractmethod
+    async def done(self, seq: int, *, owner: str) -> None:
+        """Delivered: forget it (only while this owner's lease holds)."""
+
+    @abc.abstractmethod
+    async def retry(self, seq: int, *, owner: str, next_attempt: float, error: str) -> None:
+        """Not delivered: due again at `next_attempt`, the lease given back."""
+
+    @abc.abstractmethod
+    async def give_up(self, seq: int, *, owner: str, error: str) -> None:
+        """Dead: kept for the operator, no longer blocks the later events of its message."""
+
+    @abc.abstractmethod
+    async def pending(self) -> dict[str, dict[str, int]]:
+        """Per hook: {"waiting": n, "dead": n}."""
+
+    @abc.abstractmethod
+    async def next_due(self) -> float | None:
+        """When the earliest waiting entry is due (None: nothing waits)."""
+
+
 # -- the queue --------------------------------------------------------------------------------
 
 WorkListener = Callable[[Kind], None]
@@ -648,6 +809,50 @@ class Queue(abc.ABC):
     @property
     @abc.abstractmethod
     def stats(self) -> StatsStore: ...
+
+    # -- provider events (relay.events)
+    # Not abstract until both engines have them (then: @abc.abstractmethod).
+
+    async def find_by_provider_id(self, provider_id: str) -> str | None:
+        """The message an upstream's id belongs to (`provider_keys` of the ids stored at
+        hand-over, in meta.provider_id and meta.rcpts_done), or None."""
+        raise NotImplementedError
+
+    async def record_delivery(self, rec: DeliveryRecord) -> bool:
+        """Append `rec` to its message's timeline and, when `rec.status` is set, make
+        meta.rcpts_status[rec.rcpt] = {"status": status_after(old, new), "at", "upstream"},
+        in one transaction. False when `rec.key` was recorded before (nothing written).
+        QueueActionError when the message is not in the queue."""
+        raise NotImplementedError
+
+    async def requeue(
+        self, msg_id: str, rcpts: list[str], *, exclude: str, now: float, reason: str, key: str
+    ) -> bool:
+        """Put recipients a provider dropped back in the queue for another upstream: the
+        message (sent, or still waiting for others) becomes due now with `rcpts` added to
+        those to do, `exclude` added to meta.excluded_upstreams (never tried again for this
+        message), rcpts_status "requeued", and a `requeued` event {recipients, upstream,
+        reason}. False when `key` was used before (nothing written). QueueBusy while a
+        dispatcher holds it; QueueActionError when the body is gone or the message is not
+        here. Wakes the outbound work listeners."""
+        raise NotImplementedError
+
+    async def drop_bodies(self, *, sent_before: float) -> int:
+        """Drop the kept bodies (Round.keep_body) of messages sent before `sent_before`."""
+        raise NotImplementedError
+
+    async def first_use(self, key: str, *, now: float, expires: float) -> bool:
+        """True the first time `key` is seen (remembered until `expires`, wall clock), on
+        every process and host: a webhook's replay guard (Mailgun's token)."""
+        raise NotImplementedError
+
+    @property
+    def suppressions(self) -> SuppressionStore:
+        raise NotImplementedError
+
+    @property
+    def outbox(self) -> WebhookOutbox:
+        raise NotImplementedError
 
     # -- moving a queue between engines
 
