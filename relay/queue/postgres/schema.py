@@ -95,6 +95,46 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        3,
+        """
+        -- Provider events (relay.events). An upstream's message ids, indexed at hand-over,
+        -- so its webhooks find the message (relay.queue.base.provider_keys).
+        CREATE TABLE provider_ids (
+            key text NOT NULL, msg_id text NOT NULL, PRIMARY KEY (key, msg_id)
+        );
+        CREATE INDEX provider_ids_msg ON provider_ids (msg_id);
+        -- Events recorded on a timeline, by their stable key: a provider's retry adds none.
+        CREATE TABLE delivery_keys (key text PRIMARY KEY, msg_id text NOT NULL);
+        CREATE INDEX delivery_keys_msg ON delivery_keys (msg_id);
+        -- Webhook replay guard (Queue.first_use).
+        CREATE TABLE nonces (key text PRIMARY KEY, expires double precision NOT NULL);
+        -- The suppression list; `seq` orders changes for the processes that follow them,
+        -- a removal is a row with removed = true and a new seq until it is purged.
+        CREATE SEQUENCE suppression_seq;
+        CREATE TABLE suppressions (
+            address text NOT NULL, scope text NOT NULL, reason text NOT NULL,
+            source text NOT NULL, created double precision NOT NULL,
+            expires double precision, detail text NOT NULL DEFAULT '',
+            removed boolean NOT NULL DEFAULT false,
+            seq bigint NOT NULL DEFAULT nextval('suppression_seq'),
+            PRIMARY KEY (address, scope)
+        );
+        CREATE INDEX suppressions_seq ON suppressions (seq);
+        -- Events on their way to the applications' webhooks.
+        CREATE TABLE webhook_outbox (
+            seq bigserial PRIMARY KEY, hook text NOT NULL, key text NOT NULL,
+            msg_id text NOT NULL, body bytea NOT NULL, created double precision NOT NULL,
+            attempts integer NOT NULL DEFAULT 0, next_attempt double precision NOT NULL,
+            state text NOT NULL DEFAULT 'waiting', lease_owner text,
+            lease_until double precision, last_error text, UNIQUE (hook, key)
+        );
+        CREATE INDEX webhook_outbox_msg ON webhook_outbox (hook, msg_id, seq)
+            WHERE state = 'waiting';
+        CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt)
+            WHERE state = 'waiting';
+        """,
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -7,7 +7,7 @@ so the web server in worker 0 and the dispatchers in the others share one list a
 outbox. Commits are few (an event, an operator's change), so `synchronous = FULL` costs
 nothing that shows.
 
-Each store module brings its own tables (`schemas`), created when the file is opened.
+Its tables are created when the file is opened (SCHEMA).
 """
 
 from __future__ import annotations
@@ -25,11 +25,37 @@ from relay.queue.sqlite.store import transaction
 
 T = TypeVar("T")
 
+SCHEMA = """
+-- Webhook replay guard (Queue.first_use).
+CREATE TABLE IF NOT EXISTS nonces (key TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+-- The suppression list (relay.queue.sqlite.suppression). `seq` orders changes, so each
+-- process follows them with `changes(after)`; a removal is a row with removed = 1 and a
+-- new seq until it is purged.
+CREATE TABLE IF NOT EXISTS suppressions (
+    address TEXT NOT NULL, scope TEXT NOT NULL, reason TEXT NOT NULL, source TEXT NOT NULL,
+    created REAL NOT NULL, expires REAL, detail TEXT NOT NULL DEFAULT '',
+    removed INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL,
+    PRIMARY KEY (address, scope)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS suppressions_seq ON suppressions (seq);
+-- Events on their way to the applications' webhooks (relay.queue.sqlite.outbox).
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, hook TEXT NOT NULL, key TEXT NOT NULL,
+    msg_id TEXT NOT NULL, body BLOB NOT NULL, created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'waiting', lease_owner TEXT, lease_until REAL, last_error TEXT,
+    UNIQUE (hook, key)
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_msg ON webhook_outbox (hook, msg_id, seq)
+    WHERE state = 'waiting';
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_attempt)
+    WHERE state = 'waiting';
+"""
+
 
 class SharedDB:
-    def __init__(self, path: Path, *, schemas: tuple[str, ...]) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.schemas = schemas
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
@@ -42,8 +68,7 @@ class SharedDB:
             conn.execute("PRAGMA busy_timeout = 30000")
             _use_wal(conn)
             conn.execute("PRAGMA synchronous = FULL")
-            for schema in self.schemas:
-                conn.executescript(schema)
+            conn.executescript(SCHEMA)
             self._conn = conn
         return self._conn
 
