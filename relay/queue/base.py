@@ -557,6 +557,21 @@ class Suppression:
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
 
+    @property
+    def cursor(self) -> str:
+        """Where a page of `SuppressionStore.list` ends: "address/scope" (a domain has no
+        "/", so the last one splits it), as one address may be listed in several scopes."""
+        return f"{self.address}/{self.scope}"
+
+
+def split_suppression_cursor(after: str) -> tuple[str, str | None]:
+    """(address, scope) of a `Suppression.cursor`; scope None for a bare address (the page
+    then starts after every scope of it)."""
+    address, slash, scope = after.rpartition("/")
+    if not slash or "@" in scope:
+        return after.lower(), None
+    return address.lower(), scope.lower()
+
 
 class SuppressionStore(abc.ABC):
     """The suppression list, where every process and host reads it. Processes keep a copy
