@@ -2,7 +2,9 @@
 
 The message goes over unchanged as a file part named `message`, and the envelope
 recipients as repeated `to` fields: Mailgun delivers to `to`, not to the headers, so Bcc
-survives and the DKIM signature stays valid. Basic auth is `api:<key>`. Success is 200
+survives and the DKIM signature stays valid. The relay's message id goes as the custom
+variable `v:relay_id`, which Mailgun puts in every event's `user-variables`
+(relay.events.mailgun). Basic auth is `api:<key>`. Success is 200
 {"id": "<...>", "message": "Queued. Thank you."}; errors are {"message": ...} (or a bare
 "Forbidden" for a bad key). Beyond the generic HTTP reading, 404 means the configured
 domain does not exist in the account: the upstream is misconfigured, not the message.
@@ -74,6 +76,8 @@ class MailgunUpstream(HTTPUpstream):
         boundary = uuid.uuid4().hex
         fields = [("to", rcpt) for rcpt in envelope.rcpt_tos]
         fields.append(("o:tracking", "yes" if self.tracking else "no"))
+        if envelope.queue_id:
+            fields.append(("v:relay_id", envelope.queue_id))
         body = b"".join(
             f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
             f"{value}\r\n".encode()

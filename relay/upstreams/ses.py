@@ -45,6 +45,9 @@ log = logging.getLogger("relay.upstreams")
 MAX_RECIPIENTS_PER_CALL = 50
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+#: The message tag carrying our queue id: SES copies a message's tags into every event it
+#: publishes (mail.tags), which is how relay.events.ses finds the message again.
+RELAY_ID_TAG = "relay_id"
 
 # Error codes (the `Error.Code` of a ClientError), grouped by what they mean for routing.
 _THROTTLE_CODES = frozenset(
@@ -120,6 +123,11 @@ class SESSettings:
         if self.endpoint_url and not self.endpoint_url.startswith(("https://", "http://")):
             raise ValueError(f"endpoint_url must be an http(s) URL, got {self.endpoint_url!r}")
         for name, value in self.tags.items():
+            if name == RELAY_ID_TAG:
+                raise ValueError(
+                    f"tags.{name}: the relay sets this tag itself (its message id, which"
+                    " SES events carry back); choose another name"
+                )
             if not _TAG_RE.match(name) or not _TAG_RE.match(value):
                 raise ValueError(
                     f"tags.{name}: tag names and values may contain only ASCII "
@@ -264,7 +272,7 @@ class SESUpstream(Upstream):
         ]
         ids: list[str] = []
         for index, batch in enumerate(batches):
-            request = self._request(sender, [ses for _, ses in batch], data)
+            request = self._request(sender, [ses for _, ses in batch], data, envelope.queue_id)
             started = time.monotonic()
             try:
                 response = await self._run(self._send_one, request)
@@ -291,7 +299,9 @@ class SESUpstream(Upstream):
             detail=f"{len(ids)} SES call(s)" if len(batches) > 1 else "",
         )
 
-    def _request(self, sender: str, destinations: list[str], data: bytes) -> dict[str, Any]:
+    def _request(
+        self, sender: str, destinations: list[str], data: bytes, relay_id: str
+    ) -> dict[str, Any]:
         request: dict[str, Any] = {
             "Destination": {"ToAddresses": destinations},
             "Content": {"Raw": {"Data": data}},
@@ -302,8 +312,11 @@ class SESUpstream(Upstream):
         # identity from the From header, and uses its own bounce address as MAIL FROM.
         if self.configuration_set:
             request["ConfigurationSetName"] = self.configuration_set
-        if self.tags:
-            request["EmailTags"] = [{"Name": k, "Value": v} for k, v in self.tags.items()]
+        tags = [{"Name": k, "Value": v} for k, v in self.tags.items()]
+        if relay_id and _TAG_RE.match(relay_id):
+            tags.append({"Name": RELAY_ID_TAG, "Value": relay_id})
+        if tags:
+            request["EmailTags"] = tags
         return request
 
     def _send_one(self, request: dict[str, Any]) -> dict[str, Any]:

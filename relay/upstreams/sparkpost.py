@@ -4,8 +4,9 @@ The message goes over as `content.email_rfc822` with the envelope recipients as
 `recipients`, so Bcc survives and our DKIM signature stays valid (tracking is off by
 default because it rewrites the body). `header_to` carries the original To header so
 SparkPost shows every recipient the same To line. The envelope sender becomes
-`return_path`. Success is {"results": {"id", ...}}; errors are
-{"errors": [{"message", "code", "description"}]}.
+`return_path`. The relay's message id goes as the transmission's `metadata.relay_id`,
+which SparkPost copies into every event's `rcpt_meta` (relay.events.sparkpost). Success
+is {"results": {"id", ...}}; errors are {"errors": [{"message", "code", "description"}]}.
 
 Error codes (SparkPost "Extended Error Codes") beyond the generic HTTP reading:
 420 (codes 2101-2103, sending limit reached) is the account's quota: transient,
@@ -75,6 +76,8 @@ class SparkPostUpstream(HTTPUpstream):
         }
         if envelope.mail_from:
             payload["return_path"] = envelope.mail_from
+        if envelope.queue_id:
+            payload["metadata"] = {"relay_id": envelope.queue_id}
         return Request(
             "/api/v1/transmissions",
             json.dumps(payload).encode(),

@@ -375,6 +375,11 @@ class FakeMailgun(FakeProvider):
             raise Rejection(400, "'to' parameter is missing")
         if not form.get("message"):
             raise Rejection(400, "'message' parameter is missing")
+        for name, values in form.items():
+            # Custom variables (v:NAME) come back in every event's user-variables: one
+            # value per name, and a name after the prefix.
+            if name.startswith("v:") and (name == "v:" or len(values) != 1):
+                raise Rejection(400, f"'{name}' must be one custom variable with one value")
         return form
 
     def new_id(self, n: int) -> str:
@@ -454,6 +459,8 @@ class FakeSparkPost(FakeProvider):
             raise Rejection(422, "Invalid combination of fields", "1301")
         if not isinstance(content.get("email_rfc822", content.get("text")), str):
             raise Rejection(422, "content must have email_rfc822, text or html", "1400")
+        if "metadata" in doc and not isinstance(doc["metadata"], dict):
+            raise Rejection(422, "metadata must be a JSON object", "1300")
         return doc
 
     def accepted(self, provider_id: str, body: Any) -> web.Response:

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from relay.message import Envelope
 from relay.outcomes import PermanentError, TransientError
 from relay.upstreams.mailgun import MailgunUpstream
 from tests.upstreams.conftest import ENVELOPE, MESSAGE, RICH, RICH_ENVELOPE, FailureCase, Pair
@@ -18,6 +19,17 @@ async def test_raw_mime_and_every_envelope_recipient_reach_mailgun(mailgun: Pair
     assert sent.body["message"] == [MESSAGE]  # byte for byte: the DKIM signature holds
     assert sent.body["o:tracking"] == ["no"]
     assert accepted.provider_id == sent.provider_id  # without Mailgun's angle brackets
+
+
+async def test_the_relay_id_travels_as_a_custom_variable(mailgun: Pair) -> None:
+    """Mailgun returns v: variables in every event's user-variables: the way back to us."""
+    await mailgun.send(Envelope(ENVELOPE.mail_from, ENVELOPE.rcpt_tos, queue_id="01J5Z3K8Q9"))
+    assert mailgun.fake.requests[0].body["v:relay_id"] == ["01J5Z3K8Q9"]
+
+
+async def test_no_relay_id_no_custom_variable(mailgun: Pair) -> None:
+    await mailgun.send()
+    assert not [name for name in mailgun.fake.requests[0].body if name.startswith("v:")]
 
 
 async def test_failure_is_classified(mailgun: Pair, failure: FailureCase) -> None:

@@ -128,6 +128,20 @@ async def test_null_sender_sends_without_from_email_address(
     assert accepted.provider_id in sent_messages(moto)
 
 
+async def test_the_relay_id_travels_as_a_message_tag(ses: SESUpstream, moto: MotoEndpoint) -> None:
+    """SES copies a message's tags into every event it publishes: the way back to us."""
+    calls = capture_requests(ses)
+    envelope = Envelope("billing@example.com", ("bob@dest.test",), queue_id="01J5Z3K8Q9ABCDEFGHJK")
+
+    accepted = await ses.send(envelope, MESSAGE)
+
+    assert accepted.provider_id in sent_messages(moto)
+    assert calls[0]["EmailTags"] == [
+        {"Name": "app", "Value": "billing"},
+        {"Name": "relay_id", "Value": "01J5Z3K8Q9ABCDEFGHJK"},
+    ]
+
+
 async def test_large_envelopes_are_sent_in_batches_of_fifty(
     ses: SESUpstream, moto: MotoEndpoint
 ) -> None:
@@ -373,6 +387,7 @@ def test_built_from_config_through_the_registry() -> None:
         ({}, "upstream[0].region: required key is missing"),
         ({"region": "eu-west-1", "tags": {"bad tag": "x"}}, "tags.bad tag"),
         ({"region": "eu-west-1", "max_attempts": 0}, "max_attempts"),
+        ({"region": "eu-west-1", "tags": {"relay_id": "x"}}, "tags.relay_id: the relay sets"),
         ({"region": "eu-west-1", "regoin": "x"}, "regoin: unknown key"),
     ],
 )

@@ -22,6 +22,17 @@ async def test_raw_mime_and_every_envelope_recipient_reach_sparkpost(sparkpost: 
     assert sent.body["options"] == {"open_tracking": False, "click_tracking": False}
 
 
+async def test_the_relay_id_travels_as_transmission_metadata(sparkpost: Pair) -> None:
+    """SparkPost copies metadata into every event's rcpt_meta: the way back to us."""
+    await sparkpost.send(Envelope(ENVELOPE.mail_from, ENVELOPE.rcpt_tos, queue_id="01J5Z3K8Q9"))
+    assert sparkpost.fake.requests[0].body["metadata"] == {"relay_id": "01J5Z3K8Q9"}
+
+
+async def test_no_relay_id_no_metadata(sparkpost: Pair) -> None:
+    await sparkpost.send()
+    assert "metadata" not in sparkpost.fake.requests[0].body
+
+
 async def test_failure_is_classified(sparkpost: Pair, failure: FailureCase) -> None:
     await failure.run(sparkpost)
 
