@@ -140,7 +140,6 @@ class Relay:
         bouncer = (
             BounceSender(
                 queue=self.queue,
-                submit=self.submit,
                 hostname=cfg.server.hostname,
                 clock=self.clock,
             )

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from relay.dsn import build_dsn, dsn_envelope, should_bounce
-from relay.message import Claimed, EventType, Kind, NewMessage, new_message_id
+from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, new_message_id
 from relay.queue.base import Queue, StoreError
 
 log = logging.getLogger("relay.dispatch")
@@ -23,56 +23,76 @@ class BounceSender:
         self,
         *,
         queue: Queue,
-        submit: Callable[[NewMessage], Awaitable[None]],
         hostname: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue = queue
-        self.submit = submit
         self.hostname = hostname
         self.clock = clock
 
     async def __call__(self, item: Claimed, failed: dict[str, str]) -> bool:
-        """True when the bounce was queued."""
-        if not should_bounce(item.envelope, item.data):
+        """A report of the recipients that failed in a delivery round. True when queued."""
+        return await self.send(
+            msg_id=item.id,
+            envelope=item.envelope,
+            original=item.data,
+            arrival=item.created,
+            failed=failed,
+        )
+
+    async def send(
+        self,
+        *,
+        msg_id: str,
+        envelope: Envelope,
+        original: bytes,
+        arrival: float,
+        failed: dict[str, str],
+        dedupe: str | None = None,
+    ) -> bool:
+        """Queue a report to `envelope.mail_from` about `failed` (recipient → reason).
+
+        `original` is the message, or only its header section once the body is gone (a
+        provider's bounce may come after the relay dropped it). `dedupe` makes the report
+        once-only (a provider's retried event). True when a report was queued now."""
+        if not should_bounce(envelope, original):
             return False
         now = self.clock()
         report = build_dsn(
-            original=item.data,
-            envelope=item.envelope,
+            original=original,
+            envelope=envelope,
             failed=failed,
             reporting_mta=self.hostname,
-            queue_id=item.id,
-            arrival=item.created,
+            queue_id=msg_id,
+            arrival=arrival,
             now=now,
         )
         dsn_id = new_message_id(now)
         message = NewMessage(
             id=dsn_id,
             kind=Kind.OUTBOUND,
-            envelope=dsn_envelope(item.envelope),
+            envelope=dsn_envelope(envelope),
             data=report,
             received_at=now,
-            received={"dsn_for": item.id, "from": "", "to": [item.envelope.mail_from]},
+            received={"dsn_for": msg_id, "from": "", "to": [envelope.mail_from]},
+            dedupe=dedupe,
         )
         try:
-            await self.submit(message)
+            self.queue.check_accepting()
+            if not await self.queue.insert(message):
+                return False  # this report was queued before
         except StoreError as exc:
             # The failure itself is recorded; only the courtesy report is missing.
-            log.error(
-                "%s: could not queue the bounce to <%s>: %s", item.id, item.envelope.mail_from, exc
-            )
+            log.error("%s: could not queue the bounce to <%s>: %s", msg_id, envelope.mail_from, exc)
             return False
         try:
             await self.queue.add_event(
-                item.id,
+                msg_id,
                 EventType.DSN,
                 now,
-                {"dsn_id": dsn_id, "to": item.envelope.mail_from, "recipients": sorted(failed)},
+                {"dsn_id": dsn_id, "to": envelope.mail_from, "recipients": sorted(failed)},
             )
         except StoreError as exc:
-            log.error(
-                "%s: bounce %s queued but not noted on the timeline: %s", item.id, dsn_id, exc
-            )
-        log.info("%s: bounce %s queued to <%s>", item.id, dsn_id, item.envelope.mail_from)
+            log.error("%s: bounce %s queued but not noted on the timeline: %s", msg_id, dsn_id, exc)
+        log.info("%s: bounce %s queued to <%s>", msg_id, dsn_id, envelope.mail_from)
         return True

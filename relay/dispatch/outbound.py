@@ -42,6 +42,11 @@ class Signer(Protocol):
 #: Called with the message and {recipient: reason} of recipients that failed for good;
 #: True when a bounce was queued to the sender.
 Bouncer = Callable[[Claimed, dict[str, str]], Awaitable[bool]]
+#: Whether a recipient must not be mailed for this sender: the reason, else None
+#: (relay.suppression, with `[suppression] action = "bounce"`).
+Suppressed = Callable[[str, str], str | None]
+#: Told of every recorded round (relay.events publishes `sent`/`failed` to the apps).
+RoundListener = Callable[[Claimed, Round], Awaitable[None]]
 
 
 class OutboundWorker:
@@ -56,6 +61,9 @@ class OutboundWorker:
         bouncer: Bouncer | None = None,
         on_finish: Callable[[], None] | None = None,
         telemetry: Telemetry | None = None,
+        keep_body_for: Collection[str] = (),
+        suppressed: Suppressed | None = None,
+        on_round: RoundListener | None = None,
     ) -> None:
         self.queue = queue
         self.router = router
@@ -66,13 +74,26 @@ class OutboundWorker:
         # Tests and the web page await this instead of polling the queue.
         self.on_finish = on_finish
         self.telemetry = telemetry
+        # Upstreams whose event webhooks may report a drop after taking a message: the
+        # body is kept (`[events] keep_body`) so the recipient can go out elsewhere.
+        self.keep_body_for = frozenset(keep_body_for)
+        self.suppressed = suppressed
+        self.on_round = on_round
 
     async def process(self, item: Claimed) -> None:
         pending = list(item.envelope.rcpt_tos)
         failed: dict[str, str] = {}
+        if self.suppressed is not None:
+            for rcpt in pending:
+                why = self.suppressed(rcpt, item.envelope.mail_from)
+                if why is not None:
+                    failed[rcpt] = why
+            pending = [r for r in pending if r not in failed]
         delivered: list[dict[str, Any]] = []
         events: list[tuple[EventType, float, dict[str, Any]]] = []
-        tried: set[str] = set()
+        # Upstreams that dropped this message after taking it are never tried again for it.
+        excluded = frozenset(item.meta.get("excluded_upstreams") or ())
+        tried: set[str] = set(excluded)
         last_error: UpstreamError | None = None
         signed: dict[frozenset[str], bytes] = {}
         refusals: dict[str, str] = {}
@@ -86,12 +107,17 @@ class OutboundWorker:
         looked_again = False
         while pending:
             group = self.router.candidates(exclude=tried, accept=accept)
-            if not group and not tried and not looked_again:
+            if not group and tried == excluded and not looked_again:
                 looked_again = True
                 await self.router.refresh()
                 continue
             if not group:
-                if refusals and len(refusals) == len(self.router.states):
+                if excluded and excluded >= set(self.router.states):
+                    # Every upstream took it and dropped it: nowhere left to send it.
+                    why = "dropped by every upstream (" + ", ".join(sorted(excluded)) + ")"
+                    failed.update(dict.fromkeys(pending, why))
+                    pending = []
+                elif refusals and len(refusals) == len(self.router.states):
                     # Not an outage: no configured upstream can carry this message at all.
                     why = "; ".join(f"{n}: {r}" for n, r in sorted(refusals.items()))
                     failed.update(dict.fromkeys(pending, f"no upstream can take it ({why})"))
@@ -183,7 +209,7 @@ class OutboundWorker:
             failed=failed,
             delivered=delivered,
             events=events,
-            tried=tried,
+            tried=tried - excluded,
             last_error=last_error,
         )
 
@@ -258,8 +284,14 @@ class OutboundWorker:
             defer_detail={"tried": sorted(tried)},
             fail_detail={"recipients": failed},
             sent_detail={"deliveries": delivered},
+            keep_body=any(d["upstream"] in self.keep_body_for for d in delivered),
         )
         recorded = await record_outcome(self.queue, item, now=now, rounds=rounds, rnd=rnd)
+        if recorded and self.on_round is not None:
+            try:
+                await self.on_round(item, rnd)
+            except Exception:  # telling the apps must never undo or stall a delivery
+                log.exception("%s: the round's events were not passed on", item.id)
         if self.on_finish is not None:
             self.on_finish()
         if pending:

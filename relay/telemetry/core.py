@@ -72,6 +72,8 @@ class Telemetry:
         self._deferred = Children(prom.deferred)
         self._queue_time = Children(prom.queue_time)
         self._inbound = Children(prom.inbound)
+        self._provider_events = Children(prom.provider_events)
+        self._requeued = Children(prom.requeued)
 
     # -- events: SMTP ------------------------------------------------------------------------
 
@@ -128,6 +130,18 @@ class Telemetry:
         """An SES notification: queued, duplicate, unusable, delivered, deferred, failed."""
         self._inbound[outcome].inc()
         self.rollup.add(series.INBOUND, outcome, series.COUNT)
+
+    # -- events: after hand-over (relay.events) -----------------------------------------------
+
+    def provider_event(self, upstream: str, event: str) -> None:
+        """A provider reported `event` (delivered, bounced, ..., or "unmatched")."""
+        self._provider_events[upstream, event].inc()
+        self.rollup.add(series.PROVIDER_EVENT, f"{upstream}:{event}", series.COUNT)
+
+    def requeued(self, upstream: str) -> None:
+        """A recipient `upstream` dropped went back in the queue for another upstream."""
+        self._requeued[upstream].inc()
+        self.rollup.add(series.REQUEUED, upstream, series.COUNT)
 
     # -- lifecycle and reading ---------------------------------------------------------------
 

@@ -112,6 +112,19 @@ class PromMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.provider_events = Counter(
+            "relay_provider_events",
+            "Events the providers' webhooks reported after hand-over (delivered, bounced,"
+            " complained, dropped...), by upstream; event=unmatched: for no message here.",
+            ["upstream", "event"],
+            registry=registry,
+        )
+        self.requeued = Counter(
+            "relay_requeued_recipients",
+            "Recipients an upstream dropped for its own reasons, re-sent through another.",
+            ["upstream"],
+            registry=registry,
+        )
 
     def collect(self) -> Iterable[Metric]:
         """The counters and histograms: of every worker process in multiprocess mode."""

@@ -24,6 +24,10 @@ ATTEMPT = "attempt"  # "<upstream>:<outcome>": accepted|transient|permanent|refu
 LATENCY = "latency"  # upstream; a histogram of attempt durations (seconds)
 QUEUE_TIME = "queue_time"  # kind; a histogram of arrival-to-final-state times (seconds)
 INBOUND = "inbound"  # outcome: queued|duplicate|unusable|delivered|deferred|failed
+# "<upstream>:<event>": a provider's webhook event (delivered, bounced, complained, ...;
+# "unmatched" when it named no message here), and recipients requeued from an upstream.
+PROVIDER_EVENT = "provider_event"
+REQUEUED = "requeued"  # upstream
 
 # -- bucket codes ----------------------------------------------------------------------------
 #: The bucket of a plain counter cell (histogram cells use bucket indexes >= 0).

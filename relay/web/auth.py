@@ -77,6 +77,8 @@ class Principal:
 # is SNS's Basic credentials from the subscription URL, or a proxy's, not ours to judge,
 # and a cookie there is not a session that could need CSRF).
 UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/inbound/sns"})
+# The providers' event webhooks: each verifies its provider's signature or credentials.
+UNAUTHENTICATED_PREFIX = "/webhooks/"
 PRINCIPAL: web.RequestKey[Principal | None] = web.RequestKey("principal")
 CSRF: web.RequestKey[str] = web.RequestKey("csrf")
 
@@ -242,7 +244,7 @@ async def authenticate(
     access = request.app[ACCESS_KEY]
     request[PRINCIPAL] = None
     request[CSRF] = ""
-    if request.path in UNAUTHENTICATED:
+    if request.path in UNAUTHENTICATED or request.path.startswith(UNAUTHENTICATED_PREFIX):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     if header:

@@ -20,6 +20,7 @@ from relay.queue.admin import QueueAdmin
 from relay.queue.base import Queue
 
 if TYPE_CHECKING:
+    from relay.events.service import EventService
     from relay.inbound.service import InboundService
     from relay.telemetry.core import Telemetry
 
@@ -42,6 +43,8 @@ class WebContext:
     # then in force when the button's answer arrives; other processes follow within
     # their sync interval).
     routing_changed: Callable[[], Awaitable[None]] | None = None
+    # The providers' events (POST /webhooks/<upstream>), when any upstream takes them.
+    events: EventService | None = None
     admin: QueueAdmin = field(init=False)
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ from aiohttp import web
 from relay.inbound.notify import NotificationError, is_ses_setup_notification, parse_notification
 from relay.inbound.sns import HTTPSFetcher, SNSError, SNSMessage, SNSVerifier
 from relay.queue.base import StoreError, StoreFull
+from relay.web.bodies import read_body
 
 if TYPE_CHECKING:
     from relay.inbound.service import InboundService
@@ -77,24 +78,10 @@ def setup(app: web.Application, service: InboundService, settings: SNSSettings) 
     app.router.add_post("/inbound/sns", sns_endpoint)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it is known to be larger than `limit`."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def sns_endpoint(request: web.Request) -> web.Response:
     limit = request.app[MAX_BODY_KEY]
     try:
-        body = await _read_body(request, limit)
+        body = await read_body(request, limit)
     except ConnectionError as exc:
         log.info("sns post from %s: connection lost mid-body (%s)", request.remote, exc)
         return error(400, "incomplete", "the connection was lost before the body was read")

@@ -1,0 +1,108 @@
+"""POST /webhooks/<upstream>: the providers' event webhooks (delivered, bounced, ...).
+
+One path per upstream with `events = true`, so two accounts of one provider each keep
+their own keys. Nothing in a body is trusted before the upstream type's module
+(relay.events.<type>) has verified it (DESIGN.md invariant 6): an unverifiable request
+gets 401/403 and changes nothing; a malformed one 400. A verified request's events are
+recorded and acted on (relay.events.service) before the 200, so a provider that gets no
+answer sends them again, and the repeat adds nothing. A verified event for a message the
+relay does not know still gets 200 (counted), or the provider would retry it for days.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from relay.config import Config
+from relay.events.base import ProviderWebhook, WebhookContext, WebhookError, WebhookRequest
+from relay.events.registry import create_webhook
+from relay.events.service import EventService
+from relay.queue.base import QueueBusy, StoreError
+from relay.web.bodies import read_body
+from relay.web.errors import json_error
+
+log = logging.getLogger("relay.web")
+
+HOOKS_KEY: web.AppKey[dict[str, ProviderWebhook]] = web.AppKey("provider_webhooks")
+SERVICE_KEY: web.AppKey[EventService] = web.AppKey("event_service")
+MAX_BODY_KEY: web.AppKey[int] = web.AppKey("webhook_max_body")
+
+_CODES = {400: "malformed", 401: "unauthenticated", 403: "forbidden", 503: "unavailable"}
+
+
+def setup(
+    app: web.Application, *, config: Config, service: EventService, context: WebhookContext
+) -> None:
+    """Add the endpoint for the upstreams that take events (none: no route at all)."""
+    enabled = [(i, up) for i, up in enumerate(config.upstream) if up.events]
+    if not enabled:
+        return
+    app[SERVICE_KEY] = service
+    app[MAX_BODY_KEY] = int(config.events.max_body)
+
+    async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
+        hooks = {up.name: create_webhook(up, f"upstream[{i}]", context) for i, up in enabled}
+        app[HOOKS_KEY] = hooks
+        yield
+        for hook in hooks.values():
+            await hook.close()
+
+    app.cleanup_ctx.append(hooks_ctx)
+    app.router.add_post("/webhooks/{upstream}", provider_webhook)
+
+
+async def provider_webhook(request: web.Request) -> web.Response:
+    name = request.match_info["upstream"]
+    hook = request.app[HOOKS_KEY].get(name)
+    if hook is None:
+        log.warning("webhook post from %s for %r refused: no such upstream", request.remote, name)
+        return json_error(
+            404,
+            "not_found",
+            f"no upstream named {name!r} takes events here: point the provider at"
+            " /webhooks/<upstream name>, with events = true on that upstream",
+        )
+    limit = request.app[MAX_BODY_KEY]
+    try:
+        body = await read_body(request, limit)
+    except ConnectionError as exc:
+        log.info(
+            "webhook post from %s for %s: connection lost mid-body (%s)", request.remote, name, exc
+        )
+        return json_error(400, "incomplete", "the connection was lost before the body was read")
+    if body is None:
+        log.warning(
+            "webhook post from %s for %s refused: over %d bytes", request.remote, name, limit
+        )
+        return json_error(413, "too_large", f"webhook bodies are at most {limit} bytes here")
+    incoming = WebhookRequest(
+        headers=request.headers, body=body, query=request.query, remote=request.remote
+    )
+    try:
+        result = await hook.handle(incoming)
+    except WebhookError as exc:
+        log.warning(
+            "webhook post from %s for %s refused (%d): %s",
+            request.remote,
+            name,
+            exc.status,
+            exc.reason,
+        )
+        return json_error(exc.status, _CODES.get(exc.status, "error"), exc.reason)
+    if result.answer is not None:
+        return web.json_response(result.answer)
+    try:
+        applied = await request.app[SERVICE_KEY].apply(name, result.events)
+    except QueueBusy as exc:
+        response = json_error(503, "busy", f"{exc}; send it again shortly")
+        response.headers["Retry-After"] = "5"
+        return response
+    except StoreError as exc:
+        log.error("webhook events from %s not recorded: %s", name, exc)
+        response = json_error(503, "queue_unavailable", "the queue could not record the events")
+        response.headers["Retry-After"] = "10"
+        return response
+    return web.json_response({"status": "ok", **applied.as_dict()})
