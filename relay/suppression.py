@@ -111,20 +111,18 @@ class SuppressionList:
 
     async def run(self) -> None:
         """Follow the store until cancelled; a database that is away is waited for (the
-        copy keeps answering meanwhile), and expired entries are purged now and then."""
+        copy keeps answering meanwhile). Expired entries leave the copy now and then (the
+        store's own are purged by the relay's maintenance: `SuppressionStore.purge`)."""
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 await self.refresh()
-                now = self.clock()
-                if now - self._last_purge >= PURGE_INTERVAL:
-                    self._last_purge = now
-                    self._forget_expired(now)
-                    purged = await self.store.purge(now=now)
-                    if purged:
-                        log.info("suppression list: purged %d expired entries", purged)
             except StoreError as exc:
                 log.warning("suppression list: cannot read the store: %s", exc)
+            now = self.clock()
+            if now - self._last_purge >= PURGE_INTERVAL:
+                self._last_purge = now
+                self._forget_expired(now)
 
     def _forget_expired(self, now: float) -> None:
         expired = [

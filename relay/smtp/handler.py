@@ -21,6 +21,7 @@ from relay.queue.base import StoreError, StoreFull
 from relay.smtp import replies
 from relay.smtp.address import Problem, mailbox_problem
 from relay.smtp.auth import Authenticator, sender_allowed
+from relay.suppression import SuppressionList, refusal_reply
 
 log = logging.getLogger("relay.smtp")
 
@@ -57,6 +58,7 @@ class RelayHandler:
         authenticator: Authenticator,
         submit: Submit,
         clock: Callable[[], float] = time.time,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self.listener = listener
         self.smtp = smtp
@@ -64,6 +66,7 @@ class RelayHandler:
         self.authenticator = authenticator
         self.submit = submit
         self.clock = clock
+        self.suppressions = suppressions
         self.trusted = _networks(smtp.trusted_networks)
         # Whose bare LFs are normalised on a bare_lf = "reject" listener (Postfix exempts
         # $mynetworks the same way).
@@ -180,6 +183,11 @@ class RelayHandler:
             return replies.RECIPIENT_SYNTAX
         if len(envelope.rcpt_tos) >= self.smtp.max_recipients:
             return replies.TOO_MANY_RECIPIENTS.format(limit=self.smtp.max_recipients)
+        if self.suppressions is not None and self.suppressions.refuses:
+            sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+            entry = self.suppressions.check(address, sender)
+            if entry is not None:
+                return refusal_reply(address, entry)  # logged with the client by the server
         envelope.rcpt_tos.append(address)
         return replies.RECIPIENT_OK
 

@@ -21,6 +21,7 @@ from relay.smtp.server import RelaySMTP
 from relay.smtp.tls import ensure_self_signed, server_tls_context
 
 if TYPE_CHECKING:
+    from relay.suppression import SuppressionList
     from relay.telemetry.core import Telemetry
 
 log = logging.getLogger("relay.smtp")
@@ -100,6 +101,7 @@ async def start_listeners(
     *,
     reuse_port: bool = False,
     telemetry: Telemetry | None = None,
+    suppressions: SuppressionList | None = None,
 ) -> list[asyncio.Server]:
     smtp = config.smtp
     ctx = tls_context(config)
@@ -120,6 +122,7 @@ async def start_listeners(
             hostname=config.server.hostname,
             authenticator=authenticator,
             submit=submit,
+            suppressions=suppressions,
         )
         implicit = listen.tls == "implicit"
 

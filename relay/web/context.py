@@ -22,6 +22,7 @@ from relay.queue.base import Queue
 if TYPE_CHECKING:
     from relay.events.service import EventService
     from relay.inbound.service import InboundService
+    from relay.suppression import SuppressionList
     from relay.telemetry.core import Telemetry
 
 Readiness = Callable[[], Awaitable[list[str]]]
@@ -45,6 +46,9 @@ class WebContext:
     routing_changed: Callable[[], Awaitable[None]] | None = None
     # The providers' events (POST /webhooks/<upstream>), when any upstream takes them.
     events: EventService | None = None
+    # This process's copy of the suppression list: submission refuses from it, the API
+    # and the page change it through it (so the change is in force here at once).
+    suppressions: SuppressionList | None = None
     admin: QueueAdmin = field(init=False)
 
     def __post_init__(self) -> None:
