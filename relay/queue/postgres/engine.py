@@ -31,6 +31,7 @@ import asyncpg
 
 from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status
 from relay.queue.base import (
+    DeliveryRecord,
     MessageQuery,
     MessageRow,
     Queue,
@@ -39,6 +40,9 @@ from relay.queue.base import (
     RoutingStore,
     StatsStore,
     StoreError,
+    SuppressionStore,
+    WebhookOutbox,
+    provider_keys,
     round_meta,
 )
 from relay.queue.postgres import schema, statements
@@ -100,6 +104,8 @@ class PostgresQueue(Queue):
         self._own_backends: set[int] = set()
         self._routing = PostgresRouting(self._transaction, owner=owner)
         self._stats = PostgresStats(self._transaction)
+        self._suppressions: SuppressionStore | None = None
+        self._outbox: WebhookOutbox | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -331,8 +337,10 @@ class PostgresQueue(Queue):
         else:
             state, rcpts, error = Status.SENT, "[]", None
             events.append((EventType.SENT, now, rnd.sent_detail))
+        # The upstreams' ids of this round's hand-overs, for their event webhooks.
+        keys = [k for d in rnd.delivered for k in provider_keys(d.get("provider_id"))]
         # One statement, so one round trip: the state change only while the lease holds,
-        # and the events and the body's removal only if it did.
+        # and the events, the provider ids and the body's removal only if it did.
         updated = await self._with_conn(
             lambda c: c.fetchval(
                 "WITH upd AS (UPDATE messages SET state = $5, updated = $2, attempts = $3,"
@@ -347,7 +355,10 @@ class PostgresQueue(Queue):
                 " ev AS (INSERT INTO events (msg_id, type, at, detail)"
                 " SELECT upd.id, e.type, e.at, e.detail FROM upd, unnest($11::text[],"
                 " $12::float8[], $13::text[]) WITH ORDINALITY AS e(type, at, detail, n)"
-                " ORDER BY e.n)"
+                " ORDER BY e.n),"
+                " pid AS (INSERT INTO provider_ids (key, msg_id)"
+                " SELECT DISTINCT k, upd.id FROM upd, unnest($15::text[]) AS k"
+                " ON CONFLICT DO NOTHING)"
                 " SELECT count(*) FROM upd",
                 item.id,
                 now,
@@ -358,11 +369,12 @@ class PostgresQueue(Queue):
                 rcpts,
                 next_attempt,
                 error,
-                state is Status.SENT,
+                state is Status.SENT and not rnd.keep_body,
                 [t.value for t, _, _ in events],
                 [at for _, at, _ in events],
                 [statements.dumps(d) for _, _, d in events],
                 statements.dumps(rcpts_done),
+                keys,
             )
         )
         return bool(updated)
@@ -437,6 +449,8 @@ class PostgresQueue(Queue):
                 await conn.execute("DELETE FROM events WHERE msg_id = ANY($1::text[])", ids)
                 await conn.execute("DELETE FROM bodies WHERE id = ANY($1::text[])", ids)
                 await conn.execute("DELETE FROM message_look WHERE id = ANY($1::text[])", ids)
+                await conn.execute("DELETE FROM provider_ids WHERE msg_id = ANY($1::text[])", ids)
+                await conn.execute("DELETE FROM delivery_keys WHERE msg_id = ANY($1::text[])", ids)
             return len(ids)
 
         return await self._transaction(run)
@@ -586,6 +600,8 @@ class PostgresQueue(Queue):
             await conn.execute("DELETE FROM bodies WHERE id = $1", msg_id)
             await conn.execute("DELETE FROM events WHERE msg_id = $1", msg_id)
             await conn.execute("DELETE FROM message_look WHERE id = $1", msg_id)
+            await conn.execute("DELETE FROM provider_ids WHERE msg_id = $1", msg_id)
+            await conn.execute("DELETE FROM delivery_keys WHERE msg_id = $1", msg_id)
             await conn.execute("DELETE FROM messages WHERE id = $1", msg_id)
 
         await self._act(msg_id, run)
@@ -608,6 +624,70 @@ class PostgresQueue(Queue):
         if done:
             self._wake_all()  # the NOTIFY reaches the others; this process wakes itself
         return done
+
+    # -- provider events ------------------------------------------------------------------
+    # What a webhook has answered 200 for must survive a crash (the provider won't send it
+    # again): these commit durably.
+
+    async def find_by_provider_id(self, provider_id: str) -> str | None:
+        keys = provider_keys(provider_id)
+        if not keys:
+            return None
+        return await self._with_conn(lambda c: statements.find_by_provider_id(c, keys))
+
+    async def record_delivery(self, rec: DeliveryRecord) -> bool:
+        return await self._durably(lambda c: statements.record_delivery(c, rec))
+
+    async def requeue(
+        self, msg_id: str, rcpts: list[str], *, exclude: str, now: float, reason: str, key: str
+    ) -> bool:
+        kind = await self._durably(
+            functools.partial(
+                statements.requeue,
+                msg_id=msg_id,
+                rcpts=rcpts,
+                exclude=exclude,
+                now=now,
+                reason=reason,
+                key=key,
+            )
+        )
+        if kind is None:
+            return False
+        self._work_arrived(Kind(kind))  # the NOTIFY wakes the others
+        return True
+
+    async def drop_bodies(self, *, sent_before: float) -> int:
+        dropped = 0
+        while True:
+            n = await self._transaction(
+                functools.partial(statements.drop_bodies, sent_before=sent_before)
+            )
+            dropped += n
+            if n < statements.DROP_BATCH:
+                return dropped
+
+    async def first_use(self, key: str, *, now: float, expires: float) -> bool:
+        return await self._durably(
+            functools.partial(statements.first_use, key=key, now=now, expires=expires)
+        )
+
+    @property
+    def suppressions(self) -> SuppressionStore:
+        if self._suppressions is None:
+            # Imported here: the engine works (and its tests run) without the module.
+            from relay.queue.postgres.suppression import PostgresSuppressions
+
+            self._suppressions = PostgresSuppressions(self._durably)
+        return self._suppressions
+
+    @property
+    def outbox(self) -> WebhookOutbox:
+        if self._outbox is None:
+            from relay.queue.postgres.outbox import PostgresOutbox
+
+            self._outbox = PostgresOutbox(self._durably)
+        return self._outbox
 
     @property
     def routing(self) -> RoutingStore:

@@ -109,6 +109,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX delivery_keys_msg ON delivery_keys (msg_id);
         -- Webhook replay guard (Queue.first_use).
         CREATE TABLE nonces (key text PRIMARY KEY, expires double precision NOT NULL);
+        CREATE INDEX nonces_expires ON nonces (expires);
         -- The suppression list; `seq` orders changes for the processes that follow them,
         -- a removal is a row with removed = true and a new seq until it is purged.
         CREATE SEQUENCE suppression_seq;

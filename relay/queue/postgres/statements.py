@@ -1,5 +1,6 @@
 """The PostgreSQL engine's statements that several of its methods share: events,
-timelines, the operator's retry, and the batch insert, export and import."""
+timelines, the operator's retry, the batch insert, export and import, and what provider
+events do (their keys, a requeue, kept bodies, the replay guard)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,24 @@ import asyncpg
 from relay.message import EventType, NewMessage, Status, stored_meta
 from relay.queue.base import (
     IMPORT_COLUMNS,
+    DeliveryRecord,
     MessageQuery,
     MessageRow,
     QueueActionError,
+    QueueBusy,
     event_detail,
     import_values,
     kind_conditions,
     look_filters,
     look_text,
+)
+from relay.queue.delivery import (
+    busy,
+    not_kept,
+    requeued_meta,
+    requeued_rcpts,
+    requeued_state,
+    status_meta,
 )
 
 CHANNEL = "relay_work"  # LISTEN/NOTIFY channel; the payload is the kind of work
@@ -222,3 +233,122 @@ async def find(conn: asyncpg.Connection, query: MessageQuery) -> list[MessageRow
     params.append(query.limit)
     sql += f" ORDER BY id DESC LIMIT ${len(params)}"
     return [row_of(r) for r in await conn.fetch(sql, *params)]
+
+
+# -- provider events (relay.events) ----------------------------------------------------------
+
+
+async def find_by_provider_id(conn: asyncpg.Connection, keys: list[str]) -> str | None:
+    """The newest message handed over under one of `keys` (ids sort by arrival)."""
+    found: str | None = await conn.fetchval(
+        "SELECT max(msg_id) FROM provider_ids WHERE key = ANY($1::text[])", keys
+    )
+    return found
+
+
+async def _locked(conn: asyncpg.Connection, msg_id: str) -> MessageRow:
+    """The message's row, locked until the transaction ends (a dispatcher's round waits)."""
+    r = await conn.fetchrow(f"SELECT {COLUMNS} FROM messages WHERE id = $1 FOR UPDATE", msg_id)
+    if r is None:
+        raise QueueActionError(f"no message {msg_id} in the queue")
+    return row_of(r)
+
+
+async def _first_key(conn: asyncpg.Connection, key: str, msg_id: str) -> bool:
+    """Remember an event's key; False when it was recorded before."""
+    taken = await conn.fetchval(
+        "INSERT INTO delivery_keys (key, msg_id) VALUES ($1, $2)"
+        " ON CONFLICT DO NOTHING RETURNING 1",
+        key,
+        msg_id,
+    )
+    return taken is not None
+
+
+async def record_delivery(conn: asyncpg.Connection, rec: DeliveryRecord) -> bool:
+    """A provider's event on the timeline and the recipient's status, once per key."""
+    row = await _locked(conn, rec.msg_id)
+    if not await _first_key(conn, rec.key, rec.msg_id):
+        return False
+    await add_events(conn, [(rec.msg_id, rec.type, rec.at, rec.detail)])
+    statuses = status_meta(row.meta, rec)
+    if statuses is not None:
+        await conn.execute(
+            "UPDATE messages SET meta = jsonb_set(meta, '{rcpts_status}', $2::jsonb) WHERE id = $1",
+            rec.msg_id,
+            dumps(statuses),
+        )
+    return True
+
+
+async def requeue(
+    conn: asyncpg.Connection,
+    msg_id: str,
+    rcpts: list[str],
+    *,
+    exclude: str,
+    now: float,
+    reason: str,
+    key: str,
+) -> str | None:
+    """Recipients a provider dropped, due again for another upstream (`Queue.requeue`).
+    The message's kind when done (and announced), None when `key` was used before."""
+    row = await _locked(conn, msg_id)
+    if not await _first_key(conn, key, msg_id):
+        return None
+    # Raised after the key is taken: the transaction's rollback takes it back.
+    if row.state == Status.SENDING:
+        raise QueueBusy(busy(msg_id))
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM bodies WHERE id = $1)", msg_id):
+        raise QueueActionError(not_kept(msg_id))
+    await conn.execute(
+        "UPDATE messages SET state = $2, rcpts = $3::jsonb, next_attempt = $4, updated = $4,"
+        " last_error = $5, meta = $6::jsonb WHERE id = $1",
+        msg_id,
+        requeued_state(row.state),
+        dumps(requeued_rcpts(row.state, row.rcpts, rcpts)),
+        now,
+        reason,
+        dumps(requeued_meta(row.meta, rcpts, exclude=exclude, now=now)),
+    )
+    detail = {"recipients": rcpts, "upstream": exclude, "reason": reason}
+    await add_events(conn, [(msg_id, EventType.REQUEUED, now, detail)])
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, row.kind)
+    return row.kind
+
+
+#: Bodies dropped per transaction, so a long backlog never holds its locks for long.
+DROP_BATCH = 1000
+
+
+async def drop_bodies(conn: asyncpg.Connection, *, sent_before: float) -> int:
+    """Up to DROP_BATCH kept bodies of messages sent before `sent_before`."""
+    dropped: int = await conn.fetchval(
+        "WITH gone AS (DELETE FROM bodies WHERE id IN (SELECT b.id FROM bodies b"
+        " JOIN messages m ON m.id = b.id WHERE m.state = 'sent' AND m.updated < $1"
+        " LIMIT $2) RETURNING 1) SELECT count(*) FROM gone",
+        sent_before,
+        DROP_BATCH,
+    )
+    return dropped
+
+
+#: Expired nonces forgotten per use: enough to keep up with the arrivals, never a long walk.
+NONCE_SWEEP = 100
+
+
+async def first_use(conn: asyncpg.Connection, key: str, *, now: float, expires: float) -> bool:
+    """Remember `key` until `expires`; False while it is remembered already. A few other
+    expired keys are forgotten in the same statement, so the table stays the size of the
+    replay window (the key itself is left to the upsert: one statement can't do both)."""
+    taken = await conn.fetchval(
+        "WITH swept AS (DELETE FROM nonces WHERE key IN (SELECT key FROM nonces"
+        " WHERE expires < $3 AND key <> $1 LIMIT $4 FOR UPDATE SKIP LOCKED))"
+        " INSERT INTO nonces (key, expires) VALUES ($1, $2) ON CONFLICT (key)"
+        " DO UPDATE SET expires = EXCLUDED.expires WHERE nonces.expires < $3 RETURNING 1",
+        key,
+        expires,
+        now,
+        NONCE_SWEEP,
+    )
+    return taken is not None

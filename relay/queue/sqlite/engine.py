@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from relay.message import Claimed, EventType, Kind, NewMessage, Status
 from relay.queue.base import (
+    DeliveryRecord,
     MessageQuery,
     MessageRow,
     Queue,
@@ -27,9 +28,13 @@ from relay.queue.base import (
     Round,
     RoutingStore,
     StatsStore,
+    SuppressionStore,
+    WebhookOutbox,
+    provider_keys,
 )
-from relay.queue.sqlite import queries
+from relay.queue.sqlite import queries, shared
 from relay.queue.sqlite.routing import SQLiteRouting
+from relay.queue.sqlite.shared import SharedDB
 from relay.queue.sqlite.stats import SQLiteStats
 from relay.queue.sqlite.store import Spool, connect, shard_of, shard_paths, transaction
 
@@ -57,6 +62,10 @@ class SQLiteQueue(Queue):
         self._spools: dict[int, Spool] = {shard: self.spool}
         self._routing = SQLiteRouting(queue_dir / "routing.db", owner=owner)
         self._stats = SQLiteStats(self._routing)
+        # The host's durable shared state: suppression list, webhook outbox, nonces.
+        self._shared = SharedDB(queue_dir / "shared.db")
+        self._suppressions: SuppressionStore | None = None
+        self._outbox: WebhookOutbox | None = None
         self._direct: dict[Path, tuple[sqlite3.Connection, threading.Lock]] = {}
         self._direct_lock = threading.Lock()
         self._serving = False
@@ -96,6 +105,7 @@ class SQLiteQueue(Queue):
                 conn.close()
             self._direct.clear()
         self._routing.close()
+        self._shared.close()
 
     def check_accepting(self) -> None:
         self.spool.check_free_space()
@@ -203,6 +213,31 @@ class SQLiteQueue(Queue):
                 return await self._on_shard(path, fn)
         raise QueueActionError(f"no message {msg_id} in the queue")
 
+    def _serving_spool(self, path: Path) -> Spool | None:
+        if self._serving:
+            for spool in self._spools.values():
+                if spool.path == path:
+                    return spool
+        return None
+
+    async def _write_shard(self, path: Path, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn in a write transaction on one shard: group-committed by this process's writer
+        when it serves that shard (webhook events come in bursts), else a transaction of its
+        own beside the shard's writer."""
+        spool = self._serving_spool(path)
+        if spool is not None:
+            return await spool.write(fn)
+        return await self._on_shard(path, fn)
+
+    async def _write_message(self, msg_id: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn on the shard that holds the message (fn checks again that it is there)."""
+        for path in shard_paths(self.queue_dir):
+            if await self._on_shard(
+                path, lambda c: queries.get(c, msg_id) is not None, write=False
+            ):
+                return await self._write_shard(path, fn)
+        raise QueueActionError(f"no message {msg_id} in the queue")
+
     async def get(self, msg_id: str) -> MessageRow | None:
         found = await self._each_shard(
             lambda c: [r] if (r := queries.get(c, msg_id)) else [], write=False
@@ -295,6 +330,74 @@ class SQLiteQueue(Queue):
         if ids:
             self._wake_all()
         return ids
+
+    # -- provider events ----------------------------------------------------------------
+
+    async def find_by_provider_id(self, provider_id: str) -> str | None:
+        keys = provider_keys(provider_id)
+        if not keys:
+            return None
+        found = await self._each_shard(
+            lambda c: [m] if (m := queries.find_by_provider_id(c, keys)) else [], write=False
+        )
+        return max(found) if found else None
+
+    async def record_delivery(self, rec: DeliveryRecord) -> bool:
+        return await self._write_message(rec.msg_id, lambda c: queries.record_delivery(c, rec))
+
+    async def requeue(
+        self, msg_id: str, rcpts: list[str], *, exclude: str, now: float, reason: str, key: str
+    ) -> bool:
+        kind = await self._write_message(
+            msg_id,
+            functools.partial(
+                queries.requeue,
+                msg_id=msg_id,
+                rcpts=rcpts,
+                exclude=exclude,
+                now=now,
+                reason=reason,
+                key=key,
+            ),
+        )
+        if kind is None:
+            return False
+        self._work_arrived(Kind(kind))
+        return True
+
+    async def drop_bodies(self, *, sent_before: float) -> int:
+        dropped = 0
+        for path in shard_paths(self.queue_dir):
+            while True:
+                n = await self._write_shard(
+                    path, functools.partial(queries.drop_bodies, sent_before=sent_before)
+                )
+                dropped += n
+                if n < queries.DROP_BATCH:
+                    break
+        return dropped
+
+    async def first_use(self, key: str, *, now: float, expires: float) -> bool:
+        return await self._shared.run(
+            functools.partial(shared.first_use, key=key, now=now, expires=expires)
+        )
+
+    @property
+    def suppressions(self) -> SuppressionStore:
+        if self._suppressions is None:
+            # Imported here: the engine works (and its tests run) without the module.
+            from relay.queue.sqlite.suppression import SQLiteSuppressions
+
+            self._suppressions = SQLiteSuppressions(self._shared)
+        return self._suppressions
+
+    @property
+    def outbox(self) -> WebhookOutbox:
+        if self._outbox is None:
+            from relay.queue.sqlite.outbox import SQLiteOutbox
+
+            self._outbox = SQLiteOutbox(self._shared)
+        return self._outbox
 
     @property
     def routing(self) -> RoutingStore:

@@ -34,16 +34,27 @@ from relay.message import (
 )
 from relay.queue.base import (
     IMPORT_COLUMNS,
+    DeliveryRecord,
     MessageQuery,
     MessageRow,
     QueueActionError,
+    QueueBusy,
     Round,
     event_detail,
     import_values,
     kind_conditions,
     look_filters,
     look_text,
+    provider_keys,
     round_meta,
+)
+from relay.queue.delivery import (
+    busy,
+    not_kept,
+    requeued_meta,
+    requeued_rcpts,
+    requeued_state,
+    status_meta,
 )
 
 
@@ -161,8 +172,10 @@ def complete(
     now: float,
     attempts: int,
     detail: dict[str, Any],
+    keep_body: bool = False,
 ) -> bool:
-    """Every recipient is done: state sent, the body is no longer needed."""
+    """Every recipient is done: state sent. The body goes, unless a provider's events may
+    still send it elsewhere (`keep_body`: `drop_bodies` removes it later)."""
     if not _finish(
         conn,
         msg_id,
@@ -171,7 +184,8 @@ def complete(
         (now, attempts),
     ):
         return False
-    conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+    if not keep_body:
+        conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
     _event(conn, msg_id, now, EventType.SENT, detail)
     return True
 
@@ -280,6 +294,11 @@ def record_round(
         return False
     for type_, at, detail in rnd.events:
         _event(conn, msg_id, at, type_, detail)
+    keys = [(k, msg_id) for d in rnd.delivered for k in provider_keys(d.get("provider_id"))]
+    if keys:
+        conn.executemany(
+            "INSERT INTO provider_ids (key, msg_id) VALUES (?, ?) ON CONFLICT DO NOTHING", keys
+        )
     if rnd.delivered and (rnd.retry or rnd.failure):
         _event(conn, msg_id, now, EventType.NOTE, {"partial": True, "delivered": rnd.delivered})
     patch, done = round_meta(rnd, now=now)
@@ -314,7 +333,15 @@ def record_round(
             reason=rnd.failure,
             detail=rnd.fail_detail,
         )
-    return complete(conn, msg_id, owner=owner, now=now, attempts=rounds, detail=rnd.sent_detail)
+    return complete(
+        conn,
+        msg_id,
+        owner=owner,
+        now=now,
+        attempts=rounds,
+        detail=rnd.sent_detail,
+        keep_body=rnd.keep_body,
+    )
 
 
 def purge_history(conn: sqlite3.Connection, *, state: Status, older_than: float) -> int:
@@ -329,10 +356,17 @@ def purge_history(conn: sqlite3.Connection, *, state: Status, older_than: float)
         )
     ]
     for msg_id in ids:
-        conn.execute("DELETE FROM events WHERE msg_id = ?", (msg_id,))
-        conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
-        conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+        _forget(conn, msg_id)
     return len(ids)
+
+
+def _forget(conn: sqlite3.Connection, msg_id: str) -> None:
+    """A message and everything kept about it (purged, or deleted by an operator)."""
+    conn.execute("DELETE FROM events WHERE msg_id = ?", (msg_id,))
+    conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+    conn.execute("DELETE FROM provider_ids WHERE msg_id = ?", (msg_id,))
+    conn.execute("DELETE FROM delivery_keys WHERE msg_id = ?", (msg_id,))
+    conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -489,9 +523,7 @@ def delete(conn: sqlite3.Connection, msg_id: str, *, actor: str) -> None:
     row = _require(conn, msg_id)
     if row.state == Status.SENDING:
         raise _busy(row, "delete")
-    conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
-    conn.execute("DELETE FROM events WHERE msg_id = ?", (msg_id,))
-    conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+    _forget(conn, msg_id)
 
 
 def flush(conn: sqlite3.Connection, *, now: float, actor: str) -> list[str]:
@@ -506,6 +538,100 @@ def flush(conn: sqlite3.Connection, *, now: float, actor: str) -> list[str]:
         conn.execute("UPDATE messages SET next_attempt = ? WHERE id = ?", (now, msg_id))
         _event(conn, msg_id, now, EventType.FLUSHED, {"by": actor})
     return ids
+
+
+# -- provider events (relay.events) ------------------------------------------------------------
+
+
+def find_by_provider_id(conn: sqlite3.Connection, keys: list[str]) -> str | None:
+    """The newest message handed over under one of `keys` (ids sort by arrival)."""
+    if not keys:
+        return None
+    marks = ",".join("?" * len(keys))
+    row = conn.execute(
+        f"SELECT max(msg_id) FROM provider_ids WHERE key IN ({marks})", keys
+    ).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def _first_key(conn: sqlite3.Connection, key: str, msg_id: str) -> bool:
+    """Remember an event's key; False when it was recorded before."""
+    cur = conn.execute(
+        "INSERT INTO delivery_keys (key, msg_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (key, msg_id),
+    )
+    return cur.rowcount == 1
+
+
+def record_delivery(conn: sqlite3.Connection, rec: DeliveryRecord) -> bool:
+    """A provider's event on the timeline and the recipient's status, once per key."""
+    row = conn.execute("SELECT meta FROM messages WHERE id = ?", (rec.msg_id,)).fetchone()
+    if row is None:
+        raise QueueActionError(f"no message {rec.msg_id} in the queue")
+    if not _first_key(conn, rec.key, rec.msg_id):
+        return False
+    _event(conn, rec.msg_id, rec.at, rec.type, rec.detail)
+    statuses = status_meta(json.loads(row[0]), rec)
+    if statuses is not None:
+        conn.execute(
+            "UPDATE messages SET meta = json_set(meta, '$.rcpts_status', json(?)) WHERE id = ?",
+            (json.dumps(statuses, separators=(",", ":")), rec.msg_id),
+        )
+    return True
+
+
+def requeue(
+    conn: sqlite3.Connection,
+    msg_id: str,
+    rcpts: list[str],
+    *,
+    exclude: str,
+    now: float,
+    reason: str,
+    key: str,
+) -> str | None:
+    """Recipients a provider dropped, due again for another upstream (`Queue.requeue`).
+    The message's kind when done (for the wake-up), None when `key` was used before."""
+    row = _require(conn, msg_id)
+    if not _first_key(conn, key, msg_id):
+        return None
+    # Raised after the key is taken: the transaction (or its savepoint) takes it back.
+    if row.state == Status.SENDING:
+        raise QueueBusy(busy(msg_id))
+    if body(conn, msg_id) is None:
+        raise QueueActionError(not_kept(msg_id))
+    meta = requeued_meta(row.meta, rcpts, exclude=exclude, now=now)
+    conn.execute(
+        "UPDATE messages SET state = ?, rcpts = ?, next_attempt = ?, updated = ?,"
+        " last_error = ?, meta = ? WHERE id = ?",
+        (
+            requeued_state(row.state),
+            json.dumps(requeued_rcpts(row.state, row.rcpts, rcpts)),
+            now,
+            now,
+            reason,
+            json.dumps(meta, separators=(",", ":")),
+            msg_id,
+        ),
+    )
+    detail = {"recipients": rcpts, "upstream": exclude, "reason": reason}
+    _event(conn, msg_id, now, EventType.REQUEUED, detail)
+    return row.kind
+
+
+#: Bodies dropped per transaction, so a long backlog never holds the write lock for long.
+DROP_BATCH = 1000
+
+
+def drop_bodies(conn: sqlite3.Connection, *, sent_before: float) -> int:
+    """Up to DROP_BATCH kept bodies of messages sent before `sent_before`. The bodies table
+    holds only the live queue and the kept ones, so it is walked, not the sent history."""
+    cur = conn.execute(
+        "DELETE FROM bodies WHERE id IN (SELECT b.id FROM bodies b JOIN messages m"
+        " ON m.id = b.id WHERE m.state = 'sent' AND m.updated < ? LIMIT ?)",
+        (sent_before, DROP_BATCH),
+    )
+    return cur.rowcount
 
 
 # -- moving a queue between engines ----------------------------------------------------------

@@ -28,6 +28,7 @@ T = TypeVar("T")
 SCHEMA = """
 -- Webhook replay guard (Queue.first_use).
 CREATE TABLE IF NOT EXISTS nonces (key TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nonces_expires ON nonces (expires);
 -- The suppression list (relay.queue.sqlite.suppression). `seq` orders changes, so each
 -- process follows them with `changes(after)`; a removal is a row with removed = 1 and a
 -- new seq until it is purged.
@@ -89,3 +90,22 @@ class SharedDB:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+#: Expired nonces forgotten per use: enough to keep up with the arrivals, never a long walk.
+NONCE_SWEEP = 100
+
+
+def first_use(conn: sqlite3.Connection, key: str, *, now: float, expires: float) -> bool:
+    """Remember `key` until `expires`; False while it is remembered already. A few expired
+    keys are forgotten on the way, so the table stays the size of the replay window."""
+    conn.execute(
+        "DELETE FROM nonces WHERE key IN (SELECT key FROM nonces WHERE expires < ? LIMIT ?)",
+        (now, NONCE_SWEEP),
+    )
+    cur = conn.execute(
+        "INSERT INTO nonces (key, expires) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET expires = excluded.expires WHERE nonces.expires < ?",
+        (key, expires, now),
+    )
+    return cur.rowcount == 1

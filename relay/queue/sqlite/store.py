@@ -69,6 +69,21 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_msg ON events (msg_id, seq);
+-- Provider events (relay.events): an upstream's message ids, indexed at hand-over so its
+-- webhooks find the message (relay.queue.base.provider_keys) ...
+CREATE TABLE IF NOT EXISTS provider_ids (
+    key    TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    PRIMARY KEY (key, msg_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS provider_ids_msg ON provider_ids (msg_id);
+-- ... and the events recorded on a timeline, by their stable key: a provider's retry of
+-- the same event (or a second requeue for it) adds nothing.
+CREATE TABLE IF NOT EXISTS delivery_keys (
+    key    TEXT PRIMARY KEY,
+    msg_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS delivery_keys_msg ON delivery_keys (msg_id);
 """
 
 # A batch this large already amortises the fsync; bigger ones only add latency.
