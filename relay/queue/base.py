@@ -759,7 +759,8 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     async def purge_history(self, *, state: Status, older_than: float) -> int:
         """Forget messages (and their timelines) that ended in `state` (sent, failed)
-        before `older_than`. A sent message's body is gone already (dropped when sent)."""
+        before `older_than`, with their bodies (a sent one's is gone already, or kept a
+        while for the provider's events) and provider ids."""
 
     # -- reading, for the operator surface
 
@@ -826,20 +827,20 @@ class Queue(abc.ABC):
     def stats(self) -> StatsStore: ...
 
     # -- provider events (relay.events)
-    # Not abstract until both engines have them (then: @abc.abstractmethod).
 
+    @abc.abstractmethod
     async def find_by_provider_id(self, provider_id: str) -> str | None:
         """The message an upstream's id belongs to (`provider_keys` of the ids stored at
         hand-over, in meta.provider_id and meta.rcpts_done), or None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def record_delivery(self, rec: DeliveryRecord) -> bool:
         """Append `rec` to its message's timeline and, when `rec.status` is set, make
         meta.rcpts_status[rec.rcpt] = {"status": status_after(old, new), "at", "upstream"},
         in one transaction. False when `rec.key` was recorded before (nothing written).
         QueueActionError when the message is not in the queue."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def requeue(
         self, msg_id: str, rcpts: list[str], *, exclude: str, now: float, reason: str, key: str
     ) -> bool:
@@ -850,24 +851,23 @@ class Queue(abc.ABC):
         reason}. False when `key` was used before (nothing written). QueueBusy while a
         dispatcher holds it; QueueActionError when the body is gone or the message is not
         here. Wakes the outbound work listeners."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def drop_bodies(self, *, sent_before: float) -> int:
         """Drop the kept bodies (Round.keep_body) of messages sent before `sent_before`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def first_use(self, key: str, *, now: float, expires: float) -> bool:
         """True the first time `key` is seen (remembered until `expires`, wall clock), on
         every process and host: a webhook's replay guard (Mailgun's token)."""
-        raise NotImplementedError
 
     @property
-    def suppressions(self) -> SuppressionStore:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def suppressions(self) -> SuppressionStore: ...
 
     @property
-    def outbox(self) -> WebhookOutbox:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def outbox(self) -> WebhookOutbox: ...
 
     # -- moving a queue between engines
 

@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 
 from relay.message import EventType, Kind, Status
-from relay.queue.base import DeliveryRecord, Queue, QueueActionError, QueueBusy, Round
+from relay.queue.base import (
+    DeliveryRecord,
+    Queue,
+    QueueActionError,
+    QueueBusy,
+    Round,
+    Suppression,
+    SuppressionStore,
+    WebhookOutbox,
+)
 from relay.queue.sqlite.engine import SQLiteQueue
 from relay.queue.sqlite.store import db_path
 from tests.queue.test_engines import NODE_A, NODE_B, MakeQueue, claim, new, types
@@ -421,3 +430,16 @@ async def test_sqlite_events_reach_a_message_in_another_workers_shard(tmp_path: 
     finally:
         await worker0.close()
         await worker1.close()
+
+
+async def test_the_suppression_list_and_outbox_live_with_the_queue(make_queue: MakeQueue) -> None:
+    q1, q2 = await make_queue(NODE_A), await make_queue(NODE_B)
+    assert isinstance(q1.suppressions, SuppressionStore) and q1.suppressions is q1.suppressions
+    assert isinstance(q1.outbox, WebhookOutbox) and q1.outbox is q1.outbox
+    entry = Suppression("bounced@example.org", "", "hard_bounce", "ses:evt-1", time.time())
+    assert await q1.suppressions.add([entry]) == 1
+    # Another process (or host) of the same queue reads the same list.
+    [seen] = await q2.suppressions.list()
+    assert seen.address == "bounced@example.org" and seen.reason == "hard_bounce"
+    assert await q1.outbox.add([("app", "k1", "m1", b"{}")], now=time.time()) == 1
+    assert (await q2.outbox.pending())["app"]["waiting"] == 1
