@@ -409,6 +409,7 @@ async def test_the_relays_endpoint_takes_a_signed_event_and_refuses_a_forged_one
     async with aiohttp.ClientSession() as session:
         async with session.post(url, data=good.body, headers=dict(good.headers)) as response:
             assert response.status == 200, await response.text()
+            assert (await response.json())["unmatched"] == 1
         forged = signed(mg_event("delivered"), key="not-the-key", timestamp=int(time.time()))
         async with session.post(url, data=forged.body, headers=dict(forged.headers)) as response:
             assert response.status == 401
