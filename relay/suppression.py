@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from relay.config import SuppressionConfig
+from relay.config import SUPPRESSION_REASONS, SuppressionConfig, parse_duration
 from relay.queue.base import StoreError, Suppression, SuppressionStore
 
 log = logging.getLogger("relay.suppression")
 
 POLL_INTERVAL = 2.0
+MAX_EXPIRES = 100 * 365 * 86400.0
 PURGE_INTERVAL = 3600.0
 
 #: How a reason reads in a reply or on the page.
@@ -60,6 +62,72 @@ def refusal_reply(rcpt: str, entry: Suppression) -> str:
         f"550 5.1.1 <{rcpt}>: recipient is on the suppression list ({describe(entry)});"
         f" if it should receive mail again, ask the relay's operator to run"
         f" `{removal_hint(entry)}`"
+    )
+
+
+#: Reasons an operator may give (the providers' own, and the default "manual").
+OPERATOR_REASONS = (*SUPPRESSION_REASONS, "manual", "import")
+# Labels of letters (any script: internationalised domains), digits, "-" and "_".
+_DOMAIN = re.compile(r"(?=.{1,253}$)\w([\w-]*\w)?(\.\w([\w-]*\w)?)*")
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
+def check_address(address: str) -> str:
+    """The address lower-cased, or ValueError saying what is wrong with it."""
+    address = address.strip()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"{address!r} is not a full address such as user@example.com")
+    if len(address) > 320 or _CONTROL.search(address) or not _DOMAIN.fullmatch(domain.lower()):
+        raise ValueError(f"{address!r} is not a valid email address")
+    return address.lower()
+
+
+def check_scope(scope: str | None) -> str:
+    """A sender domain ("" or None: every sender), lower-cased, or ValueError."""
+    scope = (scope or "").strip().lower()
+    if scope and not _DOMAIN.fullmatch(scope):
+        raise ValueError(f"{scope!r} is not a domain name such as example.com")
+    return scope
+
+
+def operator_entry(
+    address: str,
+    *,
+    source: str,
+    now: float,
+    reason: str | None = None,
+    scope: str | None = None,
+    expires: str | float | None = None,
+    detail: str = "",
+) -> Suppression:
+    """An entry an operator adds (CLI, API, page, import): every value checked, each
+    ValueError saying what to give instead. `expires` is a duration from now ("30d")."""
+    reason = reason or "manual"
+    if reason not in OPERATOR_REASONS:
+        raise ValueError(f"unknown reason {reason!r}; use one of {', '.join(OPERATOR_REASONS)}")
+    until = None
+    if expires not in (None, ""):
+        try:
+            ttl = parse_duration(expires)
+        except (ValueError, OverflowError):
+            raise ValueError(
+                f"expires: {expires!r} is not a duration such as 30d, 12h or 3600"
+            ) from None
+        if not 0 < ttl <= MAX_EXPIRES:
+            raise ValueError(
+                "expires: give a duration above zero and at most 100 years,"
+                " or none to keep it for good"
+            )
+        until = now + ttl
+    return Suppression(
+        address=check_address(address),
+        scope=check_scope(scope),
+        reason=reason,
+        source=source,
+        created=now,
+        expires=until,
+        detail=detail,
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from relay.message import Kind, Status
 from relay.queue.base import SEARCH_KINDS
+from relay.suppression import OPERATOR_REASONS
 
 Schema = dict[str, Any]
 
@@ -272,6 +273,58 @@ SCHEMAS: dict[str, Schema] = {
         },
         "required": ["window", "counts", "oldest_age", "series", "queue_time", "upstreams"],
     },
+    "Suppression": _obj(
+        {
+            "address": {"type": "string"},
+            "scope": {
+                "type": "string",
+                "description": 'the sender domain it applies to; "" for every sender',
+            },
+            "reason": {"type": "string", "enum": list(OPERATOR_REASONS)},
+            "source": {
+                "type": "string",
+                "description": "the provider event, or who added it (cli:<user>, web:<token>)",
+            },
+            "created": {"type": "number"},
+            "expires": _nullable("number"),
+            "detail": {"type": "string"},
+        }
+    ),
+    "SuppressionPage": _obj(
+        {
+            "suppressions": {"type": "array", "items": _ref("Suppression")},
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "pass as `after` for the next page; null on the last page",
+            },
+        }
+    ),
+    "NewSuppression": _obj(
+        {
+            "address": {"type": "string", "minLength": 3, "maxLength": 320},
+            "reason": {"type": "string", "enum": list(OPERATOR_REASONS)},
+            "scope": {
+                "type": "string",
+                "maxLength": 253,
+                "description": "only for mail from this sender domain; default every sender",
+            },
+            "expires": {
+                "type": ["string", "number"],
+                "description": "forget it after this long (30d, 12h, seconds); default never",
+            },
+            "detail": {"type": "string", "maxLength": 1000},
+        },
+        required=("address",),
+        closed=True,
+    ),
+    "SuppressionAdded": _obj({"suppression": _ref("Suppression")}),
+    "SuppressionRemoved": _obj(
+        {
+            "address": {"type": "string"},
+            "scope": _nullable("string"),
+            "removed": {"type": "integer", "minimum": 1},
+        }
+    ),
     "Index": _obj(
         {
             "name": {"type": "string"},
@@ -297,11 +350,12 @@ ERRORS = {
     "400": "a parameter or field is wrong (`field` names it)",
     "401": "no token, or not one of [[web.tokens]]",
     "403": "the token's role may not do this, or no token is configured at all",
-    "404": "no such message or upstream",
+    "404": "no such message, upstream or suppressed address",
     "409": "the message is not in a state this action applies to",
     "410": "the message's bytes are gone (dropped once sent)",
     "413": "the body or the message is larger than smtp.max_message_size allows",
     "415": "the Content-Type is not one this endpoint takes",
+    "422": "a recipient is on the suppression list (`field` names it); nothing was queued",
     "503": "the queue cannot take or read messages now; retry after Retry-After seconds",
 }
 
@@ -423,7 +477,7 @@ PATHS: dict[str, dict[str, Schema]] = {
                 "200": _json(_ref("Submitted"), "an earlier request with this key queued it"),
                 **{
                     code: _json(_ref("Error"), ERRORS[code])
-                    for code in ("400", "401", "403", "413", "415", "503")
+                    for code in ("400", "401", "403", "413", "415", "422", "503")
                 },
             },
         },
@@ -508,6 +562,43 @@ PATHS: dict[str, dict[str, Schema]] = {
                 _query("window", {"type": "string", "enum": ["1h", "24h", "7d"]}, "default 1h")
             ],
             "responses": _responses("200", "Stats", "the figures", "400"),
+        }
+    },
+    "/api/v1/suppressions": {
+        "get": {
+            "summary": "The suppression list in address order",
+            "description": "Addresses the relay will not mail (hard bounces, complaints, and"
+            " what operators added), with why, since when and until when.",
+            "parameters": [
+                _query("search", TEXT_FILTER, "the address contains this (any case)"),
+                _query("after", TEXT_FILTER, "the cursor: next_cursor of the previous page"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "default 100"),
+            ],
+            "responses": _responses("200", "SuppressionPage", "a page of entries", "400"),
+        },
+        "post": {
+            "summary": "Suppress an address (role admin)",
+            "description": "Added (or renewed) at once: this relay refuses it from the next"
+            " RCPT TO, the other processes within seconds. The token is its source.",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("NewSuppression")}},
+            },
+            "responses": _responses("201", "SuppressionAdded", "on the list", "400", "413", "415"),
+        },
+    },
+    "/api/v1/suppressions/{address}": {
+        "delete": {
+            "summary": "Lift an address's suppression (role admin)",
+            "description": "Without `scope`, in every scope; with it, only that sender"
+            " domain's entry (an empty scope: the entry for every sender).",
+            "parameters": [
+                _path("address", {"type": "string"}),
+                _query("scope", {"type": "string", "maxLength": 253}, "a sender domain"),
+            ],
+            "responses": _responses(
+                "200", "SuppressionRemoved", "taken off the list", "400", "404"
+            ),
         }
     },
 }

@@ -34,6 +34,7 @@ from relay.web.api.inputs import (
 )
 from relay.web.api.openapi import document
 from relay.web.api.submit import Origin, count_submission, submit_json, submit_raw
+from relay.web.api.suppressions import add_suppression, list_suppressions, remove_suppression
 from relay.web.auth import Need, require
 from relay.web.context import CONTEXT, WebContext
 from relay.web.errors import http_error, json_error
@@ -394,6 +395,15 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/upstreams/{name}/pause", pause_upstream, "admin", "Pause an upstream"),
     Route("POST", "/upstreams/{name}/resume", resume_upstream, "admin", "Resume an upstream"),
     Route("GET", "/stats", get_stats, "read", "Counts, throughput and latency over a window"),
+    Route("GET", "/suppressions", list_suppressions, "read", "The suppression list, by address"),
+    Route("POST", "/suppressions", add_suppression, "admin", "Suppress an address"),
+    Route(
+        "DELETE",
+        "/suppressions/{address}",
+        remove_suppression,
+        "admin",
+        "Lift an address's suppression",
+    ),
 )
 
 

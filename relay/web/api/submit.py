@@ -25,6 +25,7 @@ from relay.message import Envelope, Kind, NewMessage, new_message_id
 from relay.queue.base import StoreError, StoreFull
 from relay.smtp.address import Problem, mailbox_problem
 from relay.smtp.auth import sender_allowed
+from relay.suppression import describe, removal_hint
 from relay.telemetry.classify import (
     ACCEPTED,
     DEFERRED,
@@ -102,6 +103,7 @@ async def submit_json(
         built = compose(payload, msg_id=msg_id, hostname=ctx.config.server.hostname, now=now)
         _check_sender(principal, built.mail_from, "from")
         _check_recipient_count(ctx, built.rcpt_fields)
+        _check_suppressed(ctx, built.mail_from, built.rcpts, built.rcpt_fields)
         return await _queue(
             ctx, principal, built, msg_id=msg_id, now=now, key=key, origin=origin, form="json"
         )
@@ -137,6 +139,7 @@ async def submit_raw(
         _check_sender(principal, sender, "from")
         fields = tuple(f"to[{i}]" for i in range(len(rcpts)))
         _check_recipient_count(ctx, fields)
+        _check_suppressed(ctx, sender, rcpts, fields)
         body = _normalized(data)
         built = Composed(
             mail_from=sender,
@@ -201,6 +204,27 @@ def _check_recipient_count(ctx: WebContext, fields: tuple[str, ...]) -> None:
             " split the message",
             fields[limit],
         )
+
+
+def _check_suppressed(
+    ctx: WebContext, sender: str, rcpts: Sequence[str], fields: Sequence[str]
+) -> None:
+    """A recipient on the suppression list refuses the whole submission (422), as RCPT TO
+    refuses it over SMTP; nothing is queued. Under `action = "bounce"` it is let in."""
+    suppressions = ctx.suppressions
+    if suppressions is None or not suppressions.refuses:
+        return
+    for rcpt, field_name in zip(rcpts, fields, strict=True):
+        entry = suppressions.check(rcpt, sender)
+        if entry is not None:
+            raise SubmitError(
+                422,
+                "suppressed_recipient",
+                f"{field_name}: {rcpt} is on the suppression list ({describe(entry)});"
+                " leave it out, or ask the relay's operator to lift it"
+                f" (`{removal_hint(entry)}`)",
+                field_name,
+            )
 
 
 def _check_size(ctx: WebContext, size: int) -> None:
