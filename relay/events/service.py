@@ -154,9 +154,9 @@ class EventService:
             reason = f"{upstream} reported a hard bounce: {event.reason or event.provider_event}"
             await self._report(row, {rcpt: reason}, key=event.key)
         if event.provider_fault and self.config.events.requeue:
-            resent = await self._resend(row, rcpt, upstream, event)
+            done, resent = await self._resend(row, rcpt, upstream, event)
+            applied.requeued += done
             if resent is not None:
-                applied.requeued += 1
                 out.append(resent)
         return out
 
@@ -190,15 +190,17 @@ class EventService:
 
     async def _resend(
         self, row: MessageRow, rcpt: str, upstream: str, event: ProviderEvent
-    ) -> MessageEvent | None:
+    ) -> tuple[bool, MessageEvent | None]:
         """Send the recipient through an upstream that has not dropped it yet; when none is
-        left (or the body is gone), it failed for good and the sender hears of it."""
+        left (or the body is gone), it failed for good and the sender hears of it. (Whether
+        it was requeued now, the `requeued` event for the apps: also for a repeat, which
+        the outbox ignores, so a crash between the two is mended by the repeat.)"""
         excluded = {*(row.meta.get("excluded_upstreams") or ()), upstream}
         reason = f"{upstream} {event.event} it: {event.reason or event.provider_event}"
         if all(name in excluded for name in self.upstreams):
             why = f"dropped by every upstream ({', '.join(sorted(excluded))}); last: {reason}"
             await self._report(row, {rcpt: why}, key=event.key)
-            return None
+            return False, None
         try:
             done = await self.queue.requeue(
                 row.id,
@@ -211,12 +213,12 @@ class EventService:
         except QueueActionError as exc:
             log.warning("%s: <%s> not re-sent after %s: %s", row.id, rcpt, reason, exc)
             await self._report(row, {rcpt: f"{reason} (not re-sent: {exc})"}, key=event.key)
-            return None
+            return False, None
         if done:
             log.info("%s: <%s> back in the queue: %s", row.id, rcpt, reason)
             if self.telemetry is not None:
                 self.telemetry.requeued(upstream)
-        return MessageEvent(
+        return done, MessageEvent(
             id=f"{event.key}:requeued",
             event="requeued",
             message_id=row.id,

@@ -1,0 +1,251 @@
+"""Provider events end to end: a relay on loopback, fake providers that check requests as
+the real APIs do, and webhooks posted over HTTP exactly as SendGrid signs them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiosmtplib
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from relay.app import Relay
+from relay.message import EventType
+from relay.queue.base import MessageQuery
+from tests.conftest import RelayFactory, mailgun_upstream, wait_states
+from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeSendGrid
+from tests.web.conftest import base_url
+
+SENDER, RCPT = "app@example.com", "alice@example.org"
+
+
+@pytest.fixture(scope="module")
+def signing_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture
+def events_key(signing_key: ec.EllipticCurvePrivateKey, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The verification key as SendGrid's settings page shows it (base64 DER)."""
+    der = signing_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    monkeypatch.setenv("SG_EVENTS_KEY", base64.b64encode(der).decode())
+    return "env:SG_EVENTS_KEY"
+
+
+@pytest.fixture
+async def sendgrid() -> AsyncIterator[FakeSendGrid]:
+    fake = FakeSendGrid()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def sendgrid_entry(fake: FakeSendGrid, key: str) -> dict[str, Any]:
+    return {
+        "name": "sendgrid",
+        "type": "sendgrid",
+        "api_key": FAKE_KEY,
+        "base_url": fake.url,
+        "priority": 1,
+        "timeout": "5s",
+        "events": True,
+        "webhook": {"public_key": key},
+    }
+
+
+async def post_sendgrid(
+    relay: Relay, key: ec.EllipticCurvePrivateKey, events: list[dict[str, Any]]
+) -> tuple[int, dict[str, Any]]:
+    """POST events signed as SendGrid's Signed Event Webhook does (ECDSA P-256 over the
+    timestamp followed by the raw body)."""
+    body = json.dumps(events).encode()
+    stamp = str(int(time.time()))
+    signature = key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+    headers = {
+        "Content-Type": "application/json",
+        "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(signature).decode(),
+        "X-Twilio-Email-Event-Webhook-Timestamp": stamp,
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{base_url(relay)}/webhooks/sendgrid", data=body, headers=headers) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+def sendgrid_event(relay_id: str, provider_id: str, event: str, **fields: Any) -> dict[str, Any]:
+    """One event as SendGrid posts it: custom_args (our relay_id) flattened in."""
+    return {
+        "email": RCPT,
+        "timestamp": int(time.time()),
+        "event": event,
+        "sg_event_id": f"ev-{event}-{relay_id}",
+        "sg_message_id": f"{provider_id}.filterdrecv-5645d9c87f-6r2ch-1-5F1A0C8D-1.0",
+        "relay_id": relay_id,
+        **fields,
+    }
+
+
+async def send(relay: Relay, to: str = RCPT, sender: str = SENDER) -> None:
+    await aiosmtplib.send(
+        f"From: {sender}\r\nTo: {to}\r\nSubject: events\r\n\r\nhello\r\n",
+        sender=sender,
+        recipients=[to],
+        hostname="127.0.0.1",
+        port=relay.smtp_ports()[0],
+        start_tls=False,
+    )
+
+
+async def handed_to_sendgrid(relay: Relay, fake: FakeSendGrid) -> tuple[str, str]:
+    """(our message id, SendGrid's X-Message-Id) of the one message sent."""
+    await wait_states(relay, sent=1)
+    (row,) = await relay.queue.search(state="sent")
+    (recorded,) = fake.requests
+    assert recorded.body["custom_args"] == {"relay_id": row.id}
+    return row.id, recorded.provider_id
+
+
+async def test_a_message_sendgrid_dropped_for_its_own_reason_goes_out_through_mailgun_once(
+    make_relay: RelayFactory,
+    sendgrid: FakeSendGrid,
+    mailgun: FakeMailgun,
+    signing_key: ec.EllipticCurvePrivateKey,
+    events_key: str,
+) -> None:
+    relay = await make_relay(
+        upstream=[sendgrid_entry(sendgrid, events_key), mailgun_upstream(mailgun, priority=2)]
+    )
+    await send(relay)
+    msg_id, provider_id = await handed_to_sendgrid(relay, sendgrid)
+    assert await relay.queue.body(msg_id) is not None  # kept: SendGrid may still drop it
+
+    dropped = sendgrid_event(
+        msg_id, provider_id, "dropped", reason="Recipient List over Package Quota"
+    )
+    status, answer = await post_sendgrid(relay, signing_key, [dropped])
+    assert (status, answer["requeued"], answer["recorded"]) == (200, 1, 1)
+    await relay.wait_for(lambda: _async(len(mailgun.requests) == 1))
+    await wait_states(relay, sent=1)
+
+    # SendGrid retries the webhook: nothing more happens.
+    status, answer = await post_sendgrid(relay, signing_key, [dropped])
+    assert (status, answer["duplicates"], answer["requeued"]) == (200, 1, 0)
+    await wait_states(relay, sent=1)
+    assert len(mailgun.requests) == 1 and len(sendgrid.requests) == 1
+
+    timeline = await relay.queue.timeline(msg_id)
+    types = [e["type"] for e in timeline]
+    assert types.count(EventType.DROPPED) == 1 and types.count(EventType.REQUEUED) == 1
+    attempts = [e["upstream"] for e in timeline if e["type"] == EventType.ATTEMPT]
+    assert attempts == ["sendgrid", "mailgun"]
+    requeued = next(e for e in timeline if e["type"] == EventType.REQUEUED)
+    assert requeued["upstream"] == "sendgrid" and "Package Quota" in requeued["reason"]
+    row = await relay.queue.get(msg_id)
+    assert row is not None and row.meta["excluded_upstreams"] == ["sendgrid"]
+    assert row.meta["upstream"] == "mailgun"
+
+    # A drop by the last upstream left is not re-sent there again: it fails for good.
+    assert relay.events is not None
+
+
+async def test_a_hard_bounce_reports_to_the_sender_and_the_address_is_refused_next_time(
+    make_relay: RelayFactory,
+    sendgrid: FakeSendGrid,
+    mailgun: FakeMailgun,
+    signing_key: ec.EllipticCurvePrivateKey,
+    events_key: str,
+) -> None:
+    relay = await make_relay(
+        upstream=[sendgrid_entry(sendgrid, events_key), mailgun_upstream(mailgun, priority=2)],
+        retry={"bounces": True},
+    )
+    await send(relay)
+    msg_id, provider_id = await handed_to_sendgrid(relay, sendgrid)
+    bounce = sendgrid_event(
+        msg_id,
+        provider_id,
+        "bounce",
+        type="bounce",
+        status="5.1.1",
+        reason="550 5.1.1 The email account that you tried to reach does not exist",
+    )
+    status, answer = await post_sendgrid(relay, signing_key, [bounce])
+    assert (status, answer["recorded"]) == (200, 1)
+
+    # The report goes to the sender, once, even when SendGrid repeats the event.
+    await wait_states(relay, sent=2)
+    status, answer = await post_sendgrid(relay, signing_key, [bounce])
+    assert (status, answer["duplicates"]) == (200, 1)
+    await wait_states(relay, sent=2)
+    (report,) = await relay.queue.find(MessageQuery(kind="bounce"))
+    assert report.meta["rcpts_original"] == [SENDER]
+    assert report.meta["subject"] == "Undelivered Mail Returned to Sender"
+    assert len(sendgrid.requests) + len(mailgun.requests) == 2
+
+    row = await relay.queue.get(msg_id)
+    assert row is not None and row.meta["rcpts_status"][RCPT]["status"] == "bounced"
+    timeline = await relay.queue.timeline(msg_id)
+    assert [e["type"] for e in timeline].count(EventType.BOUNCED) == 1
+    assert [e["type"] for e in timeline].count(EventType.DSN) == 1
+
+    # The address is suppressed: the next message to it is refused at RCPT TO.
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
+        await send(relay)
+    (reply,) = refused.value.recipients
+    assert reply.code == 550 and "suppress" in reply.message.lower()
+    assert len(sendgrid.requests) + len(mailgun.requests) == 2
+
+
+async def test_an_event_for_an_unknown_message_is_acknowledged_and_counted(
+    make_relay: RelayFactory,
+    sendgrid: FakeSendGrid,
+    signing_key: ec.EllipticCurvePrivateKey,
+    events_key: str,
+) -> None:
+    relay = await make_relay(upstream=[sendgrid_entry(sendgrid, events_key)])
+    event = sendgrid_event("01ABCDEFGHJKMNPQRSTV", "nosuchid", "delivered")
+    status, answer = await post_sendgrid(relay, signing_key, [event])
+    assert (status, answer["unmatched"], answer["recorded"]) == (200, 1, 0)
+
+
+async def test_a_forged_webhook_changes_nothing(
+    make_relay: RelayFactory,
+    sendgrid: FakeSendGrid,
+    events_key: str,
+) -> None:
+    relay = await make_relay(upstream=[sendgrid_entry(sendgrid, events_key)])
+    await send(relay)
+    msg_id, provider_id = await handed_to_sendgrid(relay, sendgrid)
+    forger = ec.generate_private_key(ec.SECP256R1())
+    event = sendgrid_event(msg_id, provider_id, "bounce", type="bounce", reason="550 no")
+    status, answer = await post_sendgrid(relay, forger, [event])
+    assert status == 401 and answer["error"] == "unauthenticated"
+    timeline = await relay.queue.timeline(msg_id)
+    assert EventType.BOUNCED not in [e["type"] for e in timeline]
+    assert relay.suppression is None or relay.suppression.check(RCPT, SENDER) is None
+
+
+async def test_webhooks_of_an_upstream_without_events_are_not_found(
+    make_relay: RelayFactory, sendgrid: FakeSendGrid, tmp_path: Path
+) -> None:
+    entry = {**sendgrid_entry(sendgrid, "env:UNUSED"), "events": False, "webhook": {}}
+    relay = await make_relay(upstream=[entry])
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{base_url(relay)}/webhooks/sendgrid", data=b"[]") as resp,
+    ):
+        assert resp.status == 404
+
+
+async def _async(value: bool) -> bool:
+    return value
