@@ -625,9 +625,10 @@ DROP_BATCH = 1000
 
 def drop_bodies(conn: sqlite3.Connection, *, sent_before: float) -> int:
     """Up to DROP_BATCH kept bodies of messages sent before `sent_before`. The bodies table
-    holds only the live queue and the kept ones, so it is walked, not the sent history."""
+    holds only the live queue and the kept ones, so it is walked (CROSS JOIN: SQLite keeps
+    that order), not the sent history through (state, id)."""
     cur = conn.execute(
-        "DELETE FROM bodies WHERE id IN (SELECT b.id FROM bodies b JOIN messages m"
+        "DELETE FROM bodies WHERE id IN (SELECT b.id FROM bodies b CROSS JOIN messages m"
         " ON m.id = b.id WHERE m.state = 'sent' AND m.updated < ? LIMIT ?)",
         (sent_before, DROP_BATCH),
     )
