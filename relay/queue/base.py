@@ -655,6 +655,10 @@ class WebhookOutbox(abc.ABC):
     async def next_due(self) -> float | None:
         """When the earliest waiting entry is due (None: nothing waits)."""
 
+    @abc.abstractmethod
+    async def purge(self, *, older_than: float) -> int:
+        """Forget dead entries created before `older_than`; how many went."""
+
 
 # -- the queue --------------------------------------------------------------------------------
 
