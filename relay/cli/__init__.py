@@ -1,4 +1,5 @@
-"""`relay` command line: serve, check-config, queue (postqueue/postsuper), user, dkim.
+"""`relay` command line: serve, check-config, queue (postqueue/postsuper), suppression,
+user, dkim.
 
 Queue commands go through `relay.queue.admin`, the same code the HTTP API calls, on
 whichever engine the config names; they work whether or not the server runs. A running
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from relay.cli.common import load, with_admin
 from relay.cli.queue import add_queue_commands
+from relay.cli.suppression import add_suppression_commands
 
 DEFAULT_CONFIG = os.environ.get("RELAY_CONFIG", "config.toml")
 
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_queue_commands(sub)
+    add_suppression_commands(sub)
 
     u = sub.add_parser("user", help="SMTP users").add_subparsers(dest="user_command", required=True)
     ua = u.add_parser(
