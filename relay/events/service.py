@@ -142,7 +142,7 @@ class EventService:
         )
         if await self.queue.record_delivery(record):
             applied.recorded += 1
-            self._count(upstream, event.event)
+            self._count(upstream, f"{event.bounce}_bounce" if event.bounce else event.event)
             log.info("%s %s <%s> via %s%s", row.id, event.event, rcpt, upstream, _why(event))
         else:
             applied.duplicates += 1

@@ -204,3 +204,64 @@ async def upstream_windows(
         for window in UPSTREAM_WINDOWS:
             windows.setdefault(window, dict(empty))
     return result
+
+
+#: Windows of the providers' reports: bounces and complaints come hours after hand-over,
+#: and the rates providers suspend accounts on are taken over a day's volume or more.
+EVENT_WINDOWS = {"1h": 60, "24h": 1440}
+#: The provider events counted per upstream (`Telemetry.provider_event` names).
+EVENT_NAMES = (
+    "delivered",
+    "deferred",
+    "hard_bounce",
+    "soft_bounce",
+    "complained",
+    "dropped",
+    "rejected",
+    "unsubscribed",
+    "unmatched",
+)
+
+
+async def provider_event_windows(
+    store: StatsStore, *, now: float
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per upstream and window (EVENT_WINDOWS): its providers' events by name, recipients
+    requeued from it, messages it accepted, and the bounce (hard bounces) and complaint
+    rates over what it accepted in the window, as SES computes them (None before it took
+    anything)."""
+    end = int(now // 60) + 1
+    longest = max(EVENT_WINDOWS.values())
+    points = await store.read(
+        since=(end - longest) * 60,
+        until=end * 60,
+        series=(series.PROVIDER_EVENT, series.REQUEUED, series.ATTEMPT),
+    )
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for window, minutes in EVENT_WINDOWS.items():
+        counts: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(EVENT_NAMES, 0.0))
+        for p in points:
+            if not end - minutes <= p.minute < end:
+                continue
+            if p.series == series.PROVIDER_EVENT:
+                name, event = series.split_label(p.label)
+                counts[name][event] = counts[name].get(event, 0.0) + p.value
+            elif p.series == series.REQUEUED:
+                counts[p.label]["requeued"] = counts[p.label].get("requeued", 0.0) + p.value
+            else:
+                name, outcome = series.split_label(p.label)
+                if outcome == "accepted":
+                    counts[name]["accepted"] = counts[name].get("accepted", 0.0) + p.value
+        for name, found in counts.items():
+            accepted = found.pop("accepted", 0.0)
+            row: dict[str, Any] = {k: int(v) for k, v in found.items()}
+            row.setdefault("requeued", 0)
+            row["accepted"] = int(accepted)
+            row["bounce_rate"] = _rate(found["hard_bounce"], accepted)
+            row["complaint_rate"] = _rate(found["complained"], accepted)
+            result.setdefault(name, {})[window] = row
+    return result
+
+
+def _rate(part: float, whole: float) -> float | None:
+    return round(part / whole, 5) if whole else None

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from relay.events.model import TIMELINE_TYPE
 from relay.message import SUMMARY_HEADERS, WAITING, EventType, header_summary
-from relay.queue.base import MessageQuery, MessageRow, UpstreamShare, heal
-from relay.telemetry.stats import upstream_windows, window_stats
+from relay.queue.base import STATUS_RANK, MessageQuery, MessageRow, UpstreamShare, heal
+from relay.telemetry.stats import provider_event_windows, upstream_windows, window_stats
 from relay.web.context import WebContext
 
 #: The `window` values of the stats endpoint, in seconds.
@@ -76,12 +77,19 @@ async def message_detail(ctx: WebContext, msg_id: str) -> dict[str, Any] | None:
     return detail
 
 
-def recipient_outcomes(row: MessageRow, timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per original recipient: pending, sent (an upstream took it), delivered (the
-    provider reported delivery) or failed, with the upstream, provider id and reason.
+#: What the providers' events may say of a recipient after hand-over (meta.rcpts_status).
+PROVIDER_STATES = tuple(STATUS_RANK)
+#: Timeline types of the providers' events, whose reason the recipient row shows.
+_PROVIDER_EVENTS = frozenset(TIMELINE_TYPE.values()) | {EventType.REQUEUED}
 
-    The queue's meta (`rcpts_done`, `rcpts_failed`) is the record; accepted attempts on the
-    timeline fill in for messages stored before meta carried it."""
+
+def recipient_outcomes(row: MessageRow, timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per original recipient: pending, sent (an upstream took it), failed, or what the
+    provider reported since (delivered, delayed, bounced, complained, dropped, rejected,
+    unsubscribed, requeued), with the upstream, provider id and reason.
+
+    The queue's meta (`rcpts_done`, `rcpts_failed`, `rcpts_status`) is the record; accepted
+    attempts on the timeline fill in for messages stored before meta carried it."""
     original = list(row.meta.get("rcpts_original") or row.rcpts)
     outcome: dict[str, dict[str, Any]] = {
         r: {
@@ -94,6 +102,7 @@ def recipient_outcomes(row: MessageRow, timeline: list[dict[str, Any]]) -> list[
         }
         for r in original
     }
+    reported: dict[str, str | None] = {}
     for event in timeline:
         kind = event.get("type")
         if kind == EventType.ATTEMPT and event.get("outcome") == "accepted":
@@ -107,24 +116,27 @@ def recipient_outcomes(row: MessageRow, timeline: list[dict[str, Any]]) -> list[
                         at=event.get("at"),
                         reason=None,
                     )
-        elif kind in (EventType.DELIVERED, EventType.BOUNCED):
-            targets = event.get("recipients") or [event.get("recipient")]
-            for rcpt in targets:
-                if rcpt in outcome:
-                    delivered = kind == EventType.DELIVERED
-                    outcome[rcpt].update(
-                        state="delivered" if delivered else "failed",
-                        at=event.get("at"),
-                        reason=None if delivered else event.get("reason"),
-                    )
-    for rcpt, done in (row.meta.get("rcpts_done") or {}).items():
+        elif kind in _PROVIDER_EVENTS:
+            for rcpt in event.get("recipients") or [event.get("recipient")]:
+                reported[rcpt] = event.get("reason")
+    done = row.meta.get("rcpts_done") or {}
+    for rcpt, took in done.items():
         if rcpt in outcome and outcome[rcpt]["state"] == "pending":
             outcome[rcpt].update(
                 state="sent",
-                upstream=done.get("upstream"),
-                provider_id=done.get("provider_id"),
-                at=done.get("at"),
+                upstream=took.get("upstream"),
+                provider_id=took.get("provider_id"),
+                at=took.get("at"),
             )
+    for rcpt, status in (row.meta.get("rcpts_status") or {}).items():
+        if rcpt not in outcome:
+            continue
+        took_again = (done.get(rcpt) or {}).get("at") or 0.0
+        if status.get("status") == "requeued" and took_again > (status.get("at") or 0.0):
+            continue  # handed over again since: "sent" by the new upstream
+        outcome[rcpt].update(
+            state=status.get("status"), at=status.get("at"), reason=reported.get(rcpt)
+        )
     for rcpt, reason in (row.meta.get("rcpts_failed") or {}).items():
         if rcpt in outcome:
             outcome[rcpt].update(state="failed", reason=reason)
@@ -173,6 +185,7 @@ async def upstream_rows(ctx: WebContext) -> list[dict[str, Any]]:
     now = ctx.clock()
     shares = await ctx.admin.upstreams()
     windows = await upstream_windows(ctx.queue.stats, now=now)
+    reports = await provider_event_windows(ctx.queue.stats, now=now)
     half_life = ctx.config.routing.health_half_life
     rows = []
     for up in sorted(ctx.config.upstream, key=lambda u: (u.priority, u.name)):
@@ -197,6 +210,8 @@ async def upstream_rows(ctx: WebContext) -> list[dict[str, Any]]:
                 "successes": share.successes,
                 "failures": share.failures,
                 "windows": windows.get(up.name) or {"5m": _empty_window(), "1h": _empty_window()},
+                "events_enabled": up.events,
+                "events": reports.get(up.name) or {},
             }
         )
     return rows

@@ -19,9 +19,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from relay.app import Relay
 from relay.message import EventType
 from relay.queue.base import MessageQuery
+from relay.web.context import WebContext
+from relay.web.views import upstream_rows
 from tests.conftest import RelayFactory, mailgun_upstream, wait_states
 from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeSendGrid
 from tests.web.conftest import base_url
+
+
+def web_context(relay: Relay) -> WebContext:
+    return WebContext(
+        config=relay.config,
+        queue=relay.queue,
+        submit=relay.submit,
+        readiness=relay.readiness_problems,
+    )
+
 
 SENDER, RCPT = "app@example.com", "alice@example.org"
 
@@ -197,6 +209,15 @@ async def test_a_hard_bounce_reports_to_the_sender_and_the_address_is_refused_ne
     timeline = await relay.queue.timeline(msg_id)
     assert [e["type"] for e in timeline].count(EventType.BOUNCED) == 1
     assert [e["type"] for e in timeline].count(EventType.DSN) == 1
+
+    # The upstream table counts the bounce, and the rate providers suspend accounts on.
+    await relay.telemetry.rollup.flush()
+    (sendgrid_row,) = [
+        u for u in await upstream_rows(web_context(relay)) if u["name"] == "sendgrid"
+    ]
+    last_hour = sendgrid_row["events"]["1h"]
+    assert (last_hour["hard_bounce"], last_hour["accepted"]) == (1, len(sendgrid.requests))
+    assert last_hour["bounce_rate"] == round(1 / len(sendgrid.requests), 5)
 
     # The address is suppressed: the next message to it is refused at RCPT TO.
     with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:

@@ -11,8 +11,9 @@ import copy
 from typing import Any
 
 from relay.message import Kind, Status
-from relay.queue.base import SEARCH_KINDS
+from relay.queue.base import SEARCH_KINDS, STATUS_RANK
 from relay.suppression import OPERATOR_REASONS
+from relay.telemetry.stats import EVENT_NAMES
 
 Schema = dict[str, Any]
 
@@ -142,7 +143,11 @@ SCHEMAS: dict[str, Schema] = {
     "Recipient": _obj(
         {
             "address": {"type": "string"},
-            "state": {"type": "string", "enum": ["pending", "sent", "delivered", "failed"]},
+            "state": {
+                "type": "string",
+                "enum": ["pending", "sent", "failed", *STATUS_RANK],
+                "description": "after `sent`, what the provider's events reported",
+            },
             "upstream": _nullable("string"),
             "provider_id": _nullable("string"),
             "reason": _nullable("string"),
@@ -241,6 +246,29 @@ SCHEMAS: dict[str, Schema] = {
             "successes": {"type": "integer"},
             "failures": {"type": "integer"},
             "windows": _obj({"5m": _ref("Window"), "1h": _ref("Window")}),
+            "events_enabled": {
+                "type": "boolean",
+                "description": "whether its event webhooks are taken (POST /webhooks/<name>)",
+            },
+            "events": {
+                "type": "object",
+                "description": "what its event webhooks reported, per window (1h, 24h), once"
+                " it reported anything",
+                "additionalProperties": _ref("EventWindow"),
+            },
+        }
+    ),
+    "EventWindow": _obj(
+        {
+            **{name: {"type": "integer"} for name in (*EVENT_NAMES, "requeued", "accepted")},
+            "bounce_rate": {
+                **_nullable("number"),
+                "description": "hard bounces ÷ messages it accepted in the window",
+            },
+            "complaint_rate": {
+                **_nullable("number"),
+                "description": "complaints ÷ messages it accepted in the window",
+            },
         }
     ),
     "Upstreams": _obj({"upstreams": {"type": "array", "items": _ref("Upstream")}}),
