@@ -38,7 +38,10 @@ from relay.web.app import create_app
 from relay.web.context import WebContext
 
 if TYPE_CHECKING:
+    from relay.events.outbox import WebhookSender
+    from relay.events.service import EventService
     from relay.inbound.service import InboundService
+    from relay.suppression import SuppressionList
 
 log = logging.getLogger("relay.app")
 
@@ -79,6 +82,11 @@ class Relay:
         self.outbound: Scheduler | None = None
         # Inbound from SES (relay.inbound.service), present when config has [inbound].
         self.inbound: InboundService | None = None
+        # Provider events (POST /webhooks/<upstream>) and the apps' webhooks out.
+        self.events: EventService | None = None
+        self.webhook_sender: WebhookSender | None = None
+        # This process's copy of the suppression list (relay.suppression).
+        self.suppression: SuppressionList | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._progress = asyncio.Event()
 
@@ -108,6 +116,15 @@ class Relay:
                 max_rate=up_cfg.max_rate,
                 max_concurrency=up_cfg.max_concurrency,
             )
+        await self._start_suppression()
+        self.events = self._event_service()
+        if cfg.webhook and self.shard == 0 and dispatch:
+            from relay.events.outbox import WebhookSender
+
+            self.webhook_sender = WebhookSender(
+                self.queue.outbox, cfg.webhook, owner=self.owner, clock=self.clock
+            )
+            self._tasks.append(asyncio.create_task(self.webhook_sender.run(), name="webhooks"))
         self.outbound = self._outbound_scheduler()
         if dispatch:
             with contextlib.suppress(StoreError):
@@ -130,22 +147,49 @@ class Relay:
             await self._start_web()
         if smtp:
             self.smtp_servers = await start_listeners(
-                cfg, self.submit, reuse_port=self.workers > 1, telemetry=self.telemetry
+                cfg,
+                self.submit,
+                reuse_port=self.workers > 1,
+                telemetry=self.telemetry,
+                suppressions=self.suppression,
             )
+
+    async def _start_suppression(self) -> None:
+        """Loaded before any listener opens: no mail is taken that the list would refuse."""
+        from relay.suppression import SuppressionList
+
+        self.suppression = SuppressionList(
+            self.queue.suppressions, self.config.suppression, clock=self.clock
+        )
+        await self.suppression.start()
+        self._tasks.append(asyncio.create_task(self.suppression.run(), name="suppression"))
+
+    def _bouncer(self) -> BounceSender | None:
+        if not self.config.retry.bounces:
+            return None
+        return BounceSender(
+            queue=self.queue, hostname=self.config.server.hostname, clock=self.clock
+        )
+
+    def _event_service(self) -> EventService:
+        from relay.events.service import EventService
+
+        sender = self.webhook_sender
+        return EventService(
+            config=self.config,
+            queue=self.queue,
+            clock=self.clock,
+            telemetry=self.telemetry,
+            bouncer=self._bouncer(),
+            suppression=self.suppression,
+            outbox_wake=sender.wake if sender is not None else None,
+        )
 
     def _outbound_scheduler(self) -> Scheduler:
         cfg = self.config
         policy = RetryPolicy(schedule=tuple(cfg.retry.schedule), max_age=cfg.retry.max_age)
         signer = DKIMSigner.from_config(cfg) if cfg.dkim else None
-        bouncer = (
-            BounceSender(
-                queue=self.queue,
-                hostname=cfg.server.hostname,
-                clock=self.clock,
-            )
-            if cfg.retry.bounces
-            else None
-        )
+        suppression = self.suppression
         worker = OutboundWorker(
             queue=self.queue,
             router=self.router,
@@ -153,8 +197,17 @@ class Relay:
             clock=self.clock,
             on_finish=self.notify_progress,
             signer=signer,
-            bouncer=bouncer,
+            bouncer=self._bouncer(),
             telemetry=self.telemetry,
+            keep_body_for=(
+                [u.name for u in cfg.upstream if u.events] if cfg.events.requeue else ()
+            ),
+            suppressed=(
+                suppression.suppressed
+                if suppression is not None and cfg.suppression.action == "bounce"
+                else None
+            ),
+            on_round=self.events.after_round if self.events and cfg.webhook else None,
         )
         return Scheduler(
             self.queue,
@@ -185,6 +238,8 @@ class Relay:
             clock=self.clock,
             telemetry=self.telemetry,
             routing_changed=self.router.refresh,
+            events=self.events if any(u.events for u in self.config.upstream) else None,
+            suppressions=self.suppression,
         )
         app = create_app(context)
         self.web_runner = web.AppRunner(app, access_log=None)
@@ -221,6 +276,10 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.web_runner is not None:
             await self.web_runner.cleanup()
+        if self.webhook_sender is not None:
+            await self.webhook_sender.stop()
+        if self.events is not None:
+            await self.events.close()
         for upstream in self.upstreams:
             await upstream.close()
         await self.telemetry.stop()
@@ -228,7 +287,8 @@ class Relay:
 
     async def _maintenance(self) -> None:
         """Recover leases of processes that died while we run; forget old history."""
-        interval = max(min(self.config.server.lease_time / 2, 60.0), 1.0)
+        cfg = self.config
+        interval = max(min(cfg.server.lease_time / 2, 60.0), 1.0)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -240,6 +300,9 @@ class Relay:
                 ):
                     await self.queue.purge_history(state=state, older_than=self.clock() - keep)
                 await self.queue.stats.purge(older_than=self.clock() - KEEP_STATS)
+                await self.queue.drop_bodies(sent_before=self.clock() - cfg.events.keep_body)
+                await self.queue.suppressions.purge(now=self.clock())
+                await self.queue.outbox.purge(older_than=self.clock() - server.keep_failed)
             except StoreError as exc:
                 log.warning("queue maintenance skipped: %s", exc)
                 continue
