@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from relay.config import SUPPRESSION_REASONS, SuppressionConfig, parse_duration
 from relay.queue.base import StoreError, Suppression, SuppressionStore
+from relay.smtp.address import Problem, mailbox_problem
 
 log = logging.getLogger("relay.suppression")
 
@@ -69,16 +70,16 @@ def refusal_reply(rcpt: str, entry: Suppression) -> str:
 OPERATOR_REASONS = (*SUPPRESSION_REASONS, "manual", "import")
 # Labels of letters (any script: internationalised domains), digits, "-" and "_".
 _DOMAIN = re.compile(r"(?=.{1,253}$)\w([\w-]*\w)?(\.\w([\w-]*\w)?)*")
-_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
 def check_address(address: str) -> str:
-    """The address lower-cased, or ValueError saying what is wrong with it."""
+    """The address lower-cased, or ValueError saying what is wrong with it (the rules RCPT
+    TO applies: an address SMTP would refuse anyway needs no entry)."""
     address = address.strip()
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
+    problem = mailbox_problem(address, smtputf8=True)
+    if problem is Problem.NO_DOMAIN or not address:
         raise ValueError(f"{address!r} is not a full address such as user@example.com")
-    if len(address) > 320 or _CONTROL.search(address) or not _DOMAIN.fullmatch(domain.lower()):
+    if problem is not None:
         raise ValueError(f"{address!r} is not a valid email address")
     return address.lower()
 

@@ -1,9 +1,10 @@
 """/api/v1/suppressions over real HTTP: roles, adding, paging, lifting, refusals that
-name the field; and POST /api/v1/messages refusing a suppressed recipient (422, nothing
-queued), as RCPT TO does over SMTP."""
+name the field; POST /api/v1/messages refusing a suppressed recipient (422, nothing
+queued), as RCPT TO does over SMTP; and the Suppressions page."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from relay.app import Relay
 from relay.queue.base import Suppression
 from tests.conftest import RelayFactory
 from tests.web.api import call, simple_message
-from tests.web.conftest import token_entries
+from tests.web.conftest import base_url, token_entries
 
 
 async def test_roles(web_relay: Relay) -> None:
@@ -166,3 +167,66 @@ async def test_submission_with_action_bounce_is_accepted(
         relay, "POST", "/messages", token="app", json=simple_message(to=["gone@example.org"])
     )
     assert status == 202, body
+
+
+# -- the page ---------------------------------------------------------------------------
+
+
+async def test_the_page_lists_adds_and_removes_with_csrf(web_relay: Relay) -> None:
+    from tests.web.test_pages import client, log_in, page_csrf
+
+    url = base_url(web_relay)
+    async with client() as session:
+        await log_in(session, web_relay, "ops")
+        async with session.get(f"{url}/") as r:
+            assert 'href="/suppressions"' in await r.text()  # in the nav
+        csrf = await page_csrf(session, web_relay, "/suppressions")
+        form = {"address": "<b>x</b>@example.org", "scope": "", "reason": "manual"}
+        async with session.post(f"{url}/suppressions", data={"csrf": csrf, **form}) as r:
+            assert r.status == 400
+            html = await r.text()
+            assert "address: " in html and "&lt;b&gt;x&lt;/b&gt;@example.org" in html
+        # Without the CSRF token nothing is added.
+        form = {"address": "gone@example.org", "scope": "shop.example", "expires": "7d"}
+        async with session.post(f"{url}/suppressions", data=form) as r:
+            assert r.status == 403
+        assert web_relay.suppression is not None
+        assert web_relay.suppression.check("gone@example.org", "a@shop.example") is None
+        async with session.post(f"{url}/suppressions", data={"csrf": csrf, **form}) as r:
+            assert r.status == 200 and r.url.path == "/suppressions"
+            html = await r.text()
+        assert "gone@example.org is suppressed." in html and "shop.example" in html
+        assert web_relay.suppression.check("gone@example.org", "a@shop.example") is not None
+        async with session.get(f"{url}/suppressions", params={"search": "nobody"}) as r:
+            assert "No address matches this search." in await r.text()
+
+        remove = {"csrf": csrf, "address": "gone@example.org", "scope": "shop.example"}
+        async with session.post(f"{url}/suppressions/remove", data=remove) as r:
+            assert r.status == 200
+            assert "gone@example.org may be mailed again." in await r.text()
+        assert web_relay.suppression.check("gone@example.org", "a@shop.example") is None
+        async with session.post(f"{url}/suppressions/remove", data=remove) as r:
+            assert r.status == 404
+
+
+async def test_the_read_role_sees_the_list_without_forms(web_relay: Relay) -> None:
+    from tests.web.test_pages import client, log_in
+
+    assert web_relay.suppression is not None
+    await web_relay.suppression.add(
+        [Suppression("gone@example.org", "", "complaint", "sendgrid:ev-2", 1_800_000_000.0)]
+    )
+    url = base_url(web_relay)
+    async with client() as session:
+        await log_in(session, web_relay, "viewer")
+        async with session.get(f"{url}/suppressions") as r:
+            html = await r.text()
+        assert "gone@example.org" in html and "spam complaint" in html
+        assert "sendgrid:ev-2" in html
+        assert "Remove" not in html and "Add an address" not in html
+        async with session.get(f"{url}/suppressions") as r:
+            csrf = re.search(r'name="csrf" value="([^"]*)"', await r.text())
+        data = {"csrf": csrf.group(1) if csrf else "", "address": "gone@example.org"}
+        async with session.post(f"{url}/suppressions/remove", data=data) as r:
+            assert r.status == 403
+    assert web_relay.suppression.check("gone@example.org", "") is not None

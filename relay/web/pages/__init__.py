@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from relay.web.pages import inbound, login, messages, overview, send, upstreams
+from relay.web.pages import inbound, login, messages, overview, send, suppressions, upstreams
 from relay.web.pages.render import setup_templates
 
 STATIC = Path(__file__).parent / "static"
@@ -31,6 +31,9 @@ def setup(app: web.Application) -> None:
     r.add_get("/upstreams", upstreams.upstream_list)
     r.add_post("/upstreams/{name}/{action}", upstreams.upstream_action)
     r.add_get("/inbound", inbound.inbound_page)
+    r.add_get("/suppressions", suppressions.suppression_list)
+    r.add_post("/suppressions", suppressions.suppression_add)
+    r.add_post("/suppressions/remove", suppressions.suppression_remove)
     r.add_get("/send", send.send_form)
     r.add_post("/send", send.send)
     r.add_static("/static/", STATIC, name="static", append_version=False)

@@ -29,6 +29,7 @@ NAV = (
     ("messages", "/messages", "Messages"),
     ("upstreams", "/upstreams", "Upstreams"),
     ("inbound", "/inbound", "Inbound"),
+    ("suppressions", "/suppressions", "Suppressions"),
     ("send", "/send", "Send a test"),
 )
 SECURITY_HEADERS = {
