@@ -117,7 +117,6 @@ class Relay:
                 max_concurrency=up_cfg.max_concurrency,
             )
         await self._start_suppression()
-        self.events = self._event_service()
         if cfg.webhook and self.shard == 0 and dispatch:
             from relay.events.outbox import WebhookSender
 
@@ -125,6 +124,7 @@ class Relay:
                 self.queue.outbox, cfg.webhook, owner=self.owner, clock=self.clock
             )
             self._tasks.append(asyncio.create_task(self.webhook_sender.run(), name="webhooks"))
+        self.events = self._event_service()
         self.outbound = self._outbound_scheduler()
         if dispatch:
             with contextlib.suppress(StoreError):

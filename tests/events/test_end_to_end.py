@@ -3,6 +3,7 @@ the real APIs do, and webhooks posted over HTTP exactly as SendGrid signs them."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -13,10 +14,12 @@ from typing import Any
 import aiohttp
 import aiosmtplib
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.app import Relay
+from relay.events.outbox import verify_signature
 from relay.message import EventType
 from relay.queue.base import MessageQuery
 from relay.web.context import WebContext
@@ -270,3 +273,72 @@ async def test_webhooks_of_an_upstream_without_events_are_not_found(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+class AppReceiver:
+    """An application's webhook endpoint on loopback: records each POST, signals arrivals."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, bytes]] = []  # (X-Relay-Signature, body)
+        self.arrived = asyncio.Event()
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.posts.append((request.headers.get("X-Relay-Signature", ""), await request.read()))
+        self.arrived.set()
+        return web.Response(status=204)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hooks/relay", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}/hooks/relay"
+
+    async def wait_for(self, n: int) -> list[dict[str, Any]]:
+        async with asyncio.timeout(30):
+            while len(self.posts) < n:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return [json.loads(body) for _, body in self.posts]
+
+
+async def test_the_app_hears_sent_then_delivered_signed_in_order(
+    make_relay: RelayFactory,
+    sendgrid: FakeSendGrid,
+    signing_key: ec.EllipticCurvePrivateKey,
+    events_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("APP_HOOK_SECRET", "whsec-0123456789abcdef")
+    receiver = AppReceiver()
+    await receiver.start()
+    try:
+        relay = await make_relay(
+            upstream=[sendgrid_entry(sendgrid, events_key)],
+            webhook=[{"url": receiver.url, "secret": "env:APP_HOOK_SECRET", "name": "app"}],
+        )
+        await send(relay)
+        msg_id, provider_id = await handed_to_sendgrid(relay, sendgrid)
+        delivered = sendgrid_event(msg_id, provider_id, "delivered", response="250 OK")
+        assert (await post_sendgrid(relay, signing_key, [delivered]))[0] == 200
+        assert (await post_sendgrid(relay, signing_key, [delivered]))[0] == 200  # a retry
+        first, second = await receiver.wait_for(2)
+    finally:
+        if receiver.runner is not None:
+            await receiver.runner.cleanup()
+    assert (first["event"], first["message_id"], first["recipient"]) == ("sent", msg_id, RCPT)
+    assert first["upstream"] == "sendgrid"
+    assert (second["event"], second["message_id"], second["upstream"]) == (
+        "delivered",
+        msg_id,
+        "sendgrid",
+    )
+    for header, body in receiver.posts:
+        assert verify_signature("whsec-0123456789abcdef", header, body, now=time.time())
+        assert not verify_signature("another-secret-000000", header, body, now=time.time())
+    assert len(receiver.posts) == 2  # the repeated event was not posted again
