@@ -104,3 +104,27 @@ async def test_not_refused_at_the_door(
     smtp = await session(relay, "app@example.com")
     assert (await smtp.cmd("RCPT TO:<gone@example.org>")).startswith("250")
     assert await send_data(relay, smtp) == ["gone@example.org"]
+
+
+async def test_a_host_of_a_cluster_refuses_what_another_suppressed(
+    make_relay: RelayFactory, pg_dsn: str
+) -> None:
+    """Two relays on one PostgreSQL queue: an address one of them suppresses is refused by
+    the other once it has followed the list (its poll, called here instead of waited for)."""
+    first = await make_relay(server={"queue": pg_dsn})
+    second = await make_relay(server={"queue": pg_dsn})
+    await suppress(first, "gone@example.org")
+    smtp = await session(second, "app@example.com")
+    assert (await smtp.cmd("RCPT TO:<gone@example.org>")).startswith("250")  # not yet seen
+    await smtp.close()
+    assert second.suppression is not None
+    assert await second.suppression.refresh() is True
+    smtp = await session(second, "app@example.com")
+    assert (await smtp.cmd("RCPT TO:<gone@example.org>")).startswith("550 5.1.1")
+    await smtp.close()
+    assert first.suppression is not None
+    await first.suppression.remove("gone@example.org")
+    await second.suppression.refresh()
+    smtp = await session(second, "app@example.com")
+    assert (await smtp.cmd("RCPT TO:<gone@example.org>")).startswith("250")
+    await smtp.close()
