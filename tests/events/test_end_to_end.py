@@ -80,8 +80,14 @@ def sendgrid_entry(fake: FakeSendGrid, key: str) -> dict[str, Any]:
 async def post_sendgrid(
     relay: Relay, key: ec.EllipticCurvePrivateKey, events: list[dict[str, Any]]
 ) -> tuple[int, dict[str, Any]]:
+    return await post_upstream(relay, "sendgrid", key, events)
+
+
+async def post_upstream(
+    relay: Relay, name: str, key: ec.EllipticCurvePrivateKey, events: list[dict[str, Any]]
+) -> tuple[int, dict[str, Any]]:
     """POST events signed as SendGrid's Signed Event Webhook does (ECDSA P-256 over the
-    timestamp followed by the raw body)."""
+    timestamp followed by the raw body) to upstream `name`'s endpoint."""
     body = json.dumps(events).encode()
     stamp = str(int(time.time()))
     signature = key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
@@ -92,7 +98,7 @@ async def post_sendgrid(
     }
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"{base_url(relay)}/webhooks/sendgrid", data=body, headers=headers) as resp,
+        http.post(f"{base_url(relay)}/webhooks/{name}", data=body, headers=headers) as resp,
     ):
         return resp.status, await resp.json()
 
@@ -342,3 +348,36 @@ async def test_the_app_hears_sent_then_delivered_signed_in_order(
         assert verify_signature("whsec-0123456789abcdef", header, body, now=time.time())
         assert not verify_signature("another-secret-000000", header, body, now=time.time())
     assert len(receiver.posts) == 2  # the repeated event was not posted again
+
+
+async def test_each_upstream_gets_a_dropped_recipient_once_then_the_sender_hears(
+    make_relay: RelayFactory,
+    sendgrid: FakeSendGrid,
+    signing_key: ec.EllipticCurvePrivateKey,
+    events_key: str,
+) -> None:
+    first = {**sendgrid_entry(sendgrid, events_key), "name": "sg-a"}
+    second = {**sendgrid_entry(sendgrid, events_key), "name": "sg-b", "priority": 2}
+    relay = await make_relay(upstream=[first, second], retry={"bounces": True})
+    await send(relay)
+    await wait_states(relay, sent=1)
+    (row,) = await relay.queue.search(state="sent")
+    for n, name in enumerate(("sg-a", "sg-b"), start=1):
+        await relay.wait_for(lambda n=n: _async(len(sendgrid.requests) >= n))
+        await wait_states(relay, sent=1)
+        dropped = sendgrid_event(
+            row.id,
+            sendgrid.requests[n - 1].provider_id,
+            "dropped",
+            reason="Recipient List over Package Quota",
+        )
+        dropped["sg_event_id"] = f"drop-{name}"
+        status, answer = await post_upstream(relay, name, signing_key, [dropped])
+        assert (status, answer["requeued"]) == (200, 1 if name == "sg-a" else 0)
+    # Both dropped it: the sender gets a report instead of a third try.
+    await wait_states(relay, sent=2)
+    (report,) = await relay.queue.find(MessageQuery(kind="bounce"))
+    assert report.meta["rcpts_original"] == [SENDER]
+    attempts = [e["upstream"] for e in await relay.queue.timeline(row.id) if e["type"] == "attempt"]
+    assert attempts == ["sg-a", "sg-b"]
+    assert len(sendgrid.requests) == 3  # the message to each, then the report
