@@ -182,7 +182,7 @@ class EventService:
             reason,
             event.recipient,
             sender=sender,
-            source=f"{upstream}:{event.key}",
+            source=f"{upstream} {event.key}",
             now=self.clock(),
             detail=event.reason or event.provider_event,
         )
