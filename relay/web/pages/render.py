@@ -97,6 +97,13 @@ def percent(ratio: float | None) -> str:
     return f"{ratio * 100:.1f} %" if ratio < 1 else "100 %"
 
 
+def fine_percent(ratio: float | None) -> str:
+    """Bounce and complaint rates: providers act at 0.1 % of complaints, so two decimals."""
+    if ratio is None:
+        return DASH
+    return f"{ratio * 100:.2f} %"
+
+
 # Timeline keys the list shows in their own columns; the rest go on a detail line.
 EVENT_COLUMNS = frozenset(
     {"at", "type", "upstream", "outcome", "duration_ms", "by", "reason", "refused"}
@@ -148,7 +155,13 @@ def setup_templates(app: web.Application) -> None:
         default_helpers=False,
     )
     env.globals.update(
-        utc=utc, iso=iso, ago=ago, duration=duration, percent=percent, event_extra=event_extra
+        utc=utc,
+        iso=iso,
+        ago=ago,
+        duration=duration,
+        percent=percent,
+        fine_percent=fine_percent,
+        event_extra=event_extra,
     )
     env.filters.update(size=size)
 
