@@ -206,6 +206,7 @@ class WebhookSender:
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._failing: set[str] = set()  # hooks whose last attempt failed (log once)
         self._store_failing = False
+        self._stopped = False
         self._session: aiohttp.ClientSession | None = None
         self._runner: asyncio.Task[Any] | None = None
         self.delivered = 0
@@ -218,9 +219,11 @@ class WebhookSender:
 
     async def run(self) -> None:
         self._runner = asyncio.current_task()
+        if self._stopped:
+            return
         if self._session is None:
             self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT})
-        while True:
+        while not self._stopped:
             self._wake.clear()
             try:
                 delay = await self._pass()
@@ -228,16 +231,19 @@ class WebhookSender:
                 log.exception("webhook outbox: the sender's pass failed")
                 delay = STORE_PAUSE
             if delay > 0:
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+                # arrives as the wait ends (stop() wakes the loop as it cancels it).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
 
     async def stop(self) -> None:
         """Stop posting. Entries in flight keep their leases, which expire (nothing is
         written on the way out, so stopping never waits for a slow application)."""
-        tasks = list(self._in_flight.values())
-        if self._runner is not None:
-            tasks.append(self._runner)
-            self._runner = None
+        self._stopped = True
+        tasks = [self._runner] if self._runner is not None else []
+        tasks.extend(self._in_flight.values())
+        self._runner = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -491,3 +491,11 @@ async def test_the_sender_outlives_a_store_that_fails_for_a_while(
         " (trying again)",
         "webhook outbox: the outbox can be read again",
     ]
+
+
+async def test_stop_ends_a_sender_whose_run_has_not_started_yet(shared: SharedDB) -> None:
+    """The application creates the run() task and may stop before the loop first runs it."""
+    sender = WebhookSender(SQLiteOutbox(shared), (), owner="a", clock=Clock())
+    task = asyncio.create_task(sender.run())
+    await sender.stop()
+    await asyncio.wait_for(task, WAIT)
