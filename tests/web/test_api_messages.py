@@ -57,11 +57,8 @@ async def test_with_no_token_configured_the_api_says_how_to_add_one(relay: Relay
     assert (status, body["error"]) == (403, "no_tokens")
     assert "relay token new" in body["message"] and "[[web.tokens]]" in body["message"]
     status, index = await call(relay, "GET", "", token=None)
-    assert (
-        status == 200
-        and {"method": "GET", "path": "/api/v1/stats"}.items()
-        <= {k: v for k, v in index["endpoints"][-1].items() if k in ("method", "path")}.items()
-    )
+    listed = [(e["method"], e["path"]) for e in index["endpoints"]]
+    assert status == 200 and ("GET", "/api/v1/stats") in listed
 
 
 async def submit(relay: Relay, **fields: object) -> str:
