@@ -543,6 +543,20 @@ class SuppressionConfig:
                 raise ValueError(f"suppression.expire_after: unknown reason {reason!r} ({known})")
 
 
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The relay's log on stderr (relay.logs): `text` lines for a terminal, or `json`, one
+    object per line with each message event's fields, for a log stack. `relay serve
+    --log-level` overrides `level`."""
+
+    format: LogFormat = "text"
+    level: LogLevel = "info"
+
+
 @dataclass(frozen=True)
 class EventsConfig:
     """What the relay does with the providers' events (relay.events)."""
@@ -680,6 +694,7 @@ class Config:
     suppression: SuppressionConfig = SuppressionConfig()
     events: EventsConfig = EventsConfig()
     webhook: tuple[WebhookConfig, ...] = ()
+    log: LogConfig = LogConfig()
     # Filled in by the loader, never from the file:
     path: Path = Path("config.toml")
     warnings: tuple[str, ...] = ()  # what check-config prints and serve logs

@@ -31,21 +31,14 @@ DEFAULT_CONFIG = os.environ.get("RELAY_CONFIG", "config.toml")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load(args.config)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    from relay import logs
+
+    # Before the supervisor forks: the workers inherit the handler and log the same way.
+    logs.configure(cfg.log, level=args.log_level)
     for warning in cfg.warnings:
-        logging.getLogger("relay.app").warning("config: %s", warning)
-    # No caller lookup, thread or process names in the records (the format uses none of
-    # them): the logging HOWTO's own advice, and a few percent of a busy relay's CPU.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    if args.log_level.lower() != "debug":
-        # aiosmtpd logs every command at INFO (about ten lines a session); the relay's
-        # own loggers already say what happened to each message, once.
-        logging.getLogger("mail.log").setLevel(logging.WARNING)
+        logging.getLogger("relay.app").warning(
+            "config: %s", warning, extra={"event": "config_warning"}
+        )
     try:
         import uvloop
 
@@ -143,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the relay")
-    s.add_argument("--log-level", default="info")
+    s.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        help="overrides [log] level for this run",
+    )
     s.set_defaults(func=cmd_serve)
     sub.add_parser("check-config", help="validate the config file").set_defaults(
         func=cmd_check_config
