@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from relay import sdnotify
 from relay.checks import check
 from relay.config import Config
 from relay.dispatch.bounces import BounceSender
@@ -362,6 +363,8 @@ async def serve(config: Config, *, shard: int = 0, workers: int = 1, on_ready: A
         on_ready()
     else:
         log.info("relay ready: SMTP %s", ", ".join(str(p) for p in relay.smtp_ports()))
+        sdnotify.ready("serving SMTP on " + ", ".join(str(p) for p in relay.smtp_ports()))
     await stop.wait()
+    sdnotify.stopping("shutting down")  # a no-op in a worker: the supervisor says it
     log.info("shutting down")
     await relay.stop()

@@ -361,7 +361,13 @@ class ServerConfig:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        """`workers`, or for 0 the CPUs this process may use (affinity and cgroup quota),
+        not the host's count: a container given 2 of 32 CPUs runs 2 workers."""
+        if self.workers:
+            return self.workers
+        from relay.cpus import available_cpus  # a stdlib-only leaf: no import cycle
+
+        return available_cpus()
 
 
 @dataclass(frozen=True)

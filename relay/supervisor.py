@@ -23,6 +23,7 @@ import time
 import traceback
 from collections.abc import Callable
 
+from relay import sdnotify
 from relay.config import Config
 from relay.smtp.listener import EX_CONFIG, tls_files
 
@@ -43,6 +44,7 @@ def _child(
     config: Config, shard: int, workers: int, ready_fd: int, serve: Callable[..., object]
 ) -> None:
     _die_with_parent()
+    sdnotify.forget()  # the supervisor speaks for the relay: READY=1 once all are ready
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
 
@@ -122,6 +124,8 @@ def run(config: Config, workers: int) -> int:
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
+        if not stopping:
+            sdnotify.stopping(f"stopping {len(children)} workers")
         stopping = True
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -137,6 +141,8 @@ def run(config: Config, workers: int) -> int:
         log.error("a worker could not start (exit status %d); stopping", failed)
         _stop_all(children)
         return failed
+    listening = ", ".join(listen.address for listen in config.smtp.listen)
+    sdnotify.ready(f"{workers} workers serving SMTP on {listening}")
 
     while children:
         try:
