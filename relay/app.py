@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from relay import sdnotify
+from relay.certwatch import CertWatcher
 from relay.checks import check
 from relay.config import Config
 from relay.dispatch.bounces import BounceSender
@@ -29,13 +32,22 @@ from relay.message import Kind, NewMessage, Status
 from relay.queue import open_queue
 from relay.queue.base import StoreError
 from relay.queue.owner import owner_id, process_alive
+from relay.reload import (
+    ReloadResult,
+    install_sighup,
+    reload_relay,
+    remove_pid_file,
+    write_pid_file,
+)
 from relay.smtp.listener import ListenerError, start_listeners
+from relay.smtp.live import LiveSMTP
 from relay.smtp.tls import server_tls_context
 from relay.telemetry.core import Telemetry
 from relay.telemetry.rollup import KEEP as KEEP_STATS
 from relay.upstreams.base import Upstream
 from relay.upstreams.registry import create_upstream
 from relay.web.app import create_app
+from relay.web.auth import ACCESS_KEY, Access
 from relay.web.context import WebContext
 
 if TYPE_CHECKING:
@@ -90,6 +102,13 @@ class Relay:
         self.suppression: SuppressionList | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._progress = asyncio.Event()
+        # What a reload changes in place (relay.reload): the listeners' users, networks
+        # and TLS context, the web tokens and TLS context, and their certificate watcher.
+        self.live_smtp = LiveSMTP()
+        self.web_access: Access | None = None
+        self.web_tls: ssl.SSLContext | None = None
+        self.cert_watcher: CertWatcher | None = None
+        self.reload_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -153,7 +172,33 @@ class Relay:
                 reuse_port=self.workers > 1,
                 telemetry=self.telemetry,
                 suppressions=self.suppression,
+                live=self.live_smtp,
             )
+        self._watch_certificates()
+
+    def _watch_certificates(self) -> None:
+        """certbot renews by rewriting the files: new handshakes get the new pair."""
+        watcher = CertWatcher()
+        live = self.live_smtp
+        if live.tls is not None and live.tls_files is not None:
+            cert, key = live.tls_files
+            watcher.watch("smtp", live.tls, cert, key, min_version=self.config.smtp.tls_min_version)
+        web_cfg = self.config.web
+        if self.web_tls is not None:
+            cert, key = self.config.resolve(web_cfg.tls_cert), self.config.resolve(web_cfg.tls_key)
+            watcher.watch("web", self.web_tls, cert, key, min_version="TLSv1.2")
+        self.cert_watcher = watcher
+        if watcher.pairs:
+            self.track(watcher.run(), name="certificates")
+
+    def track(self, work: Coroutine[Any, Any, object], *, name: str) -> None:
+        """Run `work` beside the relay; cancelled (and awaited) by `stop()`."""
+        self._tasks.append(asyncio.create_task(work, name=name))  # type: ignore[arg-type]
+
+    async def reload(self, config: Config | None = None) -> ReloadResult:
+        """Put a new config in force without a restart (relay.reload): `config`, or the
+        file this one came from, read again."""
+        return await reload_relay(self, config)
 
     async def _start_suppression(self) -> None:
         """Loaded before any listener opens: no mail is taken that the list would refuse."""
@@ -243,6 +288,7 @@ class Relay:
             suppressions=self.suppression,
         )
         app = create_app(context)
+        self.web_access = app[ACCESS_KEY]
         self.web_runner = web.AppRunner(app, access_log=None)
         await self.web_runner.setup()
         tls = None
@@ -252,6 +298,7 @@ class Relay:
                 key=self.config.resolve(web_cfg.tls_key),
                 min_version="TLSv1.2",
             )
+        self.web_tls = tls
         site = web.TCPSite(self.web_runner, listen.host, listen.port, ssl_context=tls)
         try:
             await site.start()
@@ -359,6 +406,9 @@ async def serve(config: Config, *, shard: int = 0, workers: int = 1, on_ready: A
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    install_sighup(relay)
+    # `relay reload` finds a lone process here (a supervisor writes its own).
+    pid_path = write_pid_file(config) if on_ready is None else None
     if on_ready is not None:
         on_ready()
     else:
@@ -368,3 +418,4 @@ async def serve(config: Config, *, shard: int = 0, workers: int = 1, on_ready: A
     sdnotify.stopping("shutting down")  # a no-op in a worker: the supervisor says it
     log.info("shutting down")
     await relay.stop()
+    remove_pid_file(pid_path)

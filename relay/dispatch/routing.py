@@ -123,6 +123,10 @@ class UpstreamState:
     ambiguous: int = 0
     last_error: str | None = None
     paused: bool = False  # an operator's pause, shared by every process
+    # Taken out by a reload (removed, or replaced by a new config of the same name): no
+    # new attempts; `idle` is set when the last one in flight has finished.
+    retired: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -153,6 +157,12 @@ class UpstreamState:
         self.changed_at = now
         self.delta.breaker = (state.value, self.opened_at, self.cooldown, now)
         _log_transition(self, cause)
+
+    def inherit(self, old: UpstreamState) -> None:
+        """A replacement (a reload changed the upstream's settings) keeps the name's
+        health, breaker and counters, as the shared store does."""
+        for name in INHERITED:
+            setattr(self, name, getattr(old, name))
 
     def take_delta(self) -> UpstreamDelta:
         delta, self.delta = self.delta, UpstreamDelta(self.name)
@@ -192,7 +202,7 @@ class UpstreamState:
     def usable(self) -> bool:
         """May attempts go here (breaker closed or half-open)? Open until the cool-down
         has passed; then half-open, where one probe at a time is let through."""
-        if self.paused:
+        if self.paused or self.retired:
             return False
         if self.breaker is BreakerState.OPEN:
             if self.clock() - self.opened_at < self.cooldown:
@@ -243,6 +253,25 @@ class UpstreamState:
         }
 
 
+# What a replaced upstream's state hands to its successor (`UpstreamState.inherit`).
+INHERITED = (
+    "health",
+    "health_stamp",
+    "breaker",
+    "consecutive_failures",
+    "opened_at",
+    "cooldown",
+    "changed_at",
+    "latency_ewma",
+    "attempts",
+    "successes",
+    "failures",
+    "ambiguous",
+    "last_error",
+    "paused",
+)
+
+
 def _paused(paused: bool) -> str:
     return "paused" if paused else "resumed"
 
@@ -284,20 +313,20 @@ class Router:
         weight: int,
         max_rate: float,
         max_concurrency: int,
-    ) -> None:
-        self.states.append(
-            UpstreamState(
-                upstream=upstream,
-                priority=priority,
-                weight=max(weight, 0),
-                max_concurrency=max(max_concurrency, 1),
-                limiter=RateLimiter(max_rate, self.clock),
-                clock=self.clock,
-                settings=self.settings,
-                health_stamp=self.clock(),
-                shared_rate=self.store is not None and max_rate > 0,
-            )
+    ) -> UpstreamState:
+        state = UpstreamState(
+            upstream=upstream,
+            priority=priority,
+            weight=max(weight, 0),
+            max_concurrency=max(max_concurrency, 1),
+            limiter=RateLimiter(max_rate, self.clock),
+            clock=self.clock,
+            settings=self.settings,
+            health_stamp=self.clock(),
+            shared_rate=self.store is not None and max_rate > 0,
         )
+        self.states.append(state)
+        return state
 
     def state(self, name: str) -> UpstreamState:
         for s in self.states:
@@ -366,9 +395,13 @@ class Router:
                     chosen.in_flight -= 1
                     if wait > 0 and probe:
                         chosen.probing = False
-                if wait <= 0:
+                    if chosen.in_flight == 0:
+                        chosen.idle.set()
+                if wait <= 0 and not chosen.retired:
                     break
                 self._freed.set()
+                if chosen.retired:
+                    continue  # a reload took it out while the budget was asked
                 await asyncio.sleep(min(wait, 1.0))  # the budget refills with time
                 continue
             self._freed.clear()
@@ -390,7 +423,31 @@ class Router:
         finally:
             chosen.in_flight -= 1
             chosen.probing = False
+            if chosen.in_flight == 0:
+                chosen.idle.set()
             self._freed.set()
+
+    # -- reloads ------------------------------------------------------------------------
+
+    def retire(self, state: UpstreamState) -> None:
+        """Take `state` out of routing (a reload removed or replaced its upstream): no
+        new attempts from now on; those in flight finish on it (see `wait_idle`)."""
+        state.retired = True
+        self.states = [s for s in self.states if s is not state]
+        self._freed.set()  # waiters on its capacity look at the others
+
+    @staticmethod
+    async def wait_idle(state: UpstreamState) -> None:
+        """Until no attempt is in flight on `state` (then its upstream can be closed)."""
+        while state.in_flight > 0:
+            state.idle.clear()
+            await state.idle.wait()
+
+    def adopt_settings(self, settings: BreakerSettings) -> None:
+        """New breaker and health settings (a reload), for every upstream at once."""
+        self.settings = settings
+        for s in self.states:
+            s.settings = settings
 
     async def _rate_wait(self, s: UpstreamState) -> float:
         """Take a send from the upstream's rate budget: 0.0 when taken, else the wait."""
@@ -475,18 +532,20 @@ class Router:
             await self._sync(self.store)
 
     async def _sync(self, store: RoutingStore) -> None:
-        deltas = [s.take_delta() for s in self.states]
+        # A reload may change the list while the store is asked: work on this one.
+        states = list(self.states)
+        deltas = [s.take_delta() for s in states]
         try:
             rows = await store.sync(
                 [d for d in deltas if not d.empty],
                 now=self.clock(),
                 half_life=self.settings.health_half_life,
                 # What this process has in progress: the store sums every process's.
-                in_flight={s.name: s.in_flight for s in self.states},
+                in_flight={s.name: s.in_flight for s in states},
             )
         except StoreError as exc:
             self._warn_store(exc)
-            for s, d in zip(self.states, deltas, strict=True):
+            for s, d in zip(states, deltas, strict=True):
                 _fold_back(s, d)
             return
         if self._store_failing:

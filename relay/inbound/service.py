@@ -157,6 +157,42 @@ class InboundService:
                 log.exception("closing destination %s failed", dest.name)
         self._started.clear()
 
+    async def replace_routes(self, settings: InboundSettings) -> None:
+        """A reload's `[[inbound.route]]` list. Destinations of new or changed routes
+        are started first (an error leaves the old routes in force); those no longer
+        routed to stay open for work already on its way to them, and close at shutdown."""
+        cfg = self.config
+        old = {route.name: route for route in self.settings.routes}
+        destinations = dict(self.destinations)
+        quarantines = dict(self.quarantines)
+        fresh: list[Destination] = []
+        for route in settings.routes:
+            before = old.get(route.name)
+            if before is None or before.destination != route.destination:
+                dest = create_destination(route.destination, name=route.name, base_dir=cfg.base_dir)
+                destinations[route.name] = dest
+                fresh.append(dest)
+            if route.quarantine and route.quarantine not in quarantines:
+                quarantine = MaildirDestination("quarantine", cfg.resolve(route.quarantine))
+                quarantines[route.quarantine] = quarantine
+                fresh.append(quarantine)
+        started: list[Destination] = []
+        try:
+            for dest in fresh:
+                await dest.start()
+                started.append(dest)
+        except BaseException:
+            for dest in started:
+                await dest.close()
+            raise
+        self._started.extend(started)
+        self.settings = settings
+        self.destinations, self.quarantines = destinations, quarantines
+        if self.scheduler is not None and isinstance(self.scheduler.worker, InboundWorker):
+            worker = self.scheduler.worker
+            worker.settings = settings
+            worker.destinations, worker.quarantines = dict(destinations), dict(quarantines)
+
     def wake(self) -> None:
         """New or flushed work is due: don't wait for the scheduler's next poll."""
         if self.scheduler is not None:

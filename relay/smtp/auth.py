@@ -80,6 +80,12 @@ class Authenticator:
         # A dummy hash so unknown users cost as much as known ones (no user enumeration).
         self._dummy = hash_password(secrets.token_hex(8))
 
+    def replace(self, users: tuple[UserConfig, ...]) -> None:
+        """A reload's users: in force for the next AUTH (sessions already authenticated
+        keep their login; a removed user's next MAIL finds no user and is refused)."""
+        self.users = {u.name: u for u in users}
+        self._verified.clear()
+
     async def check(self, login: bytes, password: bytes) -> UserConfig | None:
         name = login.decode("utf-8", "replace")
         user = self.users.get(name)

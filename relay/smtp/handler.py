@@ -78,6 +78,15 @@ class RelayHandler:
         self._date_second = -1
         self._date = ""
 
+    def replace_policy(self, smtp: SMTPConfig) -> None:
+        """A reload's `[smtp]` policy (trusted networks, recipient limit), in force for
+        the next command of every session; the listener's own settings stay."""
+        self.smtp = smtp
+        self.trusted = _networks(smtp.trusted_networks)
+        exempt = self.listener.bare_lf_exempt
+        self.bare_lf_exempt = self.trusted if exempt is None else _networks(exempt)
+        self._trusted_peers = {}
+
     def _is_trusted(self, session: Any) -> bool:
         if not self.trusted or not session.peer:
             return False

@@ -16,6 +16,7 @@ from relay.queue import is_postgres
 from relay.smtp.auth import Authenticator
 from relay.smtp.handler import RelayHandler, Submit
 from relay.smtp.limits import ConnectionLimits, LargeMessages
+from relay.smtp.live import LiveSMTP
 from relay.smtp.refusals import RefusalLog
 from relay.smtp.server import RelaySMTP
 from relay.smtp.tls import ensure_self_signed, server_tls_context
@@ -102,10 +103,17 @@ async def start_listeners(
     reuse_port: bool = False,
     telemetry: Telemetry | None = None,
     suppressions: SuppressionList | None = None,
+    live: LiveSMTP | None = None,
 ) -> list[asyncio.Server]:
+    """`live`, when given, is filled with what a reload changes (relay.reload)."""
     smtp = config.smtp
-    ctx = tls_context(config)
+    files = tls_files(config)
+    ctx = None
+    if files is not None:
+        ctx = server_tls_context(cert=files[0], key=files[1], min_version=smtp.tls_min_version)
     authenticator = Authenticator(smtp.users)
+    if live is not None:
+        live.authenticator, live.tls, live.tls_files = authenticator, ctx, files
     limits = ConnectionLimits(
         total=smtp.max_connections,
         per_ip=smtp.max_connections_per_ip,
@@ -124,6 +132,8 @@ async def start_listeners(
             submit=submit,
             suppressions=suppressions,
         )
+        if live is not None:
+            live.handlers.append(handler)
         implicit = listen.tls == "implicit"
 
         def build(handler: RelayHandler = handler, implicit: bool = implicit) -> RelaySMTP:

@@ -115,9 +115,14 @@ class Access:
     """The configured tokens, and the sessions signed with a key derived from them."""
 
     def __init__(self, settings: WebConfig, *, clock: Callable[[], float] = time.time) -> None:
-        self.settings = settings
         self.clock = clock
         self.limiter = LoginLimiter()
+        self.replace(settings)
+
+    def replace(self, settings: WebConfig) -> None:
+        """The tokens of a reload, in force for the next request. The session key is
+        derived from them, so sessions of a changed or removed token end here too."""
+        self.settings = settings
         self._tokens: list[tuple[bytes, WebToken]] = [
             (hashlib.sha256(t.token.encode()).digest(), t) for t in settings.tokens
         ]
