@@ -83,7 +83,13 @@ class BounceSender:
                 return False  # this report was queued before
         except StoreError as exc:
             # The failure itself is recorded; only the courtesy report is missing.
-            log.error("%s: could not queue the bounce to <%s>: %s", msg_id, envelope.mail_from, exc)
+            log.error(
+                "%s: could not queue the bounce to <%s>: %s",
+                msg_id,
+                envelope.mail_from,
+                exc,
+                extra={"event": "dsn_failed", "msg_id": msg_id, "reason": str(exc)},
+            )
             return False
         try:
             await self.queue.add_event(
@@ -94,5 +100,18 @@ class BounceSender:
             )
         except StoreError as exc:
             log.error("%s: bounce %s queued but not noted on the timeline: %s", msg_id, dsn_id, exc)
-        log.info("%s: bounce %s queued to <%s>", msg_id, dsn_id, envelope.mail_from)
+        log.info(
+            "%s: bounce %s queued to <%s>",
+            msg_id,
+            dsn_id,
+            envelope.mail_from,
+            extra={
+                "event": "dsn",
+                "msg_id": msg_id,
+                "dsn_id": dsn_id,
+                "sender": envelope.mail_from,
+                "recipients": sorted(failed),
+                "reason": "; ".join(f"{r}: {why}" for r, why in failed.items()),
+            },
+        )
         return True

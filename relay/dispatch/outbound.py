@@ -200,6 +200,8 @@ class OutboundWorker:
                 else:
                     last_error = result
             events.append((EventType.ATTEMPT, self.clock(), attempt))
+            if log.isEnabledFor(logging.INFO):
+                _log_attempt(item.id, attempt)
             if self.telemetry is not None:
                 self.telemetry.attempt(upstream.name, attempt["outcome"], latency)
 
@@ -295,14 +297,42 @@ class OutboundWorker:
         if self.on_finish is not None:
             self.on_finish()
         if pending:
-            log.info("%s deferred until %s: %s", item.id, _iso(next_at or now), reason)
+            log.info(
+                "%s deferred until %s: %s",
+                item.id,
+                _iso(next_at or now),
+                reason,
+                extra={
+                    "event": "deferred",
+                    "msg_id": item.id,
+                    "recipients": pending,
+                    "reason": reason,
+                    "next_attempt": _iso(next_at or now),
+                    "round": rounds,
+                    "tried": sorted(tried),
+                },
+            )
         elif failed:
-            log.warning("%s failed: %s", item.id, "; ".join(failed.values()))
+            log.warning(
+                "%s failed: %s",
+                item.id,
+                "; ".join(failed.values()),
+                extra={
+                    "event": "failed",
+                    "msg_id": item.id,
+                    "recipients": list(failed),
+                    "reason": failure,
+                    "failures": failed,
+                    "round": rounds,
+                    "delay_ms": round((now - item.created) * 1000),
+                },
+            )
         else:
             log.info(
                 "%s sent via %s",
                 item.id,
                 ", ".join(f"{d['upstream']} ({d['provider_id']})" for d in delivered),
+                extra=_sent_fields(item, delivered, now=now, rounds=rounds),
             )
         bounced = False
         if new_failures and self.bouncer is not None:
@@ -313,6 +343,45 @@ class OutboundWorker:
             else:
                 state = (BOUNCED if bounced else FAILED) if failure is not None else SENT
                 self.telemetry.finished(item.kind.value, state, now - item.created)
+
+
+def _log_attempt(msg_id: str, attempt: dict[str, Any]) -> None:
+    """Postfix's one line per delivery attempt: which upstream, what came of it, how long
+    it took, and the provider's id or the reason."""
+    why = attempt.get("reason") or ""
+    if attempt.get("refused"):
+        why = "; ".join(f"{r}: {x}" for r, x in attempt["refused"].items())
+    log.info(
+        "%s attempt via %s: %s in %.0f ms, %d recipient(s)%s%s",
+        msg_id,
+        attempt["upstream"],
+        attempt["outcome"],
+        attempt["duration_ms"],
+        len(attempt["recipients"]),
+        f", id {attempt['provider_id']}" if attempt.get("provider_id") else "",
+        f": {why}" if why else "",
+        extra={"event": "attempt", "msg_id": msg_id, **attempt},
+    )
+
+
+def _sent_fields(
+    item: Claimed, delivered: list[dict[str, Any]], *, now: float, rounds: int
+) -> dict[str, Any]:
+    """The `sent` line's fields: one upstream and provider id as plain fields (the common
+    case, what a log query filters on), every hand-over when recipients went apart."""
+    fields: dict[str, Any] = {
+        "event": "sent",
+        "msg_id": item.id,
+        "recipients": [r for d in delivered for r in d["recipients"]],
+        "round": rounds,
+        "delay_ms": round((now - item.created) * 1000),
+    }
+    if len(delivered) == 1:
+        fields["upstream"] = delivered[0]["upstream"]
+        fields["provider_id"] = delivered[0]["provider_id"]
+    else:
+        fields["deliveries"] = delivered
+    return fields
 
 
 def _iso(ts: float) -> str:

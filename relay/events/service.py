@@ -118,6 +118,14 @@ class EventService:
                 event.recipient,
                 event.relay_id,
                 event.provider_id,
+                extra={
+                    "event": "unmatched",
+                    "upstream": upstream,
+                    "provider_event": event.provider_event,
+                    "recipient": event.recipient,
+                    "relay_id": event.relay_id,
+                    "provider_id": event.provider_id,
+                },
             )
             await self._suppress(event, upstream, sender=event.sender or "")
             return []
@@ -143,7 +151,26 @@ class EventService:
         if await self.queue.record_delivery(record):
             applied.recorded += 1
             self._count(upstream, f"{event.bounce}_bounce" if event.bounce else event.event)
-            log.info("%s %s <%s> via %s%s", row.id, event.event, rcpt, upstream, _why(event))
+            log.info(
+                "%s %s <%s> via %s%s",
+                row.id,
+                event.event,
+                rcpt,
+                upstream,
+                _why(event),
+                extra={
+                    # The timeline's name: a provider's deferral is `delayed` (the
+                    # relay's own retry is `deferred`).
+                    "event": record.type.value,
+                    "msg_id": row.id,
+                    "recipient": rcpt,
+                    "upstream": upstream,
+                    "provider_event": event.provider_event,
+                    "provider_id": event.provider_id,
+                    "bounce": event.bounce,
+                    "reason": event.reason,
+                },
+            )
         else:
             applied.duplicates += 1
         await self._suppress(event, upstream, sender=row.mail_from)
@@ -211,11 +238,36 @@ class EventService:
                 key=f"requeue:{event.key}",
             )
         except QueueActionError as exc:
-            log.warning("%s: <%s> not re-sent after %s: %s", row.id, rcpt, reason, exc)
+            log.warning(
+                "%s: <%s> not re-sent after %s: %s",
+                row.id,
+                rcpt,
+                reason,
+                exc,
+                extra={
+                    "event": "requeue_failed",
+                    "msg_id": row.id,
+                    "recipient": rcpt,
+                    "upstream": upstream,
+                    "reason": f"{reason} (not re-sent: {exc})",
+                },
+            )
             await self._report(row, {rcpt: f"{reason} (not re-sent: {exc})"}, key=event.key)
             return False, None
         if done:
-            log.info("%s: <%s> back in the queue: %s", row.id, rcpt, reason)
+            log.info(
+                "%s: <%s> back in the queue: %s",
+                row.id,
+                rcpt,
+                reason,
+                extra={
+                    "event": "requeued",
+                    "msg_id": row.id,
+                    "recipient": rcpt,
+                    "upstream": upstream,
+                    "reason": reason,
+                },
+            )
             if self.telemetry is not None:
                 self.telemetry.requeued(upstream)
         return done, MessageEvent(

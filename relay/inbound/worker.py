@@ -428,13 +428,49 @@ class InboundWorker:
             self.telemetry.inbound_round(
                 deferred=retrying, failed=bool(summary), queue_time=now - item.created
             )
+        fields: dict[str, Any] = {
+            "msg_id": item.id,
+            "direction": "inbound",
+            "round": rounds,
+            "destinations": sorted({str(d["destination"]) for d in rnd.delivered}) or None,
+        }
         if retrying:
-            log.info("inbound %s deferred: %s", item.id, reason)
+            log.info(
+                "inbound %s deferred: %s",
+                item.id,
+                reason,
+                extra={
+                    **fields,
+                    "event": "deferred",
+                    "recipients": pending or None,
+                    "reason": reason,
+                    "next_attempt": time.strftime(
+                        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(next_at or now)
+                    ),
+                },
+            )
         elif summary:
-            log.warning("inbound %s failed: %s", item.id, summary)
+            log.warning(
+                "inbound %s failed: %s",
+                item.id,
+                summary,
+                extra={
+                    **fields,
+                    "event": "failed",
+                    "recipients": list(all_failed) or None,
+                    "reason": summary,
+                    "delay_ms": round((now - item.created) * 1000),
+                },
+            )
         else:
             log.info(
                 "inbound %s delivered via %s",
                 item.id,
                 ", ".join(str(d["destination"]) for d in rnd.delivered),
+                extra={
+                    **fields,
+                    "event": "delivered",
+                    "recipients": [r for d in rnd.delivered for r in d["recipients"]] or None,
+                    "delay_ms": round((now - item.created) * 1000),
+                },
             )

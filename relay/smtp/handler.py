@@ -255,19 +255,44 @@ class RelayHandler:
         )
         try:
             await self.submit(message)
-        except StoreFull as exc:
-            log.error("refusing mail from %s: %s", peer_ip, exc)
-            return replies.QUEUE_FULL
         except StoreError as exc:
-            log.error("refusing mail from %s: %s", peer_ip, exc)
-            return replies.QUEUE_ERROR
-        log.info(
-            "%s queued from %s%s: <%s> -> %d recipient(s), %d bytes",
-            msg_id,
-            peer_ip,
-            f" as {user.name}" if user else "",
-            env.mail_from,
-            len(rcpts),
-            len(message.data),
-        )
+            full = isinstance(exc, StoreFull)
+            log.error(
+                "refusing mail from %s: %s",
+                peer_ip,
+                exc,
+                extra={
+                    "event": "refused",
+                    "client": peer_ip,
+                    "user": detail.get("user"),
+                    "sender": env.mail_from,
+                    "recipients": list(rcpts),
+                    "size": len(message.data),
+                    "reason": str(exc),
+                    "reply": replies.QUEUE_FULL if full else replies.QUEUE_ERROR,
+                },
+            )
+            return replies.QUEUE_FULL if full else replies.QUEUE_ERROR
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s queued from %s%s: <%s> -> %d recipient(s), %d bytes",
+                msg_id,
+                peer_ip,
+                f" as {user.name}" if user else "",
+                env.mail_from,
+                len(rcpts),
+                len(message.data),
+                extra={
+                    "event": "received",
+                    "msg_id": msg_id,
+                    "client": peer_ip,
+                    "helo": detail["helo"],
+                    "user": detail.get("user"),
+                    "sender": env.mail_from,
+                    "recipients": list(rcpts),
+                    "size": len(message.data),
+                    "tls": detail.get("tls_version"),
+                    "listener": self.listener.address,
+                },
+            )
         return replies.QUEUED.format(id=msg_id)

@@ -70,4 +70,18 @@ class RefusalLog:
             fields.append(f"from=<{printable(sender)}>")
         if recipient is not None:
             fields.append(f"to=<{printable(recipient)}>")
-        log.info("NOQUEUE: reject: %s: %s", " ".join(fields), printable(reply))
+        log.info(
+            "NOQUEUE: reject: %s: %s",
+            " ".join(fields),
+            printable(reply),
+            extra={
+                "event": "refused",
+                "command": command,
+                # `[ip]:port` as the text line has it: the address alone, as elsewhere
+                "client": peer[1:].partition("]")[0] if peer.startswith("[") else peer,
+                "user": user or None,
+                "sender": sender,
+                "recipient": recipient,
+                "reply": reply,
+            },
+        )
