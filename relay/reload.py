@@ -123,11 +123,23 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
-def applies(key: str) -> bool:
-    """Whether a reload puts a change of `key` in force (else it needs a restart)."""
-    if key.startswith("upstream["):
-        return not any(part in key for part in UPSTREAM_AT_START)
-    return key.startswith(APPLIED)
+def restart_keys(old: Config, new: Config, keys: Iterable[str]) -> tuple[str, ...]:
+    """The changed keys a reload cannot put in force. An upstream's event webhook is
+    routed at start: changing it needs a restart, and so does a new upstream's, unless it
+    takes no events; a removed upstream's goes with it."""
+    after = flatten(new)
+    kept = {u.name for u in old.upstream} & {u.name for u in new.upstream}
+    out = []
+    for key in keys:
+        if key.startswith("upstream["):
+            name = key[len("upstream[") : key.index("]")]
+            if any(part in key for part in UPSTREAM_AT_START) and (
+                name in kept or after.get(key) not in (None, False, {})
+            ):
+                out.append(key)
+        elif not key.startswith(APPLIED):
+            out.append(key)
+    return tuple(out)
 
 
 def in_force(old: Config, new: Config) -> Config:
@@ -207,7 +219,8 @@ async def _reload(relay: Relay, new: Config | None) -> ReloadResult:
         log.error("reload refused, the running config stays as it was: %s", exc)
         return ReloadResult(error=str(exc))
     keys = changed_keys(old, new)
-    needs_restart = tuple(k for k in keys if not applies(k) or _web_tls_at_start(relay, k))
+    at_start = set(restart_keys(old, new, keys))
+    needs_restart = tuple(k for k in keys if k in at_start or _web_tls_at_start(relay, k))
     applied = tuple(k for k in keys if k not in needs_restart)
     try:
         prepared = await _prepare(relay, old, new, applied)
@@ -237,6 +250,15 @@ async def _reload(relay: Relay, new: Config | None) -> ReloadResult:
             ", ".join(needs_restart),
         )
     return ReloadResult(applied=applied, needs_restart=needs_restart)
+
+
+def reloaded_for_restarts(config: Config) -> Config:
+    """The supervisor's copy, for workers it starts again after a reload: the file's
+    reloadable parts (each worker logs what changed; a bad file is logged there too)."""
+    try:
+        return in_force(config, load_checked(config.path))
+    except ConfigError:
+        return config
 
 
 def _web_tls_at_start(relay: Relay, key: str) -> bool:

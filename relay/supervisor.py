@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from relay import sdnotify
 from relay.config import Config
+from relay.reload import reloaded_for_restarts, remove_pid_file, write_pid_file
 from relay.smtp.listener import EX_CONFIG, tls_files
 
 log = logging.getLogger("relay.app")
@@ -47,6 +48,8 @@ def _child(
     sdnotify.forget()  # the supervisor speaks for the relay: READY=1 once all are ready
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    # Not the supervisor's handler; until serve() takes it, a SIGHUP must not kill.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def ready() -> None:
         os.write(ready_fd, bytes([shard]))
@@ -122,6 +125,16 @@ def run(config: Config, workers: int) -> int:
             _child(config, shard, workers, write_fd, serve)
         children[pid] = shard
 
+    def reload(signum: int, _frame: object) -> None:
+        """Each worker reloads itself; the supervisor keeps what a restarted worker gets."""
+        nonlocal config
+        sdnotify.reloading(f"reloading {len(children)} workers")
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        config = reloaded_for_restarts(config)
+        sdnotify.ready(f"{workers} workers serving (config reloaded)")
+
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         if not stopping:
@@ -133,6 +146,7 @@ def run(config: Config, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for shard in range(workers):
         spawn(shard)
 
@@ -143,6 +157,7 @@ def run(config: Config, workers: int) -> int:
         return failed
     listening = ", ".join(listen.address for listen in config.smtp.listen)
     sdnotify.ready(f"{workers} workers serving SMTP on {listening}")
+    pid_path = write_pid_file(config)  # for `relay reload`
 
     while children:
         try:
@@ -158,6 +173,7 @@ def run(config: Config, workers: int) -> int:
             # Its listener cannot be served: starting it again would fail the same way.
             log.error("worker %d cannot serve its listeners; stopping the relay", shard)
             _stop_all(children)
+            remove_pid_file(pid_path)
             return EX_CONFIG
         delay = RESTART_BACKOFF[min(restarts[shard], len(RESTART_BACKOFF) - 1)]
         restarts[shard] += 1
@@ -171,5 +187,6 @@ def run(config: Config, workers: int) -> int:
         time.sleep(delay)
         if not stopping:
             spawn(shard)
+    remove_pid_file(pid_path)
     sys.stderr.flush()
     return 0

@@ -76,6 +76,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the config as the server will, then SIGHUP the server (its pid file)."""
+    from relay.config import ConfigError
+    from relay.reload import ReloadError, request_reload
+
+    try:
+        pid, cfg = request_reload(args.config)
+    except ConfigError as exc:
+        print(f"relay: {exc}\nrelay: not reloaded: the server keeps its config", file=sys.stderr)
+        return 1
+    except ReloadError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    for warning in cfg.warnings:
+        print(f"relay: warning: {warning}", file=sys.stderr)
+    print(f"relay: asked process {pid} to reload {args.config}; its log says what changed")
+    return 0
+
+
 def cmd_user_add(args: argparse.Namespace) -> int:
     from relay.smtp.auth import hash_password
 
@@ -146,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", help="validate the config file").set_defaults(
         func=cmd_check_config
     )
+
+    sub.add_parser(
+        "reload",
+        help="check the config file, then tell the running server to reload it (SIGHUP)",
+    ).set_defaults(func=cmd_reload)
 
     add_queue_commands(sub)
     add_suppression_commands(sub)

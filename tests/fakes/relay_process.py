@@ -23,6 +23,7 @@ class RelayProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
         self._reader: asyncio.Task[None] | None = None
+        self._line = asyncio.Event()  # set at each new log line, and at the end
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -44,10 +45,18 @@ class RelayProcess:
         async for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             self.log.append(line)
+            self._line.set()
             if "relay ready" in line and not ready.done():
                 ready.set_result(None)
         if not ready.done():
             ready.set_exception(RuntimeError("relay exited:\n" + "\n".join(self.log[-30:])))
+
+    async def wait_log(self, text: str, count: int = 1, timeout: float = 30) -> None:
+        """Until `count` lines of the log contain `text`."""
+        async with asyncio.timeout(timeout):
+            while sum(text in line for line in self.log) < count:
+                self._line.clear()
+                await self._line.wait()
 
     async def kill(self) -> None:
         assert self.proc is not None
