@@ -26,6 +26,8 @@ BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 class QueueFigures:
     counts: Mapping[str, int]
     oldest: float | None  # arrival time of the oldest waiting message
+    # Events for the applications' webhooks, per hook: {"waiting": n, "dead": n}.
+    webhooks: Mapping[str, Mapping[str, int]] | None = None
 
 
 def gauges(
@@ -78,7 +80,19 @@ def gauges(
         breaker.add_metric(labels, float(breaker_state(share, now)))
         paused.add_metric(labels, 1.0 if share.paused else 0.0)
         in_flight.add_metric(labels, float(share.in_flight))
-    return [sizes, oldest, health, breaker, paused, in_flight]
+    families: list[Metric] = [sizes, oldest, health, breaker, paused, in_flight]
+    if queue.webhooks is not None:
+        outbox = GaugeMetricFamily(
+            "relay_webhook_events",
+            "Events for the applications' webhooks in the outbox, by hook: waiting (to be"
+            " posted or retried) and dead (given up after the hook's max_age).",
+            labels=["hook", "state"],
+        )
+        for hook, counts in sorted(queue.webhooks.items()):
+            for kind in ("waiting", "dead"):
+                outbox.add_metric([hook, kind], float(counts.get(kind, 0)))
+        families.append(outbox)
+    return families
 
 
 def breaker_state(share: UpstreamShare, now: float) -> int:

@@ -20,7 +20,7 @@ from aiohttp import web
 from relay.message import WAITING
 from relay.telemetry.exposition import QueueFigures, gauges, render
 from relay.web.auth import require
-from relay.web.context import CONTEXT
+from relay.web.context import CONTEXT, WebContext
 
 
 def is_loopback(remote: str | None) -> bool:
@@ -42,7 +42,9 @@ async def metrics(request: web.Request) -> web.Response:
         require(request, "read")
     now = ctx.clock()
     queue = QueueFigures(
-        counts=await ctx.queue.counts(), oldest=await ctx.queue.oldest(states=WAITING)
+        counts=await ctx.queue.counts(),
+        oldest=await ctx.queue.oldest(states=WAITING),
+        webhooks=await _webhooks(ctx),
     )
     shares = await ctx.admin.upstreams()
     measured = gauges(
@@ -61,3 +63,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
+
+
+async def _webhooks(ctx: WebContext) -> dict[str, dict[str, int]] | None:
+    """Each hook's outbox counts: every configured hook (0 when it has none) and any other
+    with events left (one removed from the config); None without hooks at all."""
+    pending = await ctx.queue.outbox.pending()
+    if not ctx.config.webhook and not pending:
+        return None
+    counts: dict[str, dict[str, int]] = {hook.label: {} for hook in ctx.config.webhook}
+    counts.update(pending)
+    return {hook: dict(found) for hook, found in counts.items()}

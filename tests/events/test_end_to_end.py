@@ -348,6 +348,14 @@ async def test_the_app_hears_sent_then_delivered_signed_in_order(
         assert verify_signature("whsec-0123456789abcdef", header, body, now=time.time())
         assert not verify_signature("another-secret-000000", header, body, now=time.time())
     assert len(receiver.posts) == 2  # the repeated event was not posted again
+    await relay.telemetry.rollup.flush()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{base_url(relay)}/metrics") as resp,
+    ):
+        scraped = await resp.text()
+    assert 'relay_webhook_events{hook="app",state="waiting"} 0.0' in scraped
+    assert 'relay_provider_events_total{event="delivered",upstream="sendgrid"} 1.0' in scraped
 
 
 async def test_each_upstream_gets_a_dropped_recipient_once_then_the_sender_hears(
