@@ -452,3 +452,79 @@ async def test_sighup_and_relay_reload_reach_every_worker(
     finally:
         await server.stop()
     assert not (tmp_path / "queue" / "relay.pid").exists()
+
+
+async def test_reload_changes_web_tokens_and_replaces_a_changed_upstream_keeping_its_health(
+    tmp_path: Path,
+    tls_files: tuple[str, str],
+    sinks: tuple[SMTPSink, SMTPSink],
+    running: list[Relay],
+) -> None:
+    import aiohttp
+
+    from tests.web.conftest import bearer, token_entries
+
+    first, second = sinks
+    tokens = token_entries(tmp_path)
+    relay = Relay(
+        relay_config(
+            tmp_path,
+            tls_files=tls_files,
+            upstream=[smtp_upstream(first.port, name="smarthost")],
+            web={"listen": "127.0.0.1:0", "tokens": tokens},
+        )
+    )
+    await relay.start()
+    running.append(relay)
+    port = relay.smtp_ports()[0]
+
+    async def send(subject: str) -> None:
+        await aiosmtplib.send(
+            make_message(subject=subject),
+            sender="app@example.com",
+            recipients=["rcpt@example.org"],
+            hostname="127.0.0.1",
+            port=port,
+            start_tls=False,
+        )
+
+    await send("before")
+    await first.wait_count(1)
+    await wait_states(relay, sent=1)
+    before = relay.router.state("smarthost")
+    before.health = 0.5  # as if it had failed lately: its replacement inherits that
+
+    new_token = tmp_path / "ci.token"
+    new_token.write_text("ci-token-0123456789abcdef\n")
+    kept = [t for t in tokens if t["name"] != "viewer"]
+    result = await relay.reload(
+        relay_config(
+            tmp_path,
+            tls_files=tls_files,
+            upstream=[smtp_upstream(second.port, name="smarthost")],  # the same name, moved
+            web={
+                "listen": "127.0.0.1:0",
+                "tokens": [*kept, {"name": "ci", "token": f"file:{new_token}", "role": "read"}],
+            },
+        )
+    )
+    assert result.ok, result.error
+    assert "upstream[smarthost].options.port" in result.applied
+    assert "web.tokens[ci].token" in result.applied
+    after = relay.router.state("smarthost")
+    assert after is not before and before.retired
+    assert after.health <= 0.5 and after.attempts == before.attempts
+
+    url = f"http://127.0.0.1:{relay.web_port}/api/v1/messages"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, headers=bearer("viewer")) as response:
+            assert response.status == 401  # removed
+        async with http.get(url, headers=bearer("ops")) as response:
+            assert response.status == 200  # kept
+        ci = {"Authorization": "Bearer ci-token-0123456789abcdef"}
+        async with http.get(url, headers=ci) as response:
+            assert response.status == 200  # added
+
+    await send("after")
+    await second.wait_count(1)
+    assert len(first.messages) == 1
