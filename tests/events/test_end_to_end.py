@@ -354,7 +354,8 @@ async def test_the_app_hears_sent_then_delivered_signed_in_order(
         http.get(f"{base_url(relay)}/metrics") as resp,
     ):
         scraped = await resp.text()
-    assert 'relay_webhook_events{hook="app",state="waiting"} 0.0' in scraped
+    assert 'relay_webhook_events{hook="app",state="dead"} 0.0' in scraped
+    assert 'relay_webhook_events{hook="app",state="waiting"}' in scraped
     assert 'relay_provider_events_total{event="delivered",upstream="sendgrid"} 1.0' in scraped
 
 
