@@ -57,6 +57,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.operator
+	$(BIN)/python -m bench.events
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
