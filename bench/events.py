@@ -2,8 +2,8 @@
 while SMTP traffic flows. Every event recorded once, none lost, and what the posting costs
 the SMTP side.
 
-    .venv/bin/python -m bench.events            # full run (~10 minutes)
-    .venv/bin/python -m bench.events --quick    # 2,000 events, one run each (~2 minutes)
+    .venv/bin/python -m bench.events            # full run (~3 minutes)
+    .venv/bin/python -m bench.events --quick    # 2,000 events, one run each (~20 s)
 
 1. A real `relay serve` (SQLite queue, the relay's default workers: one per CPU) whose one
    upstream is a fake SendGrid (bench/provider.py, the tests' FakeSendGrid in its own
