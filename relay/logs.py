@@ -42,8 +42,13 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, No
     "asctime",
     "taskName",
 }
+#: How many attributes a record has before makeRecord adds the `extra=` ones after them.
+_STANDARD_COUNT = len(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 #: The first keys of every JSON line, in this order; the record's own fields follow.
 _HEAD = ("ts", "level", "logger", "event", "msg")
+# Made once: json.dumps with any option builds a new encoder for every call, which
+# costs twice the encoding itself.
+_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
 
 
 class JSONFormatter(logging.Formatter):
@@ -75,8 +80,11 @@ class JSONFormatter(logging.Formatter):
             line["event"] = event
         line["msg"] = record.getMessage()
         line["pid"] = _pid
-        for key, value in fields.items():
-            if key not in _RECORD_ATTRIBUTES and value is not None and key not in _HEAD:
+        # Only the keys after the standard ones can have come through `extra=` (a
+        # formatter may have added `message` or `exc_text` since: hence the check).
+        for key in list(fields)[_STANDARD_COUNT:]:
+            value = fields[key]
+            if value is not None and key not in _RECORD_ATTRIBUTES and key not in _HEAD:
                 line[key] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
@@ -84,7 +92,7 @@ class JSONFormatter(logging.Formatter):
             line["exc"] = record.exc_text
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(line, default=str, separators=(",", ":"))
+        return _encode(line)
 
 
 # The pid on every JSON line tells the workers of `server.workers = N` apart; looked up

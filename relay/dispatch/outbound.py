@@ -327,7 +327,7 @@ class OutboundWorker:
                     "delay_ms": round((now - item.created) * 1000),
                 },
             )
-        else:
+        elif log.isEnabledFor(logging.INFO):  # the common case: its fields only when read
             log.info(
                 "%s sent via %s",
                 item.id,
