@@ -39,6 +39,7 @@ from relay.reload import (
     remove_pid_file,
     write_pid_file,
 )
+from relay.smtp.drain import Sessions
 from relay.smtp.listener import ListenerError, start_listeners
 from relay.smtp.live import LiveSMTP
 from relay.smtp.tls import server_tls_context
@@ -105,6 +106,9 @@ class Relay:
         # What a reload changes in place (relay.reload): the listeners' users, networks
         # and TLS context, the web tokens and TLS context, and their certificate watcher.
         self.live_smtp = LiveSMTP()
+        # The SMTP listeners and sessions, closed and drained at shutdown.
+        self.smtp_sessions = Sessions()
+        self._stopped = False
         self.web_access: Access | None = None
         self.web_tls: ssl.SSLContext | None = None
         self.cert_watcher: CertWatcher | None = None
@@ -173,6 +177,7 @@ class Relay:
                 telemetry=self.telemetry,
                 suppressions=self.suppression,
                 live=self.live_smtp,
+                sessions=self.smtp_sessions,
             )
         self._watch_certificates()
 
@@ -311,14 +316,18 @@ class Relay:
         log.info("web listening on %s:%s%s", listen.host, self.web_port, " (TLS)" if tls else "")
 
     async def stop(self) -> None:
-        for server in self.smtp_servers:
-            server.close()
+        """The graceful stop (SIGTERM): the SMTP listeners close at once; sessions finish
+        their transaction and deliveries in flight their attempt, both within
+        `server.shutdown_grace` (relay.smtp.drain); what is still running then is cut and
+        its leases are given back; the queue closes last."""
+        if self._stopped:
+            return  # stopped already (a test, then its fixture)
+        self._stopped = True
+        grace = self.config.server.shutdown_grace
+        self._begin_smtp_drain(grace)
+        await asyncio.gather(self._drain_smtp(grace), self._stop_dispatch(grace))
         for server in self.smtp_servers:
             await server.wait_closed()
-        if self.outbound is not None:
-            await self.outbound.stop()
-        if self.inbound is not None:
-            await self.inbound.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -332,6 +341,71 @@ class Relay:
             await upstream.close()
         await self.telemetry.stop()
         await self.queue.close()
+
+    def _begin_smtp_drain(self, grace: float) -> None:
+        """At once, before the first await: no connection is accepted after stop()."""
+        sessions = self.smtp_sessions
+        if not sessions.listeners:
+            return
+        sessions.begin()
+        log.info(
+            "SMTP listeners closed; %d open session(s) may finish their transaction for up to %gs",
+            sessions.report.open_at_start,
+            grace,
+        )
+
+    async def _drain_smtp(self, grace: float) -> None:
+        sessions = self.smtp_sessions
+        if not sessions.listeners:
+            return
+        report = await sessions.drain(grace)
+        if report.over_grace or report.backlog:
+            log.warning(
+                "SMTP drain: %d session(s) still open when the grace ended got 421 4.3.2"
+                " (%d cut while storing), %d queued connection(s) got 421 4.3.2",
+                report.over_grace,
+                report.aborted,
+                report.backlog,
+            )
+
+    async def _stop_dispatch(self, grace: float) -> None:
+        """No new claims; attempts in flight get the grace; leases of those cut are given
+        back, so that the next process (or another host) takes them at once."""
+        cancelled = 0
+        if self.outbound is not None:
+            cancelled += await self.outbound.stop(grace)
+        if self.inbound is not None:
+            await self.inbound.stop()
+        # The claiming loop ends before the leases are looked at: a claim it had under
+        # way is then given back below instead of kept until the lease expires.
+        loops = [task for task in self._tasks if task.get_name() == "dispatch"]
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        if not loops and self.inbound is None:
+            return
+        node = self.config.server.node
+        try:
+            released = await self.queue.recover(
+                now=self.clock(),
+                alive=lambda owner: owner != self.owner and process_alive(owner, node=node),
+            )
+        except StoreError as exc:
+            log.warning("leases not given back at shutdown (recovered at the next start): %s", exc)
+            return
+        if released or cancelled:
+            log.info(
+                "%d attempt(s) still running after %gs were cut; %d lease(s) given back",
+                cancelled,
+                grace,
+                len(released),
+            )
+
+    def hurry(self) -> None:
+        """A second SIGTERM or Ctrl-C: end the grace now."""
+        self.smtp_sessions.hurry()
+        if self.outbound is not None:
+            self.outbound.hurry()
 
     async def _maintenance(self) -> None:
         """Recover leases of processes that died while we run; forget old history."""
@@ -395,6 +469,8 @@ class Relay:
         problems = await self.queue.problems()
         if not self.smtp_servers:
             problems.append("no SMTP listener is running")
+        if self.smtp_sessions.draining:
+            problems.append("shutting down: SMTP listeners closed, sessions draining")
         return problems
 
 
@@ -417,5 +493,7 @@ async def serve(config: Config, *, shard: int = 0, workers: int = 1, on_ready: A
     await stop.wait()
     sdnotify.stopping("shutting down")  # a no-op in a worker: the supervisor says it
     log.info("shutting down")
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second one ends the grace at once
+        loop.add_signal_handler(sig, relay.hurry)
     await relay.stop()
     remove_pid_file(pid_path)

@@ -352,10 +352,15 @@ class ServerConfig:
     # Relay processes sharing the SMTP port (SO_REUSEPORT), each with its own queue shard;
     # 0 = one per CPU. One Python process uses one core; this is how the relay uses all.
     workers: int = 0
+    # At SIGTERM: how long open SMTP sessions may finish their transaction, and deliveries
+    # in flight their attempt, before the rest get 421 4.3.2 (relay.smtp.drain).
+    shutdown_grace: Duration = Duration(30.0)
 
     def validate(self) -> None:
         if not 0 <= self.workers <= 64:
             raise ValueError("workers must be between 0 (one per CPU) and 64")
+        if not 0 <= self.shutdown_grace <= 3600:
+            raise ValueError("shutdown_grace must be between 0s and 1h (for example 30s)")
         if not 1 <= self.queue_pool_size <= 100:
             raise ValueError("queue_pool_size must be between 1 and 100")
 

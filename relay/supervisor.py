@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import select
 import signal
@@ -33,6 +34,10 @@ log = logging.getLogger("relay.app")
 PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF = (0.5, 1, 2, 5, 10)
 READY_POLL = 0.2  # seconds between checks for a worker that died before it was ready
+# After SIGTERM, workers get `server.shutdown_grace` plus this to drain and close their
+# queue (a session storing its message, in-flight attempts giving back leases); then the
+# ones still running are killed (what they had leased is recovered at the next start).
+STOP_MARGIN = 20
 
 
 def _die_with_parent() -> None:
@@ -139,10 +144,23 @@ def run(config: Config, workers: int) -> int:
         nonlocal stopping
         if not stopping:
             sdnotify.stopping(f"stopping {len(children)} workers")
+            signal.signal(signal.SIGALRM, overdue)
+            signal.alarm(math.ceil(config.server.shutdown_grace) + STOP_MARGIN)
         stopping = True
+        # Forwarded each time: a worker's second SIGTERM ends its grace at once.
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+
+    def overdue(signum: int, _frame: object) -> None:
+        log.error(
+            "%d worker(s) still running %ds after SIGTERM; killing them",
+            len(children),
+            math.ceil(config.server.shutdown_grace) + STOP_MARGIN,
+        )
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -80,6 +80,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._stopping = False
+        self._hurry = asyncio.Event()  # a stop's grace cut short
         self.idle = asyncio.Event()
         self._store_failing = False
         queue.on_work(self._on_work)
@@ -148,6 +149,8 @@ class Scheduler:
             if self._store_failing:
                 log.info("%s dispatch resumed, the queue is available again", self.kind)
                 self._store_failing = False
+            if self._stopping:
+                return  # claimed as the stop began: Relay.stop releases their leases
             for item in items:
                 self._spawn(item)
             if len(items) == free:
@@ -175,16 +178,24 @@ class Scheduler:
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Stop claiming; let in-flight attempts finish for `grace` seconds, then cancel.
+    async def stop(self, grace: float = 10.0) -> int:
+        """Stop claiming; let in-flight attempts finish for `grace` seconds (or until
+        `hurry`), then cancel the rest. Returns how many were cancelled.
 
-        A cancelled attempt keeps its lease; recovery at the next start makes it due.
+        A cancelled attempt keeps its lease until the caller releases it (Relay.stop) or
+        recovery makes it due: at the next start on this host, or when it expires.
         """
         self._stopping = True
         self._wake.set()
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in list(self._tasks):
+            await self._wait(grace, self.idle, self._hurry)  # idle: no attempt left
+        cancelled = list(self._tasks)
+        for task in cancelled:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if cancelled:
+            await asyncio.gather(*cancelled, return_exceptions=True)
+        return len(cancelled)
+
+    def hurry(self) -> None:
+        """End a stop's grace now: attempts still running are cancelled."""
+        self._hurry.set()

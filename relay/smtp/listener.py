@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from relay.config import Config, ListenConfig
 from relay.queue import is_postgres
 from relay.smtp.auth import Authenticator
+from relay.smtp.drain import Listening, Sessions
 from relay.smtp.handler import RelayHandler, Submit
 from relay.smtp.limits import ConnectionLimits, LargeMessages
 from relay.smtp.live import LiveSMTP
@@ -104,6 +105,7 @@ async def start_listeners(
     telemetry: Telemetry | None = None,
     suppressions: SuppressionList | None = None,
     live: LiveSMTP | None = None,
+    sessions: Sessions | None = None,
 ) -> list[asyncio.Server]:
     """`live`, when given, is filled with what a reload changes (relay.reload)."""
     smtp = config.smtp
@@ -150,6 +152,7 @@ async def start_listeners(
                 spool_threshold=smtp.data_spool_threshold,
                 telemetry=telemetry,
                 listener_name=str(cfg.address),
+                sessions=sessions,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=True,
                 hostname=config.server.hostname,
@@ -168,10 +171,9 @@ async def start_listeners(
             return protocol
 
         _warn_cleartext_auth(index, listen)
+        factory = ProtocolFactory(build)
         try:
-            server = await _serve(
-                listen, ProtocolFactory(build), ctx if implicit else None, reuse_port
-            )
+            server = await _serve(listen, factory, ctx if implicit else None, reuse_port)
         except OSError as exc:
             log.error(
                 "cannot listen on %s (smtp.listen[%d]): %s",
@@ -183,6 +185,8 @@ async def start_listeners(
                 started.close()
             raise ListenerError() from None
         servers.append(server)
+        if sessions is not None:  # closed and drained at shutdown (relay.smtp.drain)
+            sessions.listeners.append(Listening(server, factory, ctx if implicit else None))
     return servers
 
 

@@ -32,6 +32,8 @@ QUEUE_FULL = (
     "452 4.3.1 Insufficient system storage: the relay's queue is nearly full; try again later"
 )
 QUEUE_ERROR = "451 4.3.0 Could not store the message (queue write failed); try again later"
+# RFC 5321 3.8: the service is shutting down (then the connection closes; relay.smtp.drain).
+SHUTTING_DOWN = "421 4.3.2 {hostname} shutting down, try again later"
 NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
 DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"

@@ -12,11 +12,14 @@ What differs from stock aiosmtpd, and why:
   bytes unprintable and never carry exception text. Every refusal is logged once
   (`relay.smtp.refusals`); what a client sends during or after AUTH never is.
 - Connections past the configured limits get `421 4.7.0` (`relay.smtp.limits`).
+- At shutdown, sessions end with `421 4.3.2` between transactions, never inside one
+  unless the grace period ran out (`relay.smtp.drain`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from asyncio import sslproto
@@ -31,6 +34,7 @@ from relay.smtp import replies
 from relay.smtp.address import split_path
 from relay.smtp.auth import Authenticator
 from relay.smtp.data import DataError, Spool, read_data
+from relay.smtp.drain import Sessions
 from relay.smtp.limits import ConnectionLimits, LargeMessages
 from relay.smtp.refusals import RefusalLog, printable
 
@@ -49,18 +53,25 @@ class Commands(dict[str, Command]):
     """aiosmtpd's command table, where an unknown command finds `smtp_unknown`.
 
     aiosmtpd looks commands up with `.get()` and logs an unknown one's text at WARNING;
-    after a refused AUTH that text is a client's base64 user name or password.
+    after a refused AUTH that text is a client's base64 user name or password. `gate`
+    sees every command before it runs (the shutdown drain answers some with 421).
     """
 
-    def __init__(self, methods: dict[str, Command], unknown: Command) -> None:
+    def __init__(
+        self,
+        methods: dict[str, Command],
+        unknown: Command,
+        gate: Callable[[str, Command], Command],
+    ) -> None:
         super().__init__(methods)
         self.unknown = unknown
+        self.gate = gate
         self.last = "CONNECT"  # the command being answered, for the refusal log
 
     def get(self, key: str, default: Any = None) -> Command:
         method = super().get(key)
         self.last = key if method is not None else "UNKNOWN"
-        return method or self.unknown
+        return self.gate(key, method or self.unknown)
 
 
 def _peer(peer: Any) -> str:
@@ -87,6 +98,7 @@ class RelaySMTP(SMTP):
         spool_threshold: int,
         telemetry: Telemetry | None = None,
         listener_name: str = "",
+        sessions: Sessions | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
@@ -100,6 +112,7 @@ class RelaySMTP(SMTP):
         self.spool_threshold = spool_threshold
         self.telemetry = telemetry
         self.listener_name = listener_name  # the configured address, a metrics label
+        self.sessions = sessions  # this process's open sessions, drained at shutdown
         self._reset_connection_state()
 
     def _reset_connection_state(self) -> None:
@@ -110,6 +123,9 @@ class RelaySMTP(SMTP):
         self._refused = self._lost = False
         self._address = ""  # the path of the MAIL or RCPT being answered, for the log
         self._auth_login = ""  # the user name of the AUTH being answered, for the log
+        # Where the session is, for the shutdown drain: running a command, storing a
+        # message (the reply to DATA waits for the fsync), or told 421 and closing.
+        self._busy = self._storing = self._closing = False
 
     @classmethod
     def from_template(cls, template: RelaySMTP) -> RelaySMTP:
@@ -131,6 +147,7 @@ class RelaySMTP(SMTP):
         self._smtp_methods = Commands(
             {name: getattr(self, f"smtp_{name}") for name in template._smtp_methods},
             self._unknown_command,
+            self._gate,
         )
         self._auth_methods = {
             mech: _AuthMechAttr(getattr(self, attr.method.__name__), True)
@@ -163,9 +180,15 @@ class RelaySMTP(SMTP):
         """Take a connection slot, or answer 421 and close (RFC 5321 3.8)."""
         peer = transport.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else "unknown"
-        refusal = self.limits.acquire(ip)
+        sessions = self.sessions
+        if sessions is not None and sessions.draining:
+            refusal: str | None = replies.SHUTTING_DOWN.format(hostname=self.hostname)
+        else:
+            refusal = self.limits.acquire(ip)
         if refusal is None:
             self._slot = ip
+            if sessions is not None:
+                sessions.add(self)
             if self.telemetry is not None:
                 self.telemetry.session_opened(self.listener_name)
             return True
@@ -184,6 +207,8 @@ class RelaySMTP(SMTP):
         if self._slot is not None:
             self.limits.release(self._slot)
             self._slot = None
+        if self.sessions is not None:
+            self.sessions.discard(self)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -213,6 +238,71 @@ class RelaySMTP(SMTP):
             return replies.INTERNAL_ERROR  # not sent: aiosmtpd closes the connection
         log.error("%s command failed", self._peer_text, exc_info=error)
         return replies.INTERNAL_ERROR
+
+    # -- the shutdown drain (relay.smtp.drain) ------------------------------------------
+
+    def _gate(self, name: str, method: Command) -> Command:
+        """The command to run for `name`: `method`, or a 421 while the relay drains."""
+        if self._busy:
+            return method  # HELP looking a command up for its syntax, not running it
+        if self._closing:
+            return _ignore  # told 421 already: what the client pipelined after is not read
+        sessions = self.sessions
+        if (
+            sessions is not None
+            and sessions.draining
+            and name != "QUIT"
+            and not self._may_continue(sessions)
+        ):
+            return self._refuse_shutting_down
+        return functools.partial(self._run_command, method)
+
+    async def _run_command(self, method: Command, arg: str | None) -> None:
+        self._busy = True
+        try:
+            await method(arg)
+        finally:
+            self._busy = False
+        sessions = self.sessions
+        if sessions is not None and sessions.draining and not self._may_continue(sessions):
+            self._shut_down()  # the command is answered; the session ends here
+
+    def _may_continue(self, sessions: Sessions) -> bool:
+        """During the grace, a session inside a transaction (MAIL given) may finish it."""
+        envelope = self.envelope
+        return not sessions.grace_over and envelope is not None and envelope.mail_from is not None
+
+    async def _refuse_shutting_down(self, _: str | None) -> None:
+        self._shut_down()
+
+    def drain_check(self) -> None:
+        """Called when the drain begins and when its grace ends (see relay.smtp.drain)."""
+        sessions = self.sessions
+        if self._closing or self._storing or sessions is None:
+            return  # a message being stored gets its reply; the 421 follows it
+        if self._busy and not sessions.grace_over:
+            return  # its command ends first; `_run_command` then decides
+        if not self._busy and self._may_continue(sessions):
+            return
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Send `421 4.3.2` and close (RFC 5321 3.8), once."""
+        if self._closing:
+            return
+        self._closing = True
+        transport = cast(asyncio.Transport | None, self.transport)
+        if transport is None or transport.is_closing():
+            return
+        reply = replies.SHUTTING_DOWN.format(hostname=self.hostname)
+        log.info("%s closed: %s", self._peer_text, reply)
+        transport.write(reply.encode() + b"\r\n")
+        transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            cast(asyncio.Transport, self.transport).abort()
 
     # -- replies -------------------------------------------------------------------------
 
@@ -496,10 +586,14 @@ class RelaySMTP(SMTP):
             log.info("%s disconnected during DATA; nothing stored", self._peer_text)
             self.transport.close()
             return None
-        if not spool.on_disk:
-            return await self._hand_off(spool)
-        async with self.large.handoff():
-            return await self._hand_off(spool)
+        self._storing = True
+        try:
+            if not spool.on_disk:
+                return await self._hand_off(spool)
+            async with self.large.handoff():
+                return await self._hand_off(spool)
+        finally:
+            self._storing = False
 
     async def _hand_off(self, spool: Spool) -> str:
         assert self.envelope is not None
@@ -508,6 +602,10 @@ class RelaySMTP(SMTP):
         status: str = await self._call_handler_hook("DATA")
         self.envelope.content = self.envelope.original_content = None
         return status
+
+
+async def _ignore(_: str | None) -> None:
+    """A command that arrived after the session was told 421: not answered."""
 
 
 def _reason(exc: BaseException | None) -> str:

@@ -48,8 +48,23 @@ class RelayProcess:
             self._line.set()
             if "relay ready" in line and not ready.done():
                 ready.set_result(None)
+        self._line.set()
         if not ready.done():
             ready.set_exception(RuntimeError("relay exited:\n" + "\n".join(self.log[-30:])))
+
+    async def wait_line(self, text: str, timeout: float = 30) -> str:
+        """The first log line containing `text` (since the first start), once written."""
+        seen = 0
+        async with asyncio.timeout(timeout):
+            while True:
+                for line in self.log[seen:]:
+                    if text in line:
+                        return line
+                seen = len(self.log)
+                if self._reader is None or self._reader.done():
+                    raise AssertionError(f"relay exited without logging {text!r}")
+                self._line.clear()
+                await self._line.wait()
 
     async def wait_log(self, text: str, count: int = 1, timeout: float = 30) -> None:
         """Until `count` lines of the log contain `text`."""
