@@ -28,7 +28,7 @@ from relay import logs
 from relay.cli import build_parser
 from relay.config import ConfigError, LogConfig, parse
 from relay.smtp.auth import hash_password
-from tests.conftest import SMTPSink, make_message
+from tests.conftest import RelayFactory, SMTPSink, make_message
 from tests.fakes.relay_process import free_port
 
 # Distinctive strings: if any of them shows up in a log line, something leaked.
@@ -179,6 +179,35 @@ def test_mail_log_keeps_commands_and_drops_what_is_not_one(logging_state: None) 
     assert "AHNjYW5uZXIAcHc=" not in text
     assert text.count("not logged: not a command") == 2
     assert "CANARY" not in text
+
+
+async def test_a_message_the_queue_cannot_take_logs_the_cause_and_the_refusal(
+    make_relay: RelayFactory, logging_state: None
+) -> None:
+    out = io.StringIO()
+    logs.configure(LogConfig(format="json"), stream=out)
+    relay = await make_relay(server={"min_free_disk": "1000000GB"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.smtp_ports()[0])
+    await reader.readline()
+    for line in (b"EHLO app.lan", b"MAIL FROM:<app@example.com>", b"RCPT TO:<a@example.org>"):
+        writer.write(line + b"\r\n")
+    writer.write(b"DATA\r\n" + make_message(body=BODY + "\r\n") + b".\r\nQUIT\r\n")
+    await writer.drain()
+    replies = await reader.read()  # to the server's close after QUIT
+    writer.close()
+    await writer.wait_closed()
+    assert b"\r\n452 4.3.1 " in replies, replies
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    [cause] = [r for r in records if r.get("event") == "queue_error"]
+    assert cause["level"] == "ERROR" and "free" in cause["reason"]
+    assert (cause["client"], cause["sender"], cause["recipients"]) == (
+        "127.0.0.1",
+        "app@example.com",
+        ["a@example.org"],
+    )
+    [refusal] = [r for r in records if r.get("event") == "refused"]
+    assert refusal["command"] == "DATA" and refusal["reply"].startswith("452 4.3.1")
+    assert "CANARY" not in out.getvalue()
 
 
 # -- a relay process, its log read line by line -----------------------------------------------

@@ -262,7 +262,8 @@ class RelayHandler:
                 peer_ip,
                 exc,
                 extra={
-                    "event": "refused",
+                    # The cause; the 4xx reply itself is the NOQUEUE `refused` line.
+                    "event": "queue_error",
                     "client": peer_ip,
                     "user": detail.get("user"),
                     "sender": env.mail_from,
