@@ -132,6 +132,18 @@ async def test_stop_lets_a_message_being_sent_finish_and_closes_idle_sessions_wi
     assert await queue_counts(relay) == {"queued": 1}
 
 
+async def test_a_second_signal_ends_the_grace_at_once(make_relay: RelayFactory) -> None:
+    relay = await make_relay(server={"shutdown_grace": "60s"})
+    session = await greeted(relay.smtp_ports()[0])
+    assert (await session.command("MAIL FROM:<app@example.com>")).startswith("250")
+    stop = asyncio.create_task(relay.stop())
+    await asyncio.sleep(0)  # the stop's first step, before any await: the listeners close
+    relay.hurry()  # what serve() does on a second SIGTERM or Ctrl-C
+    assert await session.reply() == SHUTTING_DOWN
+    await asyncio.wait_for(stop, 10)
+    assert relay.smtp_sessions.report.over_grace == 1
+
+
 async def test_a_new_connection_after_stop_began_is_refused(make_relay: RelayFactory) -> None:
     relay = await make_relay(server={"shutdown_grace": "20s"})
     (port,) = relay.smtp_ports()
@@ -385,9 +397,11 @@ def delivered(outbox_dir: Path) -> Counter[str]:
     return counts
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 async def test_rolling_restart_under_load_loses_nothing_and_fails_no_transaction(
-    tmp_path: Path,
+    tmp_path: Path, workers: int
 ) -> None:
+    """With workers, the supervisor forwards SIGTERM and each worker drains its sessions."""
     port = free_port()
     outbox_dir = tmp_path / "outbox"
     config = tmp_path / "config.toml"
@@ -396,7 +410,7 @@ async def test_rolling_restart_under_load_loses_nothing_and_fails_no_transaction
 hostname = "relay.test"
 queue = "{tmp_path / "queue"}"
 min_free_disk = 0
-workers = 1
+workers = {workers}
 shutdown_grace = "20s"
 [[smtp.listen]]
 address = "127.0.0.1:{port}"
@@ -443,9 +457,10 @@ listen = "127.0.0.1:0"
     lost = load.acked - set(counts)
     duplicates = sum(n - 1 for n in counts.values() if n > 1)
     print(
-        f"\nrolling restart: {len(load.acked)} acknowledged ({acked_by_old} before the old"
-        f" relay exited), {load.shutdown_replies} sessions told 421 4.3.2, {load.refused}"
-        f" connects refused between the two, {len(lost)} lost, {duplicates} duplicate(s)",
+        f"\nrolling restart, {workers} worker(s): {len(load.acked)} acknowledged"
+        f" ({acked_by_old} before the old relay exited), {load.shutdown_replies} sessions"
+        f" told 421 4.3.2, {load.refused} connects refused between the two,"
+        f" {len(lost)} lost, {duplicates} duplicate(s)",
         file=sys.stderr,
     )
     assert not load.errors, load.errors
