@@ -313,7 +313,13 @@ class Relay:
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.web_port = server.sockets[0].getsockname()[1]
-        log.info("web listening on %s:%s%s", listen.host, self.web_port, " (TLS)" if tls else "")
+        log.info(
+            "web listening on %s:%s%s",
+            listen.host,
+            self.web_port,
+            " (TLS)" if tls else "",
+            extra={"event": "listening", "listener": f"{listen.host}:{self.web_port}"},
+        )
 
     async def stop(self) -> None:
         """The graceful stop (SIGTERM): the SMTP listeners close at once; sessions finish
@@ -488,11 +494,15 @@ async def serve(config: Config, *, shard: int = 0, workers: int = 1, on_ready: A
     if on_ready is not None:
         on_ready()
     else:
-        log.info("relay ready: SMTP %s", ", ".join(str(p) for p in relay.smtp_ports()))
+        log.info(
+            "relay ready: SMTP %s",
+            ", ".join(str(p) for p in relay.smtp_ports()),
+            extra={"event": "ready"},
+        )
         sdnotify.ready("serving SMTP on " + ", ".join(str(p) for p in relay.smtp_ports()))
     await stop.wait()
     sdnotify.stopping("shutting down")  # a no-op in a worker: the supervisor says it
-    log.info("shutting down")
+    log.info("shutting down", extra={"event": "stopping"})
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second one ends the grace at once
         loop.add_signal_handler(sig, relay.hurry)
     await relay.stop()

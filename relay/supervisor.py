@@ -58,7 +58,7 @@ def _child(
 
     def ready() -> None:
         os.write(ready_fd, bytes([shard]))
-        log.info("worker %d ready (pid %d)", shard, os.getpid())
+        log.info("worker %d ready (pid %d)", shard, os.getpid(), extra={"event": "worker_ready"})
 
     code = 0
     try:
@@ -100,6 +100,7 @@ def _wait_ready(read_fd: int, children: dict[int, int], workers: int) -> int | N
         "relay ready: %d workers on one port, queue shards %s",
         workers,
         ", ".join(str(s) for s in sorted(ready)),
+        extra={"event": "ready"},
     )
     return None
 
@@ -201,6 +202,7 @@ def run(config: Config, workers: int) -> int:
             pid,
             os.waitstatus_to_exitcode(status),
             delay,
+            extra={"event": "worker_exited"},
         )
         time.sleep(delay)
         if not stopping:

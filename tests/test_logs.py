@@ -519,6 +519,8 @@ async def test_each_message_story_is_found_by_its_id_in_json_lines(
     # Every line is JSON, the forked workers' lines too, and each has the common keys.
     assert all({"ts", "level", "logger", "msg", "pid"} <= r.keys() for r in records)
     assert len({r["pid"] for r in records}) == 3  # the supervisor and two workers
+    # Lines about the relay itself name their event too.
+    assert {"listening", "worker_ready", "ready", "stopping"} <= {r.get("event") for r in records}
     refusals = [r for r in records if r.get("event") == "refused"]
     assert {r["command"] for r in refusals} >= {"AUTH", "DATA"}
     assert all(r["client"] == "127.0.0.1" for r in refusals)

@@ -212,5 +212,6 @@ async def _serve(
             sock.getsockname()[:2],
             listen.tls,
             listen.auth,
+            extra={"event": "listening", "listener": listen.address},
         )
     return server
