@@ -92,7 +92,11 @@ class JSONFormatter(logging.Formatter):
             line["exc"] = record.exc_text
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        return _encode(line)
+        try:
+            return _encode(line)
+        except (TypeError, ValueError) as exc:  # a field JSON cannot hold (a cycle, odd keys)
+            kept = {key: line[key] for key in (*_HEAD, "pid", "exc") if key in line}
+            return _encode({**kept, "log_error": f"fields left out: {exc}"})
 
 
 # The pid on every JSON line tells the workers of `server.workers = N` apart; looked up

@@ -94,7 +94,11 @@ def logging_state() -> Iterator[None]:
     handlers, level = list(root.handlers), root.level
     names = ("mail.log", *logs.GUARDED_LIBRARIES)
     levels = {name: logging.getLogger(name).level for name in names}
+    switches = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved = {name: getattr(logging, name) for name in switches}
     yield
+    for name, value in saved.items():
+        setattr(logging, name, value)
     for handler in root.handlers:
         if handler not in handlers:
             root.removeHandler(handler)
@@ -134,6 +138,18 @@ def test_json_lines_carry_the_fields_given_and_a_traceback_on_one_line(
         crash["exc"].startswith("Traceback")
         and "RuntimeError: first line\nsecond line" in (crash["exc"])
     )
+
+
+def test_a_field_json_cannot_hold_still_gives_one_json_line(logging_state: None) -> None:
+    out = io.StringIO()
+    logs.configure(LogConfig(format="json"), stream=out)
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    logging.getLogger("relay.app").warning("odd", extra={"event": "x", "looped": cycle})
+    [line] = out.getvalue().splitlines()
+    record = json.loads(line)
+    assert (record["event"], record["msg"]) == ("x", "odd")
+    assert "looped" not in record and "fields left out" in record["log_error"]
 
 
 def test_text_lines_stay_as_they_were(logging_state: None) -> None:
