@@ -54,12 +54,16 @@ def requeued_meta(
     meta: dict[str, Any], rcpts: list[str], *, exclude: str, now: float
 ) -> dict[str, Any]:
     """meta after a requeue: the upstream excluded for good, the recipients' status
-    "requeued", and their earlier outcome (done, or failed) forgotten."""
+    "requeued", their earlier outcome (done, or failed) forgotten, and the retry window
+    starting now."""
     meta = dict(meta)
     excluded = list(meta.get("excluded_upstreams") or [])
     if exclude and exclude not in excluded:
         excluded.append(exclude)
     meta["excluded_upstreams"] = excluded
+    # A fresh retry.max_age window for the re-send, as an operator's retry gets: the days
+    # the message may have waited before its first hand-over are not held against it.
+    meta["retried_at"] = now
     statuses = dict(meta.get("rcpts_status") or {})
     for rcpt in rcpts:
         statuses[rcpt] = {"status": "requeued", "at": now, "upstream": exclude}

@@ -14,6 +14,8 @@ import asyncio
 import functools
 import sqlite3
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +41,9 @@ from relay.queue.sqlite.stats import SQLiteStats
 from relay.queue.sqlite.store import Spool, connect, shard_of, shard_paths, transaction
 
 T = TypeVar("T")
+
+SHARD_LIST_TTL = 5.0  # seconds a listing of the shard files is used
+LOCATED_KEPT = 10_000  # message ids whose shard is remembered
 
 
 class SQLiteQueue(Queue):
@@ -69,6 +74,13 @@ class SQLiteQueue(Queue):
         self._direct: dict[Path, tuple[sqlite3.Connection, threading.Lock]] = {}
         self._direct_lock = threading.Lock()
         self._serving = False
+        # Group-committing writers for shards this process does not serve: worker 0's web
+        # server records the providers' events of every shard's messages, in bursts.
+        self._event_writers: dict[Path, Spool] = {}
+        # The shard files (listing the directory costs a syscall per file, on the event
+        # loop) and which shard holds a message, both looked up again on a miss.
+        self._shard_list: tuple[float, list[Path]] | None = None
+        self._shard_of: OrderedDict[str, Path] = OrderedDict()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -97,8 +109,9 @@ class SQLiteQueue(Queue):
 
     async def close(self) -> None:
         if self._serving:
-            for spool in self._spools.values():
+            for spool in [*self._spools.values(), *self._event_writers.values()]:
                 await spool.close()
+            self._event_writers.clear()
             self._serving = False
         with self._direct_lock:
             for conn, _lock in self._direct.values():
@@ -225,24 +238,61 @@ class SQLiteQueue(Queue):
         when it serves that shard (webhook events come in bursts), else a transaction of its
         own beside the shard's writer."""
         spool = self._serving_spool(path)
+        if spool is None and self._serving:
+            spool = self._event_writers.get(path)
+            if spool is None:
+                spool = self._event_writers[path] = Spool(self.queue_dir, shard=shard_of(path))
+                spool.start()
         if spool is not None:
             return await spool.write(fn)
         return await self._on_shard(path, fn)
 
     async def _write_message(self, msg_id: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         """fn on the shard that holds the message (fn checks again that it is there)."""
-        for path in shard_paths(self.queue_dir):
-            if await self._on_shard(
-                path, lambda c: queries.get(c, msg_id) is not None, write=False
-            ):
-                return await self._write_shard(path, fn)
-        raise QueueActionError(f"no message {msg_id} in the queue")
+        path = await self._locate(msg_id)
+        if path is None:
+            raise QueueActionError(f"no message {msg_id} in the queue")
+        return await self._write_shard(path, fn)
+
+    def _shards(self, *, fresh: bool = False) -> list[Path]:
+        """The shard files, listed again at most every few seconds (or when `fresh`)."""
+        now = time.monotonic()
+        if fresh or self._shard_list is None or now - self._shard_list[0] > SHARD_LIST_TTL:
+            self._shard_list = (now, shard_paths(self.queue_dir))
+        return self._shard_list[1]
+
+    async def _locate(self, msg_id: str) -> Path | None:
+        """The shard that holds a message: remembered for the recent ones (a provider's
+        events for a message come together), else looked for in one trip off the loop."""
+        known = self._shard_of.get(msg_id)
+        if known is not None:
+            return known
+        for fresh in (False, True):
+            paths = self._shards(fresh=fresh)
+            found = await asyncio.to_thread(self._find_shard, paths, msg_id)
+            if found is not None:
+                self._shard_of[msg_id] = found
+                while len(self._shard_of) > LOCATED_KEPT:
+                    self._shard_of.popitem(last=False)
+                return found
+        return None
+
+    def _find_shard(self, paths: list[Path], msg_id: str) -> Path | None:
+        for path in paths:
+            conn, lock = self._connection(path)
+            with lock:
+                if queries.exists(conn, msg_id):
+                    return path
+        return None
 
     async def get(self, msg_id: str) -> MessageRow | None:
-        found = await self._each_shard(
-            lambda c: [r] if (r := queries.get(c, msg_id)) else [], write=False
-        )
-        return found[0] if found else None
+        path = await self._locate(msg_id)
+        if path is None:
+            return None
+        row = await self._on_shard(path, lambda c: queries.get(c, msg_id), write=False)
+        if row is None:
+            self._shard_of.pop(msg_id, None)  # deleted or purged since
+        return row
 
     async def timeline(self, msg_id: str) -> list[dict[str, Any]]:
         return await self._each_shard(lambda c: queries.timeline(c, msg_id), write=False)

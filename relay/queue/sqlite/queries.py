@@ -415,6 +415,10 @@ def list_messages(
     return [_row(r) for r in conn.execute(sql, (*params, limit))]
 
 
+def exists(conn: sqlite3.Connection, msg_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM messages WHERE id = ?", (msg_id,)).fetchone() is not None
+
+
 def get(conn: sqlite3.Connection, msg_id: str) -> MessageRow | None:
     r = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (msg_id,)).fetchone()
     return _row(r) if r else None
