@@ -30,21 +30,27 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.checks import check, load_checked
 from relay.config import Config, ConfigError, UpstreamConfig
 from relay.queue import is_postgres
 
 if TYPE_CHECKING:
-    from relay.app import Relay
+    import ssl
+
+    from relay.certwatch import CertWatcher
     from relay.dispatch.routing import Router, UpstreamState
+    from relay.dispatch.scheduler import Scheduler
     from relay.dkim import DKIMSigner
+    from relay.inbound.service import InboundService
     from relay.inbound.settings import InboundSettings
+    from relay.smtp.live import LiveSMTP
     from relay.upstreams.base import Upstream
+    from relay.web.auth import Access
 
 log = logging.getLogger("relay.reload")
 
@@ -64,6 +70,23 @@ APPLIED = (
 # ...except these parts of an upstream: its webhook endpoint is set up at start.
 UPSTREAM_AT_START = (".events", ".webhook")
 PID_FILE_NAME = "relay.pid"
+
+
+class Relay(Protocol):
+    """What a reload reaches in one relay process (relay.app.Relay)."""
+
+    config: Config
+    live_smtp: LiveSMTP
+    cert_watcher: CertWatcher | None
+    web_tls: ssl.SSLContext | None
+    web_access: Access | None
+    router: Router
+    upstreams: list[Upstream]
+    outbound: Scheduler | None
+    inbound: InboundService | None
+    reload_lock: asyncio.Lock
+
+    def track(self, work: Coroutine[Any, Any, object], *, name: str) -> None: ...
 
 
 class ReloadError(Exception):

@@ -166,6 +166,7 @@ def run(config: Config, workers: int) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
+    pid_path = write_pid_file(config)  # for `relay reload`, before anyone reads "ready"
     for shard in range(workers):
         spawn(shard)
 
@@ -173,10 +174,10 @@ def run(config: Config, workers: int) -> int:
     if failed is not None:
         log.error("a worker could not start (exit status %d); stopping", failed)
         _stop_all(children)
+        remove_pid_file(pid_path)
         return failed
     listening = ", ".join(listen.address for listen in config.smtp.listen)
     sdnotify.ready(f"{workers} workers serving SMTP on {listening}")
-    pid_path = write_pid_file(config)  # for `relay reload`
 
     while children:
         try:
