@@ -112,7 +112,7 @@ class OutboundWorker:
                 await self.router.refresh()
                 continue
             if not group:
-                if excluded and excluded >= set(self.router.states):
+                if excluded and excluded >= {s.name for s in self.router.states}:
                     # Every upstream took it and dropped it: nowhere left to send it.
                     why = "dropped by every upstream (" + ", ".join(sorted(excluded)) + ")"
                     failed.update(dict.fromkeys(pending, why))

@@ -390,3 +390,19 @@ async def test_each_upstream_gets_a_dropped_recipient_once_then_the_sender_hears
     attempts = [e["upstream"] for e in await relay.queue.timeline(row.id) if e["type"] == "attempt"]
     assert attempts == ["sg-a", "sg-b"]
     assert len(sendgrid.requests) == 3  # the message to each, then the report
+
+
+async def test_a_message_every_upstream_dropped_fails_at_dispatch_instead_of_waiting(
+    make_relay: RelayFactory, sendgrid: FakeSendGrid, events_key: str
+) -> None:
+    relay = await make_relay(upstream=[sendgrid_entry(sendgrid, events_key)])
+    await send(relay)
+    msg_id, _ = await handed_to_sendgrid(relay, sendgrid)
+    # As an operator's tooling (or an older relay) might: requeued with nowhere left to go.
+    assert await relay.queue.requeue(
+        msg_id, [RCPT], exclude="sendgrid", now=time.time(), reason="dropped", key="k1"
+    )
+    await wait_states(relay, failed=1)
+    row = await relay.queue.get(msg_id)
+    assert row is not None and "dropped by every upstream (sendgrid)" in (row.last_error or "")
+    assert len(sendgrid.requests) == 1
