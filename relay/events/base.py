@@ -67,6 +67,9 @@ class WebhookResult:
 
     events: list[ProviderEvent] = field(default_factory=list)
     answer: dict[str, Any] | None = None
+    # The replay-guard key this request took (`first_use`), given back when its events
+    # can't be recorded now: the provider then retries the same signed request.
+    nonce: str | None = None
 
 
 class ReplayGuard(Protocol):
@@ -81,6 +84,8 @@ class WebhookContext:
 
     clock: Callable[[], float]
     first_use: ReplayGuard
+    # Gives a `first_use` key back (Queue.forget_use).
+    forget_use: Callable[[str], Awaitable[None]] | None = None
     # Fetches an SNS signing certificate or visits a SubscribeURL (tests swap it).
     fetch: Callable[[str], Awaitable[bytes]] | None = None
 

@@ -108,14 +108,15 @@ class MailgunWebhook:
                 "expected Mailgun's JSON webhook body with a 'signature' object (legacy"
                 " form-encoded webhooks are not read: re-create the webhook in Mailgun)"
             )
-        await self._verify(doc["signature"])
+        nonce = await self._verify(doc["signature"])
         data = doc.get("event-data")
         if not isinstance(data, dict):
             raise Malformed("'event-data' is missing or not an object")
         event = read_event(data)
-        return WebhookResult(events=[event] if event is not None else [])
+        return WebhookResult(events=[event] if event is not None else [], nonce=nonce)
 
-    async def _verify(self, signature: dict[str, Any]) -> None:
+    async def _verify(self, signature: dict[str, Any]) -> str:
+        """The replay-guard key the request took, once everything about it checks out."""
         timestamp = signature.get("timestamp")
         if isinstance(timestamp, int) and not isinstance(timestamp, bool):
             timestamp = str(timestamp)
@@ -136,10 +137,10 @@ class MailgunWebhook:
             raise Malformed(f"signature timestamp {timestamp!r} is not epoch seconds")
         now = self.context.clock()
         check_fresh(sent_at, now=now, max_age=self.max_age, what="the signature's timestamp")
-        if not await self.context.first_use(
-            f"mailgun:{token}", now=now, expires=sent_at + self.max_age
-        ):
+        nonce = f"mailgun:{token}"
+        if not await self.context.first_use(nonce, now=now, expires=sent_at + self.max_age):
             raise Unauthenticated("this signature token was used before: a replayed request")
+        return nonce
 
     async def close(self) -> None:
         """Nothing to release: verification needs no connections."""

@@ -865,6 +865,11 @@ class Queue(abc.ABC):
         """True the first time `key` is seen (remembered until `expires`, wall clock), on
         every process and host: a webhook's replay guard (Mailgun's token)."""
 
+    @abc.abstractmethod
+    async def forget_use(self, key: str) -> None:
+        """Forget a `first_use` key: its request's events could not be recorded, so the
+        provider's retry of that same signed request must be taken, not refused."""
+
     @property
     @abc.abstractmethod
     def suppressions(self) -> SuppressionStore: ...

@@ -47,7 +47,10 @@ def create_app(context: WebContext) -> web.Application:
         from relay.web import webhooks
 
         hook_context = WebhookContext(
-            clock=context.clock, first_use=context.queue.first_use, fetch=events.fetch
+            clock=context.clock,
+            first_use=context.queue.first_use,
+            forget_use=context.queue.forget_use,
+            fetch=events.fetch,
         )
         webhooks.setup(app, config=context.config, service=events, context=hook_context)
     return app

@@ -27,6 +27,7 @@ from relay.web.errors import json_error
 log = logging.getLogger("relay.web")
 
 HOOKS_KEY: web.AppKey[dict[str, ProviderWebhook]] = web.AppKey("provider_webhooks")
+CONTEXT_KEY: web.AppKey[WebhookContext] = web.AppKey("webhook_context")
 SERVICE_KEY: web.AppKey[EventService] = web.AppKey("event_service")
 MAX_BODY_KEY: web.AppKey[int] = web.AppKey("webhook_max_body")
 
@@ -41,6 +42,7 @@ def setup(
     if not enabled:
         return
     app[SERVICE_KEY] = service
+    app[CONTEXT_KEY] = context
     app[MAX_BODY_KEY] = int(config.events.max_body)
 
     async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -96,13 +98,27 @@ async def provider_webhook(request: web.Request) -> web.Response:
         return web.json_response(result.answer)
     try:
         applied = await request.app[SERVICE_KEY].apply(name, result.events)
-    except QueueBusy as exc:
-        response = json_error(503, "busy", f"{exc}; send it again shortly")
-        response.headers["Retry-After"] = "5"
-        return response
     except StoreError as exc:
+        if result.nonce is not None:
+            await _give_back(request.app[CONTEXT_KEY], result.nonce)
+        if isinstance(exc, QueueBusy):
+            response = json_error(503, "busy", f"{exc}; send it again shortly")
+            response.headers["Retry-After"] = "5"
+            return response
         log.error("webhook events from %s not recorded: %s", name, exc)
         response = json_error(503, "queue_unavailable", "the queue could not record the events")
         response.headers["Retry-After"] = "10"
         return response
     return web.json_response({"status": "ok", **applied.as_dict()})
+
+
+async def _give_back(context: WebhookContext, nonce: str) -> None:
+    """Give the request's replay-guard key back, for the provider's retry of the same
+    signed request (best effort: a queue that could not record the events may not take
+    this either, and then the retry is refused as a replay until the key expires)."""
+    if context.forget_use is None:
+        return
+    try:
+        await context.forget_use(nonce)
+    except StoreError as exc:
+        log.warning("webhook replay key %s not given back: %s", nonce, exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from relay.app import Relay
 from relay.events.outbox import verify_signature
 from relay.message import EventType
-from relay.queue.base import MessageQuery
+from relay.queue.base import MessageQuery, StoreError
 from relay.web.context import WebContext
 from relay.web.views import upstream_rows
 from tests.conftest import RelayFactory, mailgun_upstream, wait_states
@@ -406,3 +407,57 @@ async def test_a_message_every_upstream_dropped_fails_at_dispatch_instead_of_wai
     row = await relay.queue.get(msg_id)
     assert row is not None and "dropped by every upstream (sendgrid)" in (row.last_error or "")
     assert len(sendgrid.requests) == 1
+
+
+async def test_a_mailgun_request_the_queue_could_not_record_is_taken_when_mailgun_retries_it(
+    make_relay: RelayFactory, mailgun: FakeMailgun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mailgun retries a request that got no 200 as it was signed (same token): the token
+    the failed attempt took is given back, so the retry is taken, and only then is the
+    token spent (a third copy is a replay)."""
+    monkeypatch.setenv("MG_SIGNING_KEY", "key-3ax6xnjp29jd6fds4gc373sgvjxteol0")
+    entry = mailgun_upstream(mailgun, events=True, webhook={"signing_key": "env:MG_SIGNING_KEY"})
+    relay = await make_relay(upstream=[entry])
+    await send(relay)
+    await wait_states(relay, sent=1)
+    (row,) = await relay.queue.search(state="sent")
+    stamp, token = str(int(time.time())), "b7e1c1d1e9f979f3de0a8ce0edb2dd8301dee6c2405235584e"
+    signature = hmac.new(
+        b"key-3ax6xnjp29jd6fds4gc373sgvjxteol0", (stamp + token).encode(), "sha256"
+    )
+    body = json.dumps(
+        {
+            "signature": {"timestamp": stamp, "token": token, "signature": signature.hexdigest()},
+            "event-data": {
+                "id": "Ase7i2zsRYeDXztHGENqRA",
+                "event": "delivered",
+                "timestamp": time.time(),
+                "recipient": RCPT,
+                "message": {"headers": {"message-id": "20240501.1@mg.example.com"}},
+                "user-variables": {"relay_id": row.id},
+                "delivery-status": {"code": 250, "message": "OK"},
+            },
+        }
+    ).encode()
+
+    real = relay.queue.record_delivery
+    failing = {"left": 1}
+
+    async def record_once_failing(rec: Any) -> bool:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise StoreError("queue write failed: disk I/O error")
+        return await real(rec)
+
+    monkeypatch.setattr(relay.queue, "record_delivery", record_once_failing)
+    url = f"{base_url(relay)}/webhooks/mailgun"
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=body, headers=headers) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"]
+        async with http.post(url, data=body, headers=headers) as resp:
+            assert resp.status == 200 and (await resp.json())["recorded"] == 1
+        async with http.post(url, data=body, headers=headers) as resp:
+            assert resp.status == 401 and "replayed" in (await resp.json())["message"]
+    timeline = await relay.queue.timeline(row.id)
+    assert [e["type"] for e in timeline].count(EventType.DELIVERED) == 1

@@ -403,6 +403,9 @@ async def test_a_nonce_is_new_once_on_every_process_until_it_expires(
         *(q.first_use("mailgun:tok-3", now=now, expires=now + 60) for q in (q1, q2, q1, q2))
     )
     assert sorted(results) == [False, False, False, True]
+    # A key given back (its request's events could not be recorded) is taken again.
+    await q2.forget_use("mailgun:tok-3")
+    assert await q1.first_use("mailgun:tok-3", now=now, expires=now + 60)
 
 
 # -- SQLite: events for a message in another worker's shard ------------------------------------

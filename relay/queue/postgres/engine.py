@@ -672,6 +672,9 @@ class PostgresQueue(Queue):
             functools.partial(statements.first_use, key=key, now=now, expires=expires)
         )
 
+    async def forget_use(self, key: str) -> None:
+        await self._durably(functools.partial(statements.forget_use, key=key))
+
     @property
     def suppressions(self) -> SuppressionStore:
         if self._suppressions is None:

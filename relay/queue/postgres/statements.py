@@ -337,6 +337,10 @@ async def drop_bodies(conn: asyncpg.Connection, *, sent_before: float) -> int:
 NONCE_SWEEP = 100
 
 
+async def forget_use(conn: asyncpg.Connection, key: str) -> None:
+    await conn.execute("DELETE FROM nonces WHERE key = $1", key)
+
+
 async def first_use(conn: asyncpg.Connection, key: str, *, now: float, expires: float) -> bool:
     """Remember `key` until `expires`; False while it is remembered already. A few other
     expired keys are forgotten in the same statement, so the table stays the size of the

@@ -432,6 +432,9 @@ class SQLiteQueue(Queue):
             functools.partial(shared.first_use, key=key, now=now, expires=expires)
         )
 
+    async def forget_use(self, key: str) -> None:
+        await self._shared.run(functools.partial(shared.forget_use, key=key))
+
     @property
     def suppressions(self) -> SuppressionStore:
         if self._suppressions is None:

@@ -96,6 +96,10 @@ class SharedDB:
 NONCE_SWEEP = 100
 
 
+def forget_use(conn: sqlite3.Connection, key: str) -> None:
+    conn.execute("DELETE FROM nonces WHERE key = ?", (key,))
+
+
 def first_use(conn: sqlite3.Connection, key: str, *, now: float, expires: float) -> bool:
     """Remember `key` until `expires`; False while it is remembered already. A few expired
     keys are forgotten on the way, so the table stays the size of the replay window."""
