@@ -350,7 +350,8 @@ class ServerConfig:
     keep_sent: Duration = Duration(7 * 86400.0)
     keep_failed: Duration = Duration(30 * 86400.0)
     # Relay processes sharing the SMTP port (SO_REUSEPORT), each with its own queue shard;
-    # 0 = one per CPU. One Python process uses one core; this is how the relay uses all.
+    # 0 = one per CPU this process may use (relay.cpus: affinity, cgroup quota). One Python
+    # process uses one core; this is how the relay uses all.
     workers: int = 0
     # At SIGTERM: how long open SMTP sessions may finish their transaction, and deliveries
     # in flight their attempt, before the rest get 421 4.3.2 (relay.smtp.drain).
@@ -363,16 +364,6 @@ class ServerConfig:
             raise ValueError("shutdown_grace must be between 0s and 1h (for example 30s)")
         if not 1 <= self.queue_pool_size <= 100:
             raise ValueError("queue_pool_size must be between 1 and 100")
-
-    @property
-    def worker_count(self) -> int:
-        """`workers`, or for 0 the CPUs this process may use (affinity and cgroup quota),
-        not the host's count: a container given 2 of 32 CPUs runs 2 workers."""
-        if self.workers:
-            return self.workers
-        from relay.cpus import available_cpus  # a stdlib-only leaf: no import cycle
-
-        return available_cpus()
 
 
 @dataclass(frozen=True)

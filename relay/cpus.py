@@ -32,6 +32,12 @@ CGROUP_MOUNT = PurePosixPath("sys/fs/cgroup")
 V1_CPU_DIRS = ("cpu,cpuacct", "cpuacct,cpu", "cpu")
 
 
+def worker_count(workers: int) -> int:
+    """`server.workers`, or for 0 the CPUs this process may use: a container given 2 of a
+    host's 32 CPUs runs 2 workers, not 32."""
+    return workers or available_cpus()
+
+
 def available_cpus(*, root: Path = Path("/"), affinity: Callable[[], int] | None = None) -> int:
     """CPUs this process may use: the affinity mask bounded by the cgroup quota, at least 1.
 

@@ -45,7 +45,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    workers = cfg.server.worker_count
+    from relay.cpus import worker_count
+
+    workers = worker_count(cfg.server.workers)
     # Before a worker exists or prometheus_client is loaded: where the workers' metric
     # values go, so that /metrics adds them up (see relay.telemetry.multiprocess).
     from relay.telemetry import multiprocess

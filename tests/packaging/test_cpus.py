@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ServerConfig
-from relay.cpus import available_cpus, cgroup_cpu_limit
+from relay.cpus import available_cpus, cgroup_cpu_limit, worker_count
 
 
 def write(root: Path, relative: str, text: str) -> None:
@@ -133,7 +132,7 @@ def test_never_less_than_one(tmp_path: Path) -> None:
 def test_worker_count_zero_in_a_process_pinned_to_one_cpu_is_one() -> None:
     # What `taskset -c N relay serve` (or `docker run --cpuset-cpus=N`) gives the relay.
     one_cpu = min(os.sched_getaffinity(0))
-    code = "from relay.config import ServerConfig; print(ServerConfig(workers=0).worker_count)"
+    code = "from relay.cpus import worker_count; print(worker_count(0))"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -142,4 +141,4 @@ def test_worker_count_zero_in_a_process_pinned_to_one_cpu_is_one() -> None:
         preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}),
     )
     assert result.stdout.strip() == "1"
-    assert ServerConfig(workers=3).worker_count == 3
+    assert worker_count(3) == 3
