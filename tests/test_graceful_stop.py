@@ -309,6 +309,7 @@ class Load:
     errors: list[str] = field(default_factory=list)
     shutdown_replies: int = 0
     refused: int = 0
+    reset_before_greeting: int = 0
     done: bool = False
     successor: asyncio.Event = field(default_factory=asyncio.Event)
     progress: asyncio.Event = field(default_factory=asyncio.Event)
@@ -338,7 +339,15 @@ class Load:
         """One session, until the relay says 421 (allowed only outside a transaction)."""
         step = "greeting"
         try:
-            if await self._shut_down(await session.reply(), step, "220"):
+            try:
+                greeting = await session.reply()
+            except ConnectionResetError:
+                # Linux resets what reached a listener's accept queue in the instant it
+                # closed (unless net.ipv4.tcp_migrate_req = 1 hands it to another socket
+                # of the port): no greeting, so to the client a refused connect, retried.
+                self.reset_before_greeting += 1
+                return
+            if await self._shut_down(greeting, step, "220"):
                 return
             step = "EHLO"
             if await self._shut_down(await session.command("EHLO load.test"), step, "250"):
@@ -460,6 +469,7 @@ listen = "127.0.0.1:0"
         f"\nrolling restart, {workers} worker(s): {len(load.acked)} acknowledged"
         f" ({acked_by_old} before the old relay exited), {load.shutdown_replies} sessions"
         f" told 421 4.3.2, {load.refused} connects refused between the two,"
+        f" {load.reset_before_greeting} reset before the greeting,"
         f" {len(lost)} lost, {duplicates} duplicate(s)",
         file=sys.stderr,
     )
