@@ -19,6 +19,7 @@ only comes because the relay had not answered 200 yet.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -98,11 +99,33 @@ class EventService:
         (QueueBusy included) when the queue can't take them now: the caller answers 503
         and the provider sends them again."""
         applied = Applied()
+        # A provider batches events of many messages into one request (SendGrid: up to
+        # 768 KB): the messages are worked on at once, so their reads overlap and their
+        # writes share the queue's group commits; one message's events stay in order.
+        streams: dict[str, list[ProviderEvent]] = {}
+        for event in events:
+            streams.setdefault(event.relay_id or event.provider_id or "", []).append(event)
+        if len(streams) == 1:
+            out = await self._apply_stream(upstream, events, applied)
+        else:
+            parts = await asyncio.gather(
+                *(self._apply_stream(upstream, s, applied) for s in streams.values()),
+                return_exceptions=True,
+            )
+            for part in parts:  # every stream ran its course: then the first failure
+                if isinstance(part, BaseException):
+                    raise part
+            out = [e for part in parts if not isinstance(part, BaseException) for e in part]
+        await self._publish(out)
+        return applied
+
+    async def _apply_stream(
+        self, upstream: str, events: Sequence[ProviderEvent], applied: Applied
+    ) -> list[MessageEvent]:
         out: list[MessageEvent] = []
         for event in events:
             out += await self._apply_one(upstream, event, applied)
-        await self._publish(out)
-        return applied
+        return out
 
     async def _apply_one(
         self, upstream: str, event: ProviderEvent, applied: Applied

@@ -461,3 +461,34 @@ async def test_a_mailgun_request_the_queue_could_not_record_is_taken_when_mailgu
             assert resp.status == 401 and "replayed" in (await resp.json())["message"]
     timeline = await relay.queue.timeline(row.id)
     assert [e["type"] for e in timeline].count(EventType.DELIVERED) == 1
+
+
+async def test_a_batch_of_events_for_several_messages_is_recorded_in_order_per_message(
+    make_relay: RelayFactory,
+    sendgrid: FakeSendGrid,
+    signing_key: ec.EllipticCurvePrivateKey,
+    events_key: str,
+) -> None:
+    relay = await make_relay(upstream=[sendgrid_entry(sendgrid, events_key)])
+    for n in range(3):
+        await send(relay, to=f"user{n}@example.org")
+    await wait_states(relay, sent=3)
+    rows = await relay.queue.search(state="sent")
+    batch = []
+    for row, recorded in zip(rows, sendgrid.requests, strict=True):
+        rcpt = row.meta["rcpts_original"][0]
+        for name in ("processed", "deferred", "delivered"):
+            event = sendgrid_event(row.id, recorded.provider_id, name, email=rcpt)
+            event["sg_event_id"] = f"{name}-{row.id}"
+            batch.append(event)
+    status, answer = await post_sendgrid(relay, signing_key, batch)
+    assert (status, answer["recorded"]) == (200, 9)
+    for row in rows:
+        timeline = await relay.queue.timeline(row.id)
+        provider = [
+            e["type"] for e in timeline if e["type"] in ("processed", "delayed", "delivered")
+        ]
+        assert provider == ["processed", "delayed", "delivered"]
+        current = await relay.queue.get(row.id)
+        assert current is not None
+        assert current.meta["rcpts_status"][row.meta["rcpts_original"][0]]["status"] == "delivered"
