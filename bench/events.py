@@ -1,27 +1,42 @@
-"""Provider events under load: 10,000 signed SendGrid webhook posts at 50 connections
-while SMTP traffic flows. Every event recorded once, none lost, and what the posting costs
-the SMTP side.
+"""Provider events under load: 10,000 signed webhook events at 50 connections while SMTP
+traffic flows, posted the way each provider really posts them. Every event recorded once,
+none lost, and what the posting costs the SMTP side.
 
-    .venv/bin/python -m bench.events            # full run (~3 minutes)
-    .venv/bin/python -m bench.events --quick    # 2,000 events, one run each (~20 s)
+    .venv/bin/python -m bench.events                         # every mode below (~12 minutes)
+    .venv/bin/python -m bench.events --provider sendgrid --batch 100
+    .venv/bin/python -m bench.events --provider mailgun
+    .venv/bin/python -m bench.events --quick                 # 2,000 events, one run each
+
+Modes (the default runs all three, one relay each, and reports one table per mode):
+- SendGrid batched (`--batch N`, default 100): SendGrid's Event Webhook sends events in
+  batches ("every 30 seconds or when the batch reaches 768 kilobytes"), one signed POST
+  (ECDSA P-256 over timestamp + body) carrying many events of many messages.
+- Mailgun: one event per POST, Mailgun's JSON webhook signed with HMAC-SHA256 over
+  timestamp + token, a fresh token per POST; the relay takes each token once (a durable
+  write per request), and its relay ids come back in the event's `user-variables`.
+- SendGrid one event per POST (`--batch 1`): the worst case, kept as its own table.
 
 1. A real `relay serve` (SQLite queue, the relay's default workers: one per CPU) whose one
-   upstream is a fake SendGrid (bench/provider.py, the tests' FakeSendGrid in its own
-   process) with `events = true` and the public half of an ECDSA P-256 key made here.
+   upstream is a fake provider in its own process (the tests' FakeSendGrid through
+   bench/provider.py, or FakeMailgun through `bench.events fake-mailgun`) with
+   `events = true` and the provider's verification key made here.
 2. Prime: `--messages` messages (2,000), each to its own recipient, go in over SMTP and out
    to the fake; their relay ids come from the 250 replies and their provider ids from the
    queue (opened read-only by this process, as `relay queue` does).
-3. Per run, `--events` fresh events (10,000: processed, delivered, deferred, soft bounces of
-   type "blocked", unsubscribes and a few spam reports; no hard bounces or drops, which would
-   send reports or re-send mail and muddy the SMTP figure) over those messages, one per
-   POST, signed as SendGrid signs (ECDSA P-256 over timestamp + body), all signed before the
-   clock starts; 5 % are posted again later, re-signed, as a provider retries.
+3. Per run, `--events` fresh events (10,000: processed/accepted, delivered, deferred or
+   temporary failures, soft bounces, unsubscribes and a few complaints; no hard bounces or
+   drops, which would send reports or re-send mail and muddy the SMTP figure) over those
+   messages, all signed before the clock starts. 5 % of the requests are posted again
+   later, as a provider retries one it got no 2xx for: SendGrid's re-signed (answered 200,
+   counted as duplicates), Mailgun's the same signed request (answered 401: a replayed
+   token; counted apart, they are expected).
 4. Runs alternate: smtp-source alone (5 KB, 20 sessions) and smtp-source with the events
    posted at 50 keep-alive connections (aiohttp) to POST /webhooks/provider; medians of 3.
    The SMTP count is sized from a warm-up so the SMTP load ends before the posting does
    (the whole SMTP figure is taken under the event load); the report says the overlap.
-5. After each run: every POST answered 200, and per message the timeline holds exactly
-   one provider event per distinct event posted so far (re-posts add none).
+5. After each run: every request answered as expected (200, or 401 for a replay), and per
+   message the timeline holds exactly one provider event per distinct event posted so far
+   (re-posts add none).
 
 Everything listens on 127.0.0.1; every loop and wait is bounded.
 """
@@ -32,6 +47,8 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -39,15 +56,16 @@ import re
 import resource
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import aiohttp
 import aiosmtplib
@@ -56,6 +74,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.perf import (
     HOST,
+    PROVIDER_KEY,
+    PROVIDER_KEY_VARIABLE,
+    REPO_ROOT,
+    UPSTREAM_CONCURRENCY,
     BenchError,
     Provider,
     RelayProcess,
@@ -65,29 +87,33 @@ from bench.perf import (
     host_busy_percent,
     http_upstream,
     log,
+    port_open,
     smtp_source,
     tree_cpu_seconds,
     wait_until,
     write_report,
 )
 
-UPSTREAM = "provider"  # http_upstream's name: the webhook path is /webhooks/provider
-KEY_VARIABLE = "BENCH_SENDGRID_EVENT_KEY"
+UPSTREAM = "provider"  # the upstream's name: the webhook path is /webhooks/provider
+SENDGRID_KEY_VARIABLE = "BENCH_SENDGRID_EVENT_KEY"
+MAILGUN_KEY_VARIABLE = "BENCH_MAILGUN_SIGNING_KEY"
+MAILGUN_DOMAIN = "mg.example.com"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
 CONNECTIONS = 50
 RETRY_SHARE = 0.05
 SMTP_SESSIONS = 20
 SMTP_SIZE = 5_000
-# The SendGrid events posted and their shares. No hard bounce (a report to the sender)
-# and no drop (a re-send through another upstream): those add mail to the SMTP side.
+DEFAULT_BATCH = 100
+# The events posted and their shares, by what they mean. No hard bounce (a report to the
+# sender) and no drop (a re-send through another upstream): those add mail to the SMTP side.
 EVENT_MIX: tuple[tuple[str, float], ...] = (
     ("processed", 0.30),
     ("delivered", 0.30),
     ("deferred", 0.22),
-    ("bounce", 0.12),  # type "blocked": a soft bounce
+    ("soft_bounce", 0.12),
     ("unsubscribe", 0.04),
-    ("spamreport", 0.02),
+    ("complaint", 0.02),
 )
 # What each lands on the timeline as (relay.events.model.TIMELINE_TYPE).
 PROVIDER_TIMELINE_TYPES = frozenset(
@@ -105,16 +131,40 @@ PROVIDER_TIMELINE_TYPES = frozenset(
 )
 QUEUED_AS = re.compile(r"queued as (\S+)")
 
+ProviderName = Literal["sendgrid", "mailgun"]
+
 
 def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-# -- the relay -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mode:
+    """One way events arrive: a provider, and how many events each of its POSTs carries."""
+
+    provider: ProviderName
+    batch: int
+    worst_case: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.provider == "mailgun":
+            return "Mailgun, one event per POST (HMAC, token taken once)"
+        if self.batch == 1:
+            kind = "the worst case" if self.worst_case else "one event per POST"
+            return f"SendGrid, {kind}: one event per POST (ECDSA)"
+        return f"SendGrid, batches of {self.batch} events per POST (ECDSA)"
+
+    @property
+    def slug(self) -> str:
+        return "mailgun" if self.provider == "mailgun" else f"sendgrid-{self.batch}"
 
 
-def new_signing_key() -> tuple[ec.EllipticCurvePrivateKey, str]:
+# -- the relay and its fake provider -----------------------------------------------------
+
+
+def new_sendgrid_key() -> tuple[ec.EllipticCurvePrivateKey, str]:
     """A P-256 key pair: the private half signs here, the public half (base64 of DER
     SubjectPublicKeyInfo, as SendGrid shows its verification key) goes to the relay."""
     private = ec.generate_private_key(ec.SECP256R1())
@@ -122,6 +172,52 @@ def new_signing_key() -> tuple[ec.EllipticCurvePrivateKey, str]:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return private, base64.b64encode(der).decode()
+
+
+class FakeMailgunProcess(Provider):
+    """`bench.events fake-mailgun PORT`: the tests' FakeMailgun in its own process (the
+    same start, count and stop as bench/provider.py's fake SendGrid)."""
+
+    def start(self) -> None:
+        with self.out_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.events", "fake-mailgun", str(self.port)],
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, PROVIDER_KEY_VARIABLE: PROVIDER_KEY},
+            )
+        if not wait_until(lambda: port_open(self.port), timeout=30, interval=0.05):
+            raise BenchError(f"the fake Mailgun did not start: {self.out_path.read_text()}")
+
+
+def serve_fake_mailgun(argv: Sequence[str]) -> None:
+    """The fake Mailgun's process: every send checked as Mailgun's messages.mime checks
+    it, answered 200 with an id, counted at GET /count, not kept."""
+    from aiohttp import web
+
+    from tests.fakes.providers import FakeMailgun
+
+    provider = FakeMailgun(api_key=os.environ[PROVIDER_KEY_VARIABLE], domain=MAILGUN_DOMAIN)
+    provider.keep_requests = False
+
+    async def count(request: web.Request) -> web.Response:
+        return web.Response(text=str(provider.accepted_count))
+
+    app = provider.app()
+    app.router.add_get("/count", count)
+    web.run_app(app, host=HOST, port=int(argv[0]), access_log=None, print=None)
+
+
+def mailgun_upstream(url: str) -> str:
+    """The relay's upstream: the fake Mailgun at `url`."""
+    return (
+        f'[[upstream]]\nname = "{UPSTREAM}"\ntype = "mailgun"\nbase_url = "{url}"\n'
+        f'domain = "{MAILGUN_DOMAIN}"\napi_key = "env:{PROVIDER_KEY_VARIABLE}"\n'
+        f"max_concurrency = {UPSTREAM_CONCURRENCY}\n"
+    )
 
 
 class SampledRelay(RelayProcess):
@@ -148,18 +244,17 @@ class SampledRelay(RelayProcess):
 def relay_taking_events(
     top: Path,
     *,
-    provider_url: str,
-    public_key: str,
+    upstream: str,
+    webhook: str,
+    secret: tuple[str, str],
     workers: int | None,
     samples: Path | None = None,
 ) -> Iterator[tuple[RelayProcess, str]]:
-    """A relay sending to the fake SendGrid and taking its events at a known web port
-    (sampled into `samples` when given)."""
-    upstream = http_upstream(provider_url) + (
-        f'events = true\nwebhook = {{ public_key = "env:{KEY_VARIABLE}" }}\n'
-    )
+    """A relay sending to `upstream` and taking its events (`webhook`: the upstream's
+    verification settings, reading `secret` = (variable, value) from the environment) at a
+    known web port; sampled into `samples` when given."""
     options: dict[str, Any] = {
-        "upstream": upstream,
+        "upstream": upstream + f"events = true\nwebhook = {webhook}\n",
         "schedule": ["5s", "30s", "2m"],
         "log_level": "info",
         "workers": workers,
@@ -175,7 +270,7 @@ def relay_taking_events(
     if placeholder not in text:
         raise BenchError("bench.perf's relay config has no [web] listen line to set")
     relay.config.write_text(text.replace(placeholder, f'[web]\nlisten = "{HOST}:{web_port}"\n'))
-    os.environ[KEY_VARIABLE] = public_key  # RelayProcess passes the environment on
+    os.environ[secret[0]] = secret[1]  # RelayProcess passes the environment on
     relay.start()
     try:
         yield relay, f"http://{HOST}:{web_port}"
@@ -278,77 +373,189 @@ async def recorded_events(config: Path, ids: Sequence[str]) -> tuple[Counter[str
 
 @dataclass(frozen=True)
 class SignedPost:
-    msg_id: str
-    event_id: str
     body: bytes
     headers: dict[str, str]
+    events: int  # how many events the body carries
+    # The very request posted before (Mailgun's token already taken): answered 401.
+    replay: bool = False
 
 
-def sendgrid_event(kind: str, primed: Primed, *, at: int, rng: random.Random) -> dict[str, object]:
-    """One event as SendGrid's Event Webhook sends it (custom_args flattened in)."""
-    event: dict[str, object] = {
-        "email": primed.rcpt,
-        "timestamp": at,
-        "smtp-id": f"<{primed.provider_id}@ismtpd0001p1lon1.sendgrid.net>",
-        "event": kind,
-        "category": ["bench"],
-        "sg_event_id": secrets.token_urlsafe(16),
-        "sg_message_id": f"{primed.provider_id}.filterdrecv-5bd6b6c-abcde-1-{at:X}-2.0",
-        "relay_id": primed.msg_id,
+class Signer(Protocol):
+    """A provider's side of the posting: its events' shape and how it signs a request."""
+
+    def event(self, kind: str, primed: Primed, *, at: float, rng: random.Random) -> object: ...
+
+    def post(self, events: Sequence[object]) -> SignedPost: ...
+
+    def again(self, post: SignedPost) -> SignedPost:
+        """The provider's retry of a request it got no 2xx for."""
+        ...
+
+
+class SendGridSigner:
+    """SendGrid's Signed Event Webhook: a JSON array of events per POST, ECDSA P-256 /
+    SHA-256 over the timestamp's text followed by the raw body, base64 of the DER
+    signature. A retry is a new request, signed again."""
+
+    _NAMES = {"soft_bounce": "bounce", "unsubscribe": "unsubscribe", "complaint": "spamreport"}
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self.key = key
+
+    def event(self, kind: str, primed: Primed, *, at: float, rng: random.Random) -> object:
+        """One event as SendGrid's Event Webhook sends it (custom_args flattened in)."""
+        name = self._NAMES.get(kind, kind)
+        stamp = int(at)
+        event: dict[str, object] = {
+            "email": primed.rcpt,
+            "timestamp": stamp,
+            "smtp-id": f"<{primed.provider_id}@ismtpd0001p1lon1.sendgrid.net>",
+            "event": name,
+            "category": ["bench"],
+            "sg_event_id": secrets.token_urlsafe(16),
+            "sg_message_id": f"{primed.provider_id}.filterdrecv-5bd6b6c-abcde-1-{stamp:X}-2.0",
+            "relay_id": primed.msg_id,
+        }
+        if name == "processed":
+            event["pool"] = {"name": "bench", "id": 1}
+        elif name == "delivered":
+            event["response"] = "250 2.0.0 OK  1700000000 a1-20020a05 - gsmtp"
+            event["tls"] = 1
+        elif name == "deferred":
+            event["response"] = "421 4.7.0 Try again later, closing connection."
+            event["attempt"] = str(rng.randint(1, 5))
+        elif name == "bounce":
+            event["type"] = "blocked"  # a soft bounce
+            event["status"] = "4.7.1"
+            event["reason"] = "421 4.7.1 Message temporarily deferred due to user complaints"
+            event["bounce_classification"] = "Reputation"
+        return event
+
+    def post(self, events: Sequence[object]) -> SignedPost:
+        body = json.dumps(list(events)).encode()
+        return SignedPost(body, self._headers(body), len(events))
+
+    def again(self, post: SignedPost) -> SignedPost:
+        return SignedPost(post.body, self._headers(post.body), post.events)
+
+    def _headers(self, body: bytes) -> dict[str, str]:
+        timestamp = str(int(time.time()))
+        signature = self.key.sign(timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+        return {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: base64.b64encode(signature).decode(),
+            TIMESTAMP_HEADER: timestamp,
+        }
+
+
+class MailgunSigner:
+    """Mailgun's JSON webhook: one event per POST, {"signature": {timestamp, token,
+    signature}, "event-data": {...}}, the signature being hex HMAC-SHA256 (keyed with the
+    HTTP webhook signing key) over timestamp + token, with a fresh random token per
+    request. A retry here is the same signed request again, which the relay must refuse
+    as a replay."""
+
+    # kind → (event, severity, reason, SMTP code, message)
+    _SHAPES: dict[str, tuple[str, str, str, int, str]] = {
+        "processed": ("accepted", "", "", 0, ""),
+        "delivered": ("delivered", "", "", 250, "OK"),
+        "deferred": (
+            "failed",
+            "temporary",
+            "generic",
+            421,
+            "4.7.0 Try again later, closing connection.",
+        ),
+        "soft_bounce": (
+            "failed",
+            "permanent",
+            "old",
+            421,
+            "4.7.1 Message temporarily deferred due to user complaints",
+        ),
+        "unsubscribe": ("unsubscribed", "", "", 0, ""),
+        "complaint": ("complained", "", "", 0, ""),
     }
-    if kind == "processed":
-        event["pool"] = {"name": "bench", "id": 1}
-    elif kind == "delivered":
-        event["response"] = "250 2.0.0 OK  1700000000 a1-20020a05 - gsmtp"
-        event["tls"] = 1
-    elif kind == "deferred":
-        event["response"] = "421 4.7.0 Try again later, closing connection."
-        event["attempt"] = str(rng.randint(1, 5))
-    elif kind == "bounce":
-        event["type"] = "blocked"
-        event["status"] = "4.7.1"
-        event["reason"] = "421 4.7.1 Message temporarily deferred due to user complaints"
-        event["bounce_classification"] = "Reputation"
-    return event
 
+    def __init__(self, signing_key: str) -> None:
+        self.signing_key = signing_key.encode()
 
-def sign(key: ec.EllipticCurvePrivateKey, body: bytes) -> dict[str, str]:
-    """SendGrid's Signed Event Webhook headers: ECDSA P-256 / SHA-256 over the timestamp's
-    text followed by the raw body, base64 of the DER signature."""
-    timestamp = str(int(time.time()))
-    signature = key.sign(timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
-    return {
-        "Content-Type": "application/json",
-        SIGNATURE_HEADER: base64.b64encode(signature).decode(),
-        TIMESTAMP_HEADER: timestamp,
-    }
+    def event(self, kind: str, primed: Primed, *, at: float, rng: random.Random) -> object:
+        """One event-data object with the fields Mailgun's documented examples carry."""
+        name, severity, reason, code, message = self._SHAPES[kind]
+        data: dict[str, object] = {
+            "id": secrets.token_urlsafe(16),
+            "timestamp": at + rng.random(),
+            "log-level": "info" if name != "failed" else "warn",
+            "event": name,
+            "recipient": primed.rcpt,
+            "recipient-domain": primed.rcpt.rpartition("@")[2],
+            "tags": ["bench"],
+            "campaigns": [],
+            "envelope": {
+                "transport": "smtp",
+                "sender": "app@example.com",
+                "sending-ip": "209.61.154.250",
+                "targets": primed.rcpt,
+            },
+            "flags": {"is-routed": False, "is-authenticated": True, "is-test-mode": False},
+            "message": {
+                "headers": {
+                    "to": primed.rcpt,
+                    "message-id": primed.provider_id,
+                    "from": "app@example.com",
+                    "subject": "primed",
+                },
+                "attachments": [],
+                "size": 5_200,
+            },
+            "user-variables": {"relay_id": primed.msg_id},
+        }
+        if severity:
+            data["severity"] = severity
+            data["reason"] = reason
+        if code:
+            data["delivery-status"] = {
+                "code": code,
+                "message": message,
+                "description": "",
+                "attempt-no": rng.randint(1, 5),
+                "session-seconds": 0.4,
+                "tls": True,
+            }
+        return data
+
+    def post(self, events: Sequence[object]) -> SignedPost:
+        if len(events) != 1:
+            raise BenchError("Mailgun posts one event per request: --batch applies to SendGrid")
+        timestamp = str(int(time.time()))
+        token = secrets.token_hex(25)
+        digest = hmac.new(self.signing_key, (timestamp + token).encode(), hashlib.sha256)
+        signature = {"timestamp": timestamp, "token": token, "signature": digest.hexdigest()}
+        body = json.dumps({"signature": signature, "event-data": events[0]}).encode()
+        return SignedPost(body, {"Content-Type": "application/json"}, 1)
+
+    def again(self, post: SignedPost) -> SignedPost:
+        return SignedPost(post.body, post.headers, post.events, replay=True)
 
 
 def build_posts(
-    primed: Sequence[Primed], count: int, *, key: ec.EllipticCurvePrivateKey, rng: random.Random
+    primed: Sequence[Primed], count: int, *, batch: int, signer: Signer, rng: random.Random
 ) -> tuple[list[SignedPost], Counter[str]]:
-    """`count` distinct events, one per POST, plus RETRY_SHARE of them again (re-signed, as
-    a provider's retry is a new request), each retry later than its original. Also the
-    distinct events per message, which is what the timelines must gain."""
+    """`count` distinct events over the primed messages, shuffled, `batch` to a POST; then
+    RETRY_SHARE of the POSTs again (the provider's retry), each after its original. Also
+    the distinct events per message, which is what the timelines must gain."""
     kinds = [k for k, _ in EVENT_MIX]
     weights = [w for _, w in EVENT_MIX]
-    now = int(time.time())
-    posts: list[SignedPost] = []
-    expected: Counter[str] = Counter()
-    for i in range(count):
-        target = primed[i % len(primed)]
-        doc = sendgrid_event(rng.choices(kinds, weights)[0], target, at=now, rng=rng)
-        body = json.dumps([doc]).encode()
-        posts.append(SignedPost(target.msg_id, str(doc["sg_event_id"]), body, sign(key, body)))
-        expected[target.msg_id] += 1
-    rng.shuffle(posts)
-    retried = rng.sample(range(count), int(count * RETRY_SHARE))
+    now = time.time()
+    targets = [primed[i % len(primed)] for i in range(count)]
+    rng.shuffle(targets)
+    expected: Counter[str] = Counter(t.msg_id for t in targets)
+    events = [signer.event(rng.choices(kinds, weights)[0], t, at=now, rng=rng) for t in targets]
+    posts = [signer.post(events[i : i + batch]) for i in range(0, count, batch)]
+    retried = rng.sample(range(len(posts)), max(1, round(len(posts) * RETRY_SHARE)))
     for index in sorted(retried, reverse=True):
-        original = posts[index]
-        again = SignedPost(
-            original.msg_id, original.event_id, original.body, sign(key, original.body)
-        )
-        posts.insert(rng.randint(index + 1, len(posts)), again)
+        posts.insert(rng.randint(index + 1, len(posts)), signer.again(posts[index]))
     return posts, expected
 
 
@@ -358,11 +565,19 @@ class PostResult:
     latencies_ms: list[float]
     statuses: Counter[int]
     answers: Counter[str]  # the relay's recorded/duplicates/unmatched/requeued, summed
+    events: int  # events carried by every request posted (re-posts included)
+    replays: int  # identical requests posted twice (Mailgun's retries)
+    replays_refused: int  # ... of which one of the two was answered 200, the other 401
+    unexpected: int  # requests answered otherwise than 200 (or 401 for a replay)
     client_cpu: float  # seconds of this process's CPU while posting
 
     @property
-    def rate(self) -> float:
+    def post_rate(self) -> float:
         return len(self.latencies_ms) / self.seconds
+
+    @property
+    def event_rate(self) -> float:
+        return self.events / self.seconds
 
 
 async def post_all(url: str, posts: Sequence[SignedPost]) -> PostResult:
@@ -373,6 +588,10 @@ async def post_all(url: str, posts: Sequence[SignedPost]) -> PostResult:
     answers: Counter[str] = Counter()
     pending = iter(posts)
     errors: list[str] = []
+    # A request and its identical re-post race on two connections: whichever comes
+    # second is the replay, so the pair is judged together: one 200 and one 401.
+    replayed = {p.body for p in posts if p.replay}
+    pair_statuses: dict[bytes, list[int]] = {body: [] for body in replayed}
 
     async def connection(http: aiohttp.ClientSession) -> None:
         for post in pending:
@@ -383,19 +602,37 @@ async def post_all(url: str, posts: Sequence[SignedPost]) -> PostResult:
             statuses[resp.status] += 1
             if resp.status == 200:
                 answers.update({k: int(v) for k, v in json.loads(text).items() if k != "status"})
-            elif len(errors) < 5:
+            if post.body in replayed:
+                pair_statuses[post.body].append(resp.status)
+            elif resp.status != 200:
                 errors.append(f"{resp.status} {text[:300]!r}")
 
     connector = aiohttp.TCPConnector(limit=CONNECTIONS)
-    timeout = aiohttp.ClientTimeout(total=60)
+    timeout = aiohttp.ClientTimeout(total=120)
     cpu0 = _own_cpu()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         started = time.monotonic()
         await asyncio.gather(*(connection(http) for _ in range(CONNECTIONS)))
         seconds = time.monotonic() - started
-    for error in errors:
-        log(f"  webhook post refused: {error}")
-    return PostResult(seconds, latencies, statuses, answers, _own_cpu() - cpu0)
+    refused = sum(1 for got in pair_statuses.values() if sorted(got) == [200, 401])
+    errors += [
+        f"a request and its replay answered {sorted(got)}, not [200, 401]"
+        for got in pair_statuses.values()
+        if sorted(got) != [200, 401]
+    ]
+    for error in errors[:5]:
+        log(f"  webhook post answered unexpectedly: {error}")
+    return PostResult(
+        seconds,
+        latencies,
+        statuses,
+        answers,
+        events=sum(p.events for p in posts),
+        replays=len(replayed),
+        replays_refused=refused,
+        unexpected=len(errors),
+        client_cpu=_own_cpu() - cpu0,
+    )
 
 
 def _own_cpu() -> float:
@@ -422,6 +659,10 @@ class Loaded:
     extra: int  # ... more (a duplicate recorded twice)
     recorded_total: int
     expected_total: int
+
+    @property
+    def all_ok(self) -> bool:
+        return self.posts.unexpected == 0 and self.missing == 0 and self.extra == 0
 
 
 def smtp_alone(relay: RelayProcess, count: int) -> Baseline:
@@ -465,6 +706,7 @@ def drain(provider: Provider, total: int, *, timeout: float = 300) -> None:
 
 @dataclass(frozen=True)
 class Settings:
+    modes: tuple[Mode, ...]
     runs: int
     messages: int
     events: int
@@ -476,7 +718,22 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         quick = bool(args.quick)
+        batch = args.batch if args.batch is not None else DEFAULT_BATCH
+        if batch < 1:
+            raise BenchError(f"--batch {batch}: a POST carries at least one event")
+        if args.provider == "mailgun" and args.batch not in (None, 1):
+            raise BenchError("--batch is SendGrid's: Mailgun posts one event per request")
+        modes: tuple[Mode, ...]
+        if args.provider == "sendgrid":
+            modes = (Mode("sendgrid", batch),)
+        elif args.provider == "mailgun":
+            modes = (Mode("mailgun", 1),)
+        else:  # the default: the ways events really arrive, then the worst case
+            modes = (Mode("sendgrid", batch), Mode("mailgun", 1))
+            if batch != 1 and not args.no_worst_case:
+                modes += (Mode("sendgrid", 1, worst_case=True),)
         return cls(
+            modes=modes,
             runs=args.runs or (1 if quick else 3),
             messages=args.messages or (500 if quick else 2_000),
             events=args.events or (2_000 if quick else 10_000),
@@ -487,58 +744,104 @@ class Settings:
         )
 
 
-def run(settings: Settings) -> str:
-    ensure_postfix()
-    busy = host_busy_percent(2.0)
-    if busy > 15:
-        log(f"warning: the machine is already {busy:.0f} % busy: the figures will be noisy")
-    rng = random.Random(settings.seed)
-    key, public_key = new_signing_key()
-    baselines: list[Baseline] = []
-    loaded: list[Loaded] = []
+@dataclass
+class ModeResult:
+    mode: Mode
+    smtp_count: int
+    warm: PostResult  # the posting alone, before the runs
+    baselines: list[Baseline] = field(default_factory=list)
+    loaded: list[Loaded] = field(default_factory=list)
+    by_type: Counter[str] = field(default_factory=Counter)
+    profile: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ProviderSide:
+    """What a mode's provider brings: its fake, the relay's upstream and webhook
+    settings, and the signer of its posts."""
+
+    fake: Provider
+    upstream: str
+    webhook: str
+    secret: tuple[str, str]
+    signer: Signer
+
+
+def provider_side(mode: Mode, top: Path) -> ProviderSide:
+    if mode.provider == "mailgun":
+        fake: Provider = FakeMailgunProcess(top)
+        signing_key = f"key-{secrets.token_hex(16)}"
+        return ProviderSide(
+            fake,
+            mailgun_upstream(fake.url),
+            f'{{ signing_key = "env:{MAILGUN_KEY_VARIABLE}" }}',
+            (MAILGUN_KEY_VARIABLE, signing_key),
+            MailgunSigner(signing_key),
+        )
+    fake = Provider(top)
+    key, public_key = new_sendgrid_key()
+    return ProviderSide(
+        fake,
+        http_upstream(fake.url),
+        f'{{ public_key = "env:{SENDGRID_KEY_VARIABLE}" }}',
+        (SENDGRID_KEY_VARIABLE, public_key),
+        SendGridSigner(key),
+    )
+
+
+def run_mode(settings: Settings, mode: Mode, top: Path) -> ModeResult:
+    """One mode: its own fake provider and relay, primed, warmed up, then the runs."""
+    rng = random.Random(f"{settings.seed}:{mode.slug}")
+    top.mkdir(parents=True)
+    side = provider_side(mode, top)
     expected: Counter[str] = Counter()
-    with (
-        tempfile.TemporaryDirectory(prefix="relay-bench-events-") as tmp,
-        contextlib.ExitStack() as stack,
-    ):
-        top = Path(tmp)
-        provider = Provider(top)
-        stack.callback(provider.stop)
-        provider.start()
+    with contextlib.ExitStack() as stack:
+        stack.callback(side.fake.stop)
+        side.fake.start()
         relay, url = stack.enter_context(
             relay_taking_events(
                 top / "relay",
-                provider_url=provider.url,
-                public_key=public_key,
+                upstream=side.upstream,
+                webhook=side.webhook,
+                secret=side.secret,
                 workers=settings.workers,
                 samples=top if settings.profile else None,
             )
         )
-        log(f"relay :{relay.port}, web {url}, fake SendGrid {provider.url}")
+        log(f"== {mode.label}")
+        log(f"relay :{relay.port}, web {url}, fake {mode.provider} {side.fake.url}")
         log(f"priming: {settings.messages} messages, each to its own recipient")
         rcpts = asyncio.run(prime(relay.port, settings.messages))
         primed = asyncio.run(provider_ids(relay.config, rcpts, timeout=300))
         sent_total = settings.messages
-        drain(provider, sent_total)
+        drain(side.fake, sent_total)
 
-        # Warm-up, and the sizes: SMTP alone, then a small posting alone.
+        # Warm-up, and the sizes: SMTP alone, then a posting alone (at least two POSTs per
+        # connection, so batches are timed at full concurrency too).
         warm = smtp_alone(relay, 1_000)
         sent_total += 1_000
-        drain(provider, sent_total)
+        drain(side.fake, sent_total)
+        warm_events = min(
+            settings.events, max(500, settings.events // 10, 2 * CONNECTIONS * mode.batch)
+        )
         warm_posts, warm_expected = build_posts(
-            primed, max(500, settings.events // 10), key=key, rng=rng
+            primed, warm_events, batch=mode.batch, signer=side.signer, rng=rng
         )
         warm_result = asyncio.run(post_all(url, warm_posts))
         expected.update(warm_expected)
-        if warm_result.statuses.get(200, 0) != len(warm_posts):
-            raise BenchError(f"warm-up posts not all answered 200: {dict(warm_result.statuses)}")
-        events_alone = warm_result.rate
+        if warm_result.unexpected:
+            raise BenchError(
+                f"{warm_result.unexpected} warm-up posts answered unexpectedly:"
+                f" {dict(warm_result.statuses)}"
+            )
         # SMTP sized to end before the posting does (which slows under SMTP load too).
         smtp_count = settings.smtp_count or max(
-            500, int(0.8 * warm.smtp_rate * settings.events / events_alone)
+            500, int(0.8 * warm.smtp_rate * settings.events / warm_result.event_rate)
         )
+        result = ModeResult(mode, smtp_count, warm_result)
         log(
-            f"warm-up: SMTP alone {warm.smtp_rate:.0f} msg/s, events alone {events_alone:.0f}/s;"
+            f"warm-up: SMTP alone {warm.smtp_rate:.0f} msg/s, events alone"
+            f" {warm_result.event_rate:.0f}/s ({warm_result.post_rate:.0f} posts/s);"
             f" SMTP load per run: {smtp_count} messages"
         )
 
@@ -546,54 +849,91 @@ def run(settings: Settings) -> str:
             order = ("alone", "events") if i % 2 == 0 else ("events", "alone")
             for which in order:
                 if which == "alone":
-                    baselines.append(smtp_alone(relay, smtp_count))
+                    result.baselines.append(smtp_alone(relay, smtp_count))
                     log(
                         f"run {i + 1}/{settings.runs}: SMTP alone"
-                        f" {baselines[-1].smtp_rate:.0f} msg/s"
+                        f" {result.baselines[-1].smtp_rate:.0f} msg/s"
                     )
                 else:
-                    posts, run_expected = build_posts(primed, settings.events, key=key, rng=rng)
-                    expected.update(run_expected)
-                    (top / SAMPLE_SWITCH).touch()
-                    try:
-                        seconds, cpu, result = asyncio.run(
-                            smtp_with_events(relay, url, smtp_count, posts)
-                        )
-                    finally:
-                        (top / SAMPLE_SWITCH).unlink()
-                    per_message, _ = asyncio.run(recorded_events(relay.config, list(rcpts)))
-                    missing = sum(1 for m in rcpts if per_message[m] < expected[m])
-                    extra = sum(1 for m in rcpts if per_message[m] > expected[m])
-                    loaded.append(
-                        Loaded(
-                            smtp_rate=smtp_count / seconds,
-                            smtp_seconds=seconds,
-                            relay_cpu_percent=cpu,
-                            posts=result,
-                            missing=missing,
-                            extra=extra,
-                            recorded_total=sum(per_message.values()),
-                            expected_total=sum(expected.values()),
+                    result.loaded.append(
+                        loaded_run(
+                            relay,
+                            url,
+                            smtp_count=smtp_count,
+                            events=settings.events,
+                            primed=primed,
+                            expected=expected,
+                            side=side,
+                            mode=mode,
+                            rng=rng,
+                            switch=top / SAMPLE_SWITCH,
                         )
                     )
-                    r = loaded[-1]
+                    r = result.loaded[-1]
                     log(
                         f"run {i + 1}/{settings.runs}: SMTP with events {r.smtp_rate:.0f} msg/s"
-                        f" ({seconds:.1f}s); {len(posts)} posts in {result.seconds:.1f}s"
-                        f" ({result.rate:.0f}/s), statuses {dict(result.statuses)};"
-                        f" recorded {r.recorded_total} of {r.expected_total}"
-                        f" (messages short {missing}, over {extra})"
+                        f" ({r.smtp_seconds:.1f}s); {len(r.posts.latencies_ms)} posts,"
+                        f" {r.posts.events} events in {r.posts.seconds:.1f}s"
+                        f" ({r.posts.event_rate:.0f} events/s), statuses"
+                        f" {dict(r.posts.statuses)}; recorded {r.recorded_total} of"
+                        f" {r.expected_total} (messages short {r.missing}, over {r.extra})"
                     )
                 sent_total += smtp_count
-                drain(provider, sent_total)
-        _, by_type = asyncio.run(recorded_events(relay.config, list(rcpts)))
+                drain(side.fake, sent_total)
+        _, result.by_type = asyncio.run(recorded_events(relay.config, list(rcpts)))
         relay.stop()
-        profile = sample_report(top) if settings.profile else []
-    text = report(settings, smtp_count, events_alone, baselines, loaded, by_type, busy)
-    if profile:
-        text += "\n## Where the relay's time goes while events are posted (sampled)\n"
-        text += "\n".join(profile) + "\n"
-    return text
+        if settings.profile:
+            result.profile = sample_report(top)
+    return result
+
+
+def loaded_run(
+    relay: RelayProcess,
+    url: str,
+    *,
+    smtp_count: int,
+    events: int,
+    primed: Sequence[Primed],
+    expected: Counter[str],
+    side: ProviderSide,
+    mode: Mode,
+    rng: random.Random,
+    switch: Path,
+) -> Loaded:
+    """A run with events: fresh events signed, then posted while SMTP flows (the sampler
+    on while `switch` exists); afterwards every primed message's timeline is held against
+    what was posted so far (`expected`, updated here)."""
+    posts, run_expected = build_posts(primed, events, batch=mode.batch, signer=side.signer, rng=rng)
+    expected.update(run_expected)
+    switch.touch()
+    try:
+        seconds, cpu, result = asyncio.run(smtp_with_events(relay, url, smtp_count, posts))
+    finally:
+        switch.unlink()
+    ids = [p.msg_id for p in primed]
+    per_message, _ = asyncio.run(recorded_events(relay.config, ids))
+    return Loaded(
+        smtp_rate=smtp_count / seconds,
+        smtp_seconds=seconds,
+        relay_cpu_percent=cpu,
+        posts=result,
+        missing=sum(1 for m in ids if per_message[m] < expected[m]),
+        extra=sum(1 for m in ids if per_message[m] > expected[m]),
+        recorded_total=sum(per_message.values()),
+        expected_total=sum(expected.values()),
+    )
+
+
+def run(settings: Settings) -> str:
+    ensure_postfix()
+    busy = host_busy_percent(2.0)
+    if busy > 15:
+        log(f"warning: the machine is already {busy:.0f} % busy: the figures will be noisy")
+    results: list[ModeResult] = []
+    with tempfile.TemporaryDirectory(prefix="relay-bench-events-") as tmp:
+        for mode in settings.modes:
+            results.append(run_mode(settings, mode, Path(tmp) / mode.slug))
+    return report(settings, results, busy)
 
 
 # -- where the relay's time goes (--profile) ---------------------------------------------
@@ -721,33 +1061,34 @@ def sample_report(out: Path, *, top: int = 25) -> list[str]:
 # -- report ---------------------------------------------------------------------------------
 
 
-def report(
-    settings: Settings,
-    smtp_count: int,
-    events_alone: float,
-    baselines: Sequence[Baseline],
-    loaded: Sequence[Loaded],
-    by_type: Counter[str],
-    busy: float,
-) -> str:
-    alone = statistics.median(b.smtp_rate for b in baselines)
-    under = statistics.median(r.smtp_rate for r in loaded)
-    latencies = [ms for r in loaded for ms in r.posts.latencies_ms]
-    ratio = under / alone
-    # Each run with events against the run alone next to it (same moment of the machine).
-    pairs = [r.smtp_rate / b.smtp_rate for r, b in zip(loaded, baselines, strict=False)]
-    all_ok = all(
-        r.posts.statuses.get(200, 0) == sum(r.posts.statuses.values())
-        and r.missing == 0
-        and r.extra == 0
-        for r in loaded
-    )
-    posted = sum(len(r.posts.latencies_ms) for r in loaded)
-    answers: Counter[str] = Counter()
-    for r in loaded:
-        answers.update(r.posts.answers)
-    last = loaded[-1]
-    overlap = statistics.median(min(1.0, r.posts.seconds / r.smtp_seconds) for r in loaded)
+@dataclass(frozen=True)
+class Figures:
+    """A mode's headline figures, shared by the summary and its own table."""
+
+    alone: float
+    under: float
+    pairs: list[float]
+    all_ok: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.under / self.alone
+
+    @classmethod
+    def of(cls, result: ModeResult) -> Figures:
+        return cls(
+            alone=statistics.median(b.smtp_rate for b in result.baselines),
+            under=statistics.median(r.smtp_rate for r in result.loaded),
+            # Each run with events against the run alone next to it (same moment).
+            pairs=[
+                r.smtp_rate / b.smtp_rate
+                for r, b in zip(result.loaded, result.baselines, strict=False)
+            ],
+            all_ok=all(r.all_ok for r in result.loaded),
+        )
+
+
+def report(settings: Settings, results: Sequence[ModeResult], busy: float) -> str:
     lines = [
         f"# Provider events under SMTP load, {time.strftime('%Y-%m-%d %H:%M:%S')}",
         "",
@@ -755,44 +1096,101 @@ def report(
         " start · relay workers:"
         f" {settings.workers if settings.workers is not None else 'default (one per CPU)'} ·"
         f" {settings.events:,} events per run over {settings.messages:,} messages,"
-        f" +{RETRY_SHARE:.0%} re-posted · {CONNECTIONS} connections · SMTP {SMTP_SIZE // 1000} KB,"
-        f" {SMTP_SESSIONS} sessions, {smtp_count:,} messages per run · medians of"
+        f" +{RETRY_SHARE:.0%} of the requests re-posted · {CONNECTIONS} connections ·"
+        f" SMTP {SMTP_SIZE // 1000} KB, {SMTP_SESSIONS} sessions · medians of"
         f" {settings.runs}, alternating",
+        "",
+        "| mode | SMTP alone | SMTP with events | ratio | per run | events/s with SMTP"
+        " (alone) | POST p50 / p95 | every event once |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        f = Figures.of(result)
+        latencies = [ms for r in result.loaded for ms in r.posts.latencies_ms]
+        lines.append(
+            f"| {result.mode.label} | {f.alone:.0f} msg/s | {f.under:.0f} msg/s |"
+            f" **{f.ratio:.2f}** ({'meets' if f.ratio >= 0.90 else 'misses'} 0.90) |"
+            f" {', '.join(f'{p:.2f}' for p in f.pairs)} |"
+            f" {statistics.median(r.posts.event_rate for r in result.loaded):.0f}"
+            f" ({result.warm.event_rate:.0f}) |"
+            f" {statistics.median(latencies):.1f} / {pct(latencies, 0.95):.1f} ms |"
+            f" {'yes' if f.all_ok else '**NO**'} |"
+        )
+    for result in results:
+        lines += ["", *mode_table(result)]
+        if result.profile:
+            lines += ["", f"### Where the relay's time goes: {result.mode.label} (sampled)"]
+            lines += result.profile
+    return "\n".join(lines) + "\n"
+
+
+def mode_table(result: ModeResult) -> list[str]:
+    f = Figures.of(result)
+    loaded = result.loaded
+    latencies = [ms for r in loaded for ms in r.posts.latencies_ms]
+    posted = sum(len(r.posts.latencies_ms) for r in loaded)
+    replays = sum(r.posts.replays_refused for r in loaded)
+    statuses: Counter[int] = Counter()
+    answers: Counter[str] = Counter()
+    for r in loaded:
+        statuses.update(r.posts.statuses)
+        answers.update(r.posts.answers)
+    last = loaded[-1]
+    overlap = statistics.median(min(1.0, r.posts.seconds / r.smtp_seconds) for r in loaded)
+    mailgun = result.mode.provider == "mailgun"
+    lines = [
+        f"## {result.mode.label}",
+        "",
+        f"SMTP load per run: {result.smtp_count:,} messages",
         "",
         "| figure | value | target |",
         "|---|---|---|",
-        f"| SMTP accepted, alone | {alone:.0f} msg/s | |",
-        f"| SMTP accepted, events posted meanwhile | {under:.0f} msg/s | |",
-        f"| ratio of the medians | **{ratio:.2f}** | ≥ 0.90 |",
+        f"| SMTP accepted, alone | {f.alone:.0f} msg/s | |",
+        f"| SMTP accepted, events posted meanwhile | {f.under:.0f} msg/s | |",
+        f"| ratio of the medians | **{f.ratio:.2f}** | ≥ 0.90 |",
         f"| ratio per run (with events ÷ the alone run beside it) |"
-        f" {', '.join(f'{p:.2f}' for p in pairs)} | |",
-        f"| events taken while SMTP runs | {statistics.median(r.posts.rate for r in loaded):.0f}"
-        f" posts/s (alone, warm-up: {events_alone:.0f}/s) | |",
+        f" {', '.join(f'{p:.2f}' for p in f.pairs)} | |",
+        f"| events taken while SMTP runs |"
+        f" {statistics.median(r.posts.event_rate for r in loaded):.0f} events/s in"
+        f" {statistics.median(r.posts.post_rate for r in loaded):.0f} POSTs/s (alone, warm-up:"
+        f" {result.warm.event_rate:.0f} events/s) | |",
         f"| webhook POST latency p50 / p95 | {statistics.median(latencies):.1f} /"
         f" {pct(latencies, 0.95):.1f} ms | |",
-        f"| posts answered 200 | {sum(r.posts.statuses.get(200, 0) for r in loaded):,} of"
-        f" {posted:,} | all |",
+        f"| POSTs answered | {posted:,}: "
+        + ", ".join(f"{status}: {n:,}" for status, n in sorted(statuses.items()))
+        + f" | {'200, and 401 for each replay' if mailgun else 'all 200'} |",
+    ]
+    if mailgun:
+        lines.append(
+            f"| replays (the same signed request again), judged with their original |"
+            f" {replays:,} of {sum(r.posts.replays for r in loaded):,} refused 401, the"
+            " other of the pair 200 | every one |"
+        )
+    lines += [
+        f"| requests answered otherwise than expected | {sum(r.posts.unexpected for r in loaded)}"
+        " | 0 |",
         f"| relay's answers: recorded / duplicates / unmatched / requeued |"
         f" {answers['recorded']:,} / {answers['duplicates']:,} / {answers['unmatched']:,} /"
-        f" {answers['requeued']:,} | distinct / re-posts / 0 / 0 |",
+        f" {answers['requeued']:,} |"
+        f" distinct / {'0 (replays refused)' if mailgun else 're-posted events'} / 0 / 0 |",
         f"| provider events on the timelines (warm-up included) | {last.recorded_total:,} of"
         f" {last.expected_total:,} posted | equal |",
         f"| messages with an event missing / recorded twice | {sum(r.missing for r in loaded)}"
         f" / {sum(r.extra for r in loaded)} | 0 / 0 |",
         f"| share of the SMTP load overlapped by the posting | {overlap:.0%} | 100 % |",
         f"| relay CPU (% of one core), SMTP alone / with events |"
-        f" {statistics.median(b.relay_cpu_percent for b in baselines):.0f} /"
+        f" {statistics.median(b.relay_cpu_percent for b in result.baselines):.0f} /"
         f" {statistics.median(r.relay_cpu_percent for r in loaded):.0f} | |",
         f"| the posting client's CPU per run | "
         f"{statistics.median(r.posts.client_cpu for r in loaded):.1f} s | |",
         "",
         "Timeline events by type: "
-        + ", ".join(f"{kind} {n:,}" for kind, n in sorted(by_type.items())),
+        + ", ".join(f"{kind} {n:,}" for kind, n in sorted(result.by_type.items())),
         "",
-        f"Verdict: {'all recorded once, none lost' if all_ok else 'EVENTS LOST OR DOUBLED'};"
-        f" SMTP ratio {ratio:.2f} ({'meets' if ratio >= 0.90 else 'misses'} 0.90).",
+        f"Verdict: {'all recorded once, none lost' if f.all_ok else 'EVENTS LOST OR DOUBLED'};"
+        f" SMTP ratio {f.ratio:.2f} ({'meets' if f.ratio >= 0.90 else 'misses'} 0.90).",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -800,7 +1198,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if given[:1] == ["sample-relay"]:
         sample_relay(given[1:])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m bench.events", description=__doc__)
+    if given[:1] == ["fake-mailgun"]:
+        serve_fake_mailgun(given[1:])
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.events",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--provider",
+        choices=("sendgrid", "mailgun"),
+        default=None,
+        help="one mode only (default: SendGrid batched, Mailgun, then SendGrid --batch 1)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"SendGrid events per POST (default {DEFAULT_BATCH}; 1 is the worst case)",
+    )
+    parser.add_argument(
+        "--no-worst-case",
+        action="store_true",
+        help="in the default run, leave out SendGrid with one event per POST",
+    )
     parser.add_argument("--quick", action="store_true", help="2,000 events, one run each")
     parser.add_argument("--runs", type=int, default=0, help="runs of each kind (default 3)")
     parser.add_argument("--messages", type=int, default=0, help="primed messages (2,000)")
