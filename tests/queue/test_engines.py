@@ -377,7 +377,7 @@ def _open_routing(path: str, start_at: float) -> str:
         pass
     store = SQLiteRouting(Path(path))
     try:
-        store._connection()
+        store._db._connection()
         return "ok"
     except Exception as exc:
         return repr(exc)

@@ -7,10 +7,7 @@ must survive a crash (a lost breaker state heals by itself), so commits skip the
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +17,6 @@ from relay.queue.base import (
     SHARE_COLUMNS,
     InFlightReports,
     RoutingStore,
-    StoreError,
     UpstreamAction,
     UpstreamDelta,
     UpstreamShare,
@@ -29,7 +25,7 @@ from relay.queue.base import (
     merge_share,
     share_values,
 )
-from relay.queue.sqlite.store import transaction
+from relay.queue.sqlite.hostdb import HostDatabase
 
 T = TypeVar("T")
 
@@ -96,58 +92,20 @@ def _write(conn: sqlite3.Connection, row: UpstreamShare) -> None:
     )
 
 
-def _use_wal(conn: sqlite3.Connection, tries: int = 50) -> None:
-    """WAL mode is a property of the file: the first process sets it. Workers starting
-    together race for the lock that setting it takes, and SQLite answers "locked" at once
-    instead of waiting, so try again for a moment."""
-    for _ in range(tries):
-        try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
-                return
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError:
-            time.sleep(0.02)  # another process holds the lock for a moment
-    conn.execute("PRAGMA journal_mode = WAL")  # the last try raises what it finds
-
-
 class SQLiteRouting(RoutingStore):
     def __init__(self, path: Path, *, owner: str = "") -> None:
         self.path = path
         self.owner = owner
         self._reports = InFlightReports()
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
-            )
-            _use_wal(conn)
-            conn.execute("PRAGMA synchronous = OFF")
-            conn.executescript(SCHEMA)
-            self._conn = conn
-        return self._conn
+        # Nothing here must survive a crash: commits skip the fsync.
+        self._db = HostDatabase(path, schema=SCHEMA, synchronous="OFF", what="shared routing state")
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """fn(conn) in a transaction on the host's shared database, off the event loop."""
-
-        def run() -> T:
-            with self._lock:
-                return transaction(self._connection(), fn)
-
-        try:
-            return await asyncio.to_thread(run)
-        except sqlite3.Error as exc:
-            raise StoreError(f"shared routing state ({self.path.name}): {exc}") from None
+        return await self._db.run(fn)
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._db.close()
 
     async def sync(
         self,

@@ -12,18 +12,10 @@ Its tables are created when the file is opened (SCHEMA).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-from relay.queue.base import StoreError
-from relay.queue.sqlite.routing import _use_wal
-from relay.queue.sqlite.store import transaction
-
-T = TypeVar("T")
+from relay.queue.sqlite.hostdb import HostDatabase
 
 SCHEMA = """
 -- Webhook replay guard (Queue.first_use).
@@ -54,42 +46,9 @@ CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_attempt)
 """
 
 
-class SharedDB:
+class SharedDB(HostDatabase):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
-            )
-            conn.execute("PRAGMA busy_timeout = 30000")
-            _use_wal(conn)
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.executescript(SCHEMA)
-            self._conn = conn
-        return self._conn
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """fn(conn) in one durable transaction, off the event loop."""
-
-        def run() -> T:
-            with self._lock:
-                return transaction(self._connection(), fn)
-
-        try:
-            return await asyncio.to_thread(run)
-        except sqlite3.Error as exc:
-            raise StoreError(f"shared state ({self.path.name}): {exc}") from None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        super().__init__(path, schema=SCHEMA, synchronous="FULL", what="shared state")
 
 
 #: Expired nonces forgotten per use: enough to keep up with the arrivals, never a long walk.
