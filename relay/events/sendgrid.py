@@ -37,7 +37,14 @@ from relay.events.base import (
     WebhookResult,
 )
 from relay.events.model import EventName, ProviderEvent
-from relay.events.verify import check_fresh, epoch, header, load_json
+from relay.events.verify import (
+    check_fresh,
+    epoch,
+    header,
+    load_json,
+    optional_string,
+    required_string,
+)
 
 log = logging.getLogger("relay.events")
 
@@ -190,16 +197,18 @@ def read_events(doc: Any) -> list[ProviderEvent]:
 
 
 def _event(ours: EventName, name: str, item: Mapping[str, Any], where: str) -> ProviderEvent:
-    email = _required(item, "email", where)
-    event_id = _required(item, "sg_event_id", where)
-    message_id = _text(item, "sg_message_id", where)
-    relay_id = _text(item, "relay_id", where)
-    reason = _text(item, "reason", where) or _text(item, "response", where) or ""
+    email = required_string(item, "email", where)
+    event_id = required_string(item, "sg_event_id", where)
+    message_id = optional_string(item, "sg_message_id", where)
+    relay_id = optional_string(item, "relay_id", where)
+    reason = (
+        optional_string(item, "reason", where) or optional_string(item, "response", where) or ""
+    )
     bounce: Literal["hard", "soft"] | None = None
     provider_event = name
     provider_fault = False
     if name == "bounce":
-        kind = _text(item, "type", where) or "bounce"
+        kind = optional_string(item, "type", where) or "bounce"
         bounce = "soft" if kind == "blocked" else "hard"
         provider_event = f"bounce/{kind}"
     elif name == "dropped":
@@ -221,20 +230,3 @@ def _event(ours: EventName, name: str, item: Mapping[str, Any], where: str) -> P
 def _recipients_fault(reason: str) -> bool:
     normalized = reason.strip().lower()
     return normalized in RECIPIENT_DROP_REASONS or normalized.startswith(RECIPIENT_DROP_PREFIXES)
-
-
-def _required(item: Mapping[str, Any], key: str, where: str) -> str:
-    value = item.get(key)
-    if not isinstance(value, str) or not value:
-        raise Malformed(f"{where}: {key!r} is missing or not a string")
-    return value
-
-
-def _text(item: Mapping[str, Any], key: str, where: str) -> str | None:
-    """An optional string field; a value of another type is not what SendGrid sends."""
-    value = item.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise Malformed(f"{where}: {key!r} is not a string")
-    return value

@@ -42,7 +42,13 @@ from relay.events.base import (
     WebhookResult,
 )
 from relay.events.model import EventName, ProviderEvent
-from relay.events.verify import check_basic_auth, epoch, load_json
+from relay.events.verify import (
+    check_basic_auth,
+    epoch,
+    load_json,
+    optional_string,
+    required_string,
+)
 from relay.inbound.sns import SNSError, SNSMalformed, SNSMessage, SNSUnavailable, SNSVerifier
 
 log = logging.getLogger("relay.events")
@@ -209,11 +215,14 @@ def read_event(doc: Any) -> list[ProviderEvent]:
     if kind == "Reject":
         reject = _object(doc, "reject", kind)
         return reader.each_destination(
-            "rejected", kind, reason=_text(reject, "reason", kind) or "", provider_fault=True
+            "rejected",
+            kind,
+            reason=optional_string(reject, "reason", kind) or "",
+            provider_fault=True,
         )
     failure = _object(doc, "failure", kind)  # Rendering Failure
-    reason = _text(failure, "errorMessage", kind) or ""
-    template = _text(failure, "templateName", kind)
+    reason = optional_string(failure, "errorMessage", kind) or ""
+    template = optional_string(failure, "templateName", kind)
     if template:
         reason = f"{reason} (template {template})" if reason else f"template {template}"
     return reader.each_destination("rejected", "RenderingFailure", reason, provider_fault=True)
@@ -224,10 +233,10 @@ class _Reader:
 
     def __init__(self, kind: str, mail: Mapping[str, Any]) -> None:
         self.kind = kind
-        self.message_id = _required(mail, "messageId", f"{kind} mail")
+        self.message_id = required_string(mail, "messageId", f"{kind} mail")
         self.sent_at = epoch(mail.get("timestamp"), what=f"{kind} mail.timestamp")
         # `source` is the envelope sender, sometimes written with a display name.
-        source = _text(mail, "source", f"{kind} mail")
+        source = optional_string(mail, "source", f"{kind} mail")
         self.sender = (parseaddr(source)[1] or None) if source else None
         self.destination = _addresses(mail.get("destination", []), f"{kind} mail.destination")
         self.relay_id = _relay_id(mail.get("tags"))
@@ -262,9 +271,9 @@ class _Reader:
 
     def bounce(self, bounce: Mapping[str, Any]) -> list[ProviderEvent]:
         where = "Bounce bounce"
-        bounce_type = _required(bounce, "bounceType", where)
-        sub_type = _text(bounce, "bounceSubType", where) or ""
-        key_id = _text(bounce, "feedbackId", where) or self.message_id
+        bounce_type = required_string(bounce, "bounceType", where)
+        sub_type = optional_string(bounce, "bounceSubType", where) or ""
+        key_id = optional_string(bounce, "feedbackId", where) or self.message_id
         at = self._at(bounce, where)
         severity: Literal["hard", "soft"] = "hard" if bounce_type == "Permanent" else "soft"
         events = []
@@ -272,8 +281,8 @@ class _Reader:
             item = f"{where}.bouncedRecipients[{i}]"
             if not isinstance(rcpt, dict):
                 raise Malformed(f"{item} is not an object")
-            address = _required(rcpt, "emailAddress", item)
-            diagnostic = _text(rcpt, "diagnosticCode", item)
+            address = required_string(rcpt, "emailAddress", item)
+            diagnostic = optional_string(rcpt, "diagnosticCode", item)
             events.append(
                 self.event(
                     "bounced",
@@ -289,9 +298,9 @@ class _Reader:
 
     def complaint(self, complaint: Mapping[str, Any]) -> list[ProviderEvent]:
         where = "Complaint complaint"
-        key_id = _text(complaint, "feedbackId", where) or self.message_id
+        key_id = optional_string(complaint, "feedbackId", where) or self.message_id
         at = self._at(complaint, where)
-        feedback_type = _text(complaint, "complaintFeedbackType", where) or ""
+        feedback_type = optional_string(complaint, "complaintFeedbackType", where) or ""
         events = []
         for i, rcpt in enumerate(_list(complaint, "complainedRecipients", where)):
             item = f"{where}.complainedRecipients[{i}]"
@@ -300,7 +309,7 @@ class _Reader:
             events.append(
                 self.event(
                     "complained",
-                    _required(rcpt, "emailAddress", item),
+                    required_string(rcpt, "emailAddress", item),
                     key_id=key_id,
                     at=at,
                     provider_event="Complaint" + (f"/{feedback_type}" if feedback_type else ""),
@@ -312,7 +321,7 @@ class _Reader:
     def delivery(self, delivery: Mapping[str, Any]) -> list[ProviderEvent]:
         where = "Delivery delivery"
         at = self._at(delivery, where)
-        response = _text(delivery, "smtpResponse", where) or ""
+        response = optional_string(delivery, "smtpResponse", where) or ""
         recipients = _addresses(delivery.get("recipients"), f"{where}.recipients")
         return [
             self.event(
@@ -329,17 +338,17 @@ class _Reader:
     def delay(self, delay: Mapping[str, Any]) -> list[ProviderEvent]:
         where = "DeliveryDelay deliveryDelay"
         at = self._at(delay, where)
-        delay_type = _text(delay, "delayType", where) or ""
+        delay_type = optional_string(delay, "delayType", where) or ""
         events = []
         for i, rcpt in enumerate(_list(delay, "delayedRecipients", where)):
             item = f"{where}.delayedRecipients[{i}]"
             if not isinstance(rcpt, dict):
                 raise Malformed(f"{item} is not an object")
-            diagnostic = _text(rcpt, "diagnosticCode", item)
+            diagnostic = optional_string(rcpt, "diagnosticCode", item)
             events.append(
                 self.event(
                     "deferred",
-                    _required(rcpt, "emailAddress", item),
+                    required_string(rcpt, "emailAddress", item),
                     key_id=self.message_id,
                     at=at,
                     provider_event="DeliveryDelay" + (f"/{delay_type}" if delay_type else ""),
@@ -409,19 +418,3 @@ def _unique(items: Iterable[str]) -> Iterable[str]:
         if item not in seen:
             seen.add(item)
             yield item
-
-
-def _required(doc: Mapping[str, Any], key: str, where: str) -> str:
-    value = doc.get(key)
-    if not isinstance(value, str) or not value:
-        raise Malformed(f"{where}: {key!r} is missing or not a string")
-    return value
-
-
-def _text(doc: Mapping[str, Any], key: str, where: str) -> str | None:
-    value = doc.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise Malformed(f"{where}: {key!r} is not a string")
-    return value

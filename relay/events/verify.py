@@ -152,3 +152,22 @@ def hashed_key(provider: str, *fields: object) -> str:
     key, so a redelivered event is recognised (`ProviderEvent.key`)."""
     digest = hashlib.sha256("\x1f".join(str(f) for f in fields).encode("utf-8")).hexdigest()
     return f"{provider}:{digest[:32]}"
+
+
+def required_string(doc: Mapping[str, Any], key: str, where: str) -> str:
+    """A field the provider always sends as a non-empty string (else Malformed)."""
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise Malformed(f"{where}: {key!r} is missing or not a string")
+    return value
+
+
+def optional_string(doc: Mapping[str, Any], key: str, where: str) -> str | None:
+    """A field that may be absent; present, it is a string (anything else is not what the
+    provider sends: Malformed)."""
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Malformed(f"{where}: {key!r} is not a string")
+    return value
