@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from relay.address import Problem, mailbox_problem
 from relay.config import SUPPRESSION_REASONS, SuppressionConfig, parse_duration
 from relay.queue.base import StoreError, Suppression, SuppressionStore
-from relay.smtp.address import Problem, mailbox_problem
 
 log = logging.getLogger("relay.suppression")
 

@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any
 
+from relay.address import Problem, mailbox_problem
 from relay.config import ListenConfig, SMTPConfig
 from relay.message import Envelope, Kind, NewMessage, new_message_id
 from relay.queue.base import StoreError, StoreFull
 from relay.smtp import replies
-from relay.smtp.address import Problem, mailbox_problem
 from relay.smtp.auth import Authenticator, sender_allowed
 from relay.suppression import SuppressionList, refusal_reply
 

@@ -3,7 +3,7 @@
 What differs from stock aiosmtpd, and why:
 - DATA is read in blocks up to the one true end marker `<CRLF>.<CRLF>` into a spool that
   moves to disk past a threshold (`relay.smtp.data`): bounded memory, no smuggling.
-- Envelope addresses are parsed by `relay.smtp.address` (strict RFC 5321/6531 grammar)
+- Envelope addresses are parsed by `relay.address` (strict RFC 5321/6531 grammar)
   instead of the email package's header parser, whose exceptions reached clients.
 - AUTH LOGIN prompts are the `Username:`/`Password:` that picky scanners wait for, the
   user name may come inline, AUTH is accepted after HELO as well as EHLO (old devices do
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, _AuthMechAttr
 
+from relay.address import split_path
 from relay.smtp import replies
-from relay.smtp.address import split_path
 from relay.smtp.auth import Authenticator
 from relay.smtp.data import DataError, Spool, read_data
 from relay.smtp.drain import Sessions

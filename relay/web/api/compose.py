@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from relay.smtp.address import Problem, mailbox_problem
+from relay.address import Problem, mailbox_problem
 
 #: Fields a JSON submission may carry; anything else is refused by name.
 FIELDS = frozenset(

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
+from relay.address import Problem, mailbox_problem
 from relay.message import Envelope, Kind, NewMessage, new_message_id
 from relay.queue.base import StoreError, StoreFull
-from relay.smtp.address import Problem, mailbox_problem
 from relay.smtp.auth import sender_allowed
 from relay.suppression import describe, removal_hint
 from relay.telemetry.classify import (
