@@ -53,6 +53,7 @@ from relay.web.context import WebContext
 
 if TYPE_CHECKING:
     from relay.events.outbox import WebhookSender
+    from relay.events.registry import ProviderHooks
     from relay.events.service import EventService
     from relay.inbound.service import InboundService
     from relay.suppression import SuppressionList
@@ -99,6 +100,8 @@ class Relay:
         # Provider events (POST /webhooks/<upstream>) and the apps' webhooks out.
         self.events: EventService | None = None
         self.webhook_sender: WebhookSender | None = None
+        # The upstreams' event endpoints (worker 0, with the web server).
+        self.provider_hooks: ProviderHooks | None = None
         # This process's copy of the suppression list (relay.suppression).
         self.suppression: SuppressionList | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -141,7 +144,9 @@ class Relay:
                 max_concurrency=up_cfg.max_concurrency,
             )
         await self._start_suppression()
-        if cfg.webhook and self.shard == 0 and dispatch:
+        if self.shard == 0 and dispatch:
+            # Also without [[webhook]]s: a reload may add some, and events a removed hook
+            # left in the outbox are given up (and counted) rather than kept waiting.
             from relay.events.outbox import WebhookSender
 
             self.webhook_sender = WebhookSender(
@@ -269,6 +274,23 @@ class Relay:
             clock=self.clock,
         )
 
+    def _provider_hooks(self) -> ProviderHooks:
+        from relay.events.base import WebhookContext
+        from relay.events.registry import ProviderHooks
+
+        assert self.events is not None
+        hooks = ProviderHooks(
+            WebhookContext(
+                clock=self.clock,
+                first_use=self.queue.first_use,
+                forget_use=self.queue.forget_use,
+                fetch=self.events.fetch,
+            )
+        )
+        hooks.swap(hooks.build(self.config))
+        self.provider_hooks = hooks
+        return hooks
+
     async def _start_web(self) -> None:
         web_cfg = self.config.web
         listen = web_cfg.listen
@@ -289,7 +311,8 @@ class Relay:
             clock=self.clock,
             telemetry=self.telemetry,
             routing_changed=self.router.refresh,
-            events=self.events if any(u.events for u in self.config.upstream) else None,
+            events=self.events,
+            provider_hooks=self._provider_hooks(),
             suppressions=self.suppression,
         )
         app = create_app(context)
@@ -341,6 +364,8 @@ class Relay:
             await self.web_runner.cleanup()
         if self.webhook_sender is not None:
             await self.webhook_sender.stop()
+        if self.provider_hooks is not None:
+            await self.provider_hooks.close()
         if self.events is not None:
             await self.events.close()
         for upstream in self.upstreams:

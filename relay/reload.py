@@ -14,7 +14,10 @@ Only then is it swapped in, without an await in between, so no message sees half
 - upstreams added, removed or changed (keys, secrets, priorities): a removed or replaced
   upstream gets no new attempts, those in flight finish on it, then it is closed; a kept
   name keeps its health and breaker (they are shared by name);
-- `[routing]`, `[[dkim]]`, `[[inbound.route]]`, `[[web.tokens]]`.
+- `[routing]`, `[[dkim]]`, `[[inbound.route]]`, `[[web.tokens]]`;
+- the providers' event endpoints (an upstream's `events` and `webhook` settings: a new
+  signing key, an upstream that now takes events), `[events]`, `[suppression]` and the
+  applications' `[[webhook]]`s.
 
 Everything else that changed needs a restart (listener addresses and modes, the queue,
 workers, the web listener, ...) and is named in the log, key by key; the relay runs on
@@ -46,9 +49,14 @@ if TYPE_CHECKING:
     from relay.dispatch.routing import Router, UpstreamState
     from relay.dispatch.scheduler import Scheduler
     from relay.dkim import DKIMSigner
+    from relay.events.base import ProviderWebhook
+    from relay.events.outbox import WebhookSender
+    from relay.events.registry import ProviderHooks
+    from relay.events.service import EventService
     from relay.inbound.service import InboundService
     from relay.inbound.settings import InboundSettings
     from relay.smtp.live import LiveSMTP
+    from relay.suppression import SuppressionList
     from relay.upstreams.base import Upstream
     from relay.web.auth import Access
 
@@ -66,9 +74,10 @@ APPLIED = (
     "web.tokens",
     "inbound.route",
     "upstream[",
+    "events.",
+    "suppression.",
+    "webhook",
 )
-# ...except these parts of an upstream: its webhook endpoint is set up at start.
-UPSTREAM_AT_START = (".events", ".webhook")
 PID_FILE_NAME = "relay.pid"
 
 
@@ -84,6 +93,10 @@ class Relay(Protocol):
     upstreams: list[Upstream]
     outbound: Scheduler | None
     inbound: InboundService | None
+    events: EventService | None
+    provider_hooks: ProviderHooks | None
+    suppression: SuppressionList | None
+    webhook_sender: WebhookSender | None
     reload_lock: asyncio.Lock
 
     def track(self, work: Coroutine[Any, Any, object], *, name: str) -> None: ...
@@ -147,22 +160,8 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 
 
 def restart_keys(old: Config, new: Config, keys: Iterable[str]) -> tuple[str, ...]:
-    """The changed keys a reload cannot put in force. An upstream's event webhook is
-    routed at start: changing it needs a restart, and so does a new upstream's, unless it
-    takes no events; a removed upstream's goes with it."""
-    after = flatten(new)
-    kept = {u.name for u in old.upstream} & {u.name for u in new.upstream}
-    out = []
-    for key in keys:
-        if key.startswith("upstream["):
-            name = key[len("upstream[") : key.index("]")]
-            if any(part in key for part in UPSTREAM_AT_START) and (
-                name in kept or after.get(key) not in (None, False, {})
-            ):
-                out.append(key)
-        elif not key.startswith(APPLIED):
-            out.append(key)
-    return tuple(out)
+    """The changed keys a reload cannot put in force."""
+    return tuple(key for key in keys if not key.startswith(APPLIED))
 
 
 def in_force(old: Config, new: Config) -> Config:
@@ -179,18 +178,14 @@ def in_force(old: Config, new: Config) -> Config:
     inbound = old.inbound
     if old.inbound and new.inbound:
         inbound = {**old.inbound, "route": new.inbound.get("route", ())}
-    at_start = {u.name: u for u in old.upstream}
-    upstreams = tuple(
-        dataclasses.replace(u, events=at_start[u.name].events, webhook=at_start[u.name].webhook)
-        if u.name in at_start
-        else u
-        for u in new.upstream
-    )
     return dataclasses.replace(
         old,
         smtp=smtp,
         routing=new.routing,
-        upstream=upstreams,
+        upstream=new.upstream,
+        events=new.events,
+        suppression=new.suppression,
+        webhook=new.webhook,
         dkim=new.dkim,
         web=dataclasses.replace(old.web, tokens=new.web.tokens),
         inbound=inbound,
@@ -211,6 +206,8 @@ class _Prepared:
     # (config, started upstream) for each upstream that is new or changed.
     upstreams: list[tuple[UpstreamConfig, Upstream]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    # The upstreams' event endpoints, when this process serves them.
+    hooks: dict[str, ProviderWebhook] | None = None
 
     async def discard(self) -> None:
         for _, upstream in self.upstreams:
@@ -330,6 +327,8 @@ async def _prepare(relay: Relay, old: Config, new: Config, applied: Iterable[str
             upstream = create_upstream(up, f"upstream[{index}]", new)
             await upstream.start()
             prepared.upstreams.append((up, upstream))
+        if relay.provider_hooks is not None:
+            prepared.hooks = relay.provider_hooks.build(new)
     except BaseException:
         await prepared.discard()
         raise
@@ -369,11 +368,35 @@ def _commit(relay: Relay, new: Config, prepared: _Prepared) -> None:
         )
     )
     _swap_upstreams(relay, prepared)
+    _swap_events(relay, new, prepared)
     worker = relay.outbound.worker if relay.outbound is not None else None
     if isinstance(worker, OutboundWorker):
         worker.signer = prepared.signer
-        if new.events.requeue:
-            worker.keep_body_for = frozenset(u.name for u in new.upstream if u.events)
+        worker.keep_body_for = frozenset(
+            u.name for u in new.upstream if u.events and new.events.requeue
+        )
+        suppression = relay.suppression
+        worker.suppressed = (
+            suppression.suppressed
+            if suppression is not None and new.suppression.action == "bounce"
+            else None
+        )
+        events = relay.events
+        worker.on_round = events.after_round if events is not None and new.webhook else None
+
+
+def _swap_events(relay: Relay, new: Config, prepared: _Prepared) -> None:
+    """The providers' endpoints, what their events do, the suppression rules and the
+    applications' webhooks: each read per request or per event, so swapping is enough."""
+    if relay.provider_hooks is not None and prepared.hooks is not None:
+        for hook in relay.provider_hooks.swap(prepared.hooks):
+            relay.track(hook.close(), name=f"retire-webhook-{hook.name}")
+    if relay.events is not None:
+        relay.events.reconfigure(new)
+    if relay.suppression is not None:
+        relay.suppression.config = new.suppression
+    if relay.webhook_sender is not None:
+        relay.webhook_sender.replace_hooks(new.webhook)
 
 
 def _swap_upstreams(relay: Relay, prepared: _Prepared) -> None:

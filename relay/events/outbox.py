@@ -195,11 +195,9 @@ class WebhookSender:
         schedule: tuple[float, ...] = RETRY_SCHEDULE,
     ) -> None:
         self._outbox = outbox
-        self._hooks = {hook.label: hook for hook in hooks}
         self._owner = owner
         self._clock = clock
-        slowest = max((float(h.timeout) for h in self._hooks.values()), default=0.0)
-        self._lease_time = max(lease_time, 2 * slowest)
+        self._min_lease = lease_time
         self._concurrency = max(1, concurrency)
         self._schedule = schedule
         self._wake = asyncio.Event()
@@ -212,6 +210,16 @@ class WebhookSender:
         self.delivered = 0
         self.failed_attempts = 0
         self.dead = 0
+        self.replace_hooks(hooks)
+
+    def replace_hooks(self, hooks: Iterable[WebhookConfig]) -> None:
+        """The hooks in force (a reload's): entries already claimed finish with the hook
+        they were claimed for; a hook no longer configured has its waiting events given
+        up at their next turn."""
+        self._hooks = {hook.label: hook for hook in hooks}
+        slowest = max((float(h.timeout) for h in self._hooks.values()), default=0.0)
+        self._lease_time = max(self._min_lease, 2 * slowest)
+        self._wake.set()
 
     def wake(self) -> None:
         """Look at the outbox now (after `publish` in this process)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from relay.config import ConfigError, UpstreamConfig, build
+from relay.config import Config, ConfigError, UpstreamConfig, build
 from relay.events.base import ProviderWebhook, WebhookContext
 
 EVENT_TYPES: dict[str, str] = {
@@ -39,3 +39,34 @@ def create_webhook(upstream: UpstreamConfig, key: str, context: WebhookContext) 
     settings = build(cls.Settings, upstream.webhook, f"{key}.webhook")
     hook: ProviderWebhook = cls.from_config(upstream, settings, context)
     return hook
+
+
+class ProviderHooks:
+    """The event endpoints of the upstreams that take events, by upstream name: built from
+    a config, and replaced whole by a reload (a new signing key, an upstream that now
+    takes events) while requests are served: a request uses the set it found."""
+
+    def __init__(self, context: WebhookContext) -> None:
+        self.context = context
+        self.hooks: dict[str, ProviderWebhook] = {}
+
+    def build(self, config: Config) -> dict[str, ProviderWebhook]:
+        """The endpoints `config` asks for (ConfigError naming the key when one can't be
+        made); nothing running changes."""
+        return {
+            up.name: create_webhook(up, f"upstream[{i}]", self.context)
+            for i, up in enumerate(config.upstream)
+            if up.events
+        }
+
+    def swap(self, hooks: dict[str, ProviderWebhook]) -> list[ProviderWebhook]:
+        """Put `hooks` in force; the replaced ones, for the caller to close."""
+        old, self.hooks = self.hooks, hooks
+        return [hook for hook in old.values() if hook not in hooks.values()]
+
+    def get(self, name: str) -> ProviderWebhook | None:
+        return self.hooks.get(name)
+
+    async def close(self) -> None:
+        for hook in self.swap({}):
+            await hook.close()

@@ -71,13 +71,24 @@ class EventService:
         self.queue = queue
         self.clock = clock
         self.telemetry = telemetry
-        self.bouncer = bouncer if config.events.bounce_reports else None
+        self._bouncer = bouncer
         self.suppression = suppression
         self.outbox_wake = outbox_wake
-        self.upstreams = tuple(u.name for u in config.upstream)
         # Fetches SNS signing certificates for SES events (looked up per call, so tests
         # can swap it after start); made on first use, closed in `close`.
         self.cert_fetcher: Callable[[str], Awaitable[bytes]] | None = None
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        return tuple(u.name for u in self.config.upstream)
+
+    @property
+    def bouncer(self) -> BounceSender | None:
+        return self._bouncer if self.config.events.bounce_reports else None
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload's config: read per event, so the next event follows it."""
+        self.config = config
 
     async def fetch(self, url: str) -> bytes:
         if self.cert_fetcher is None:

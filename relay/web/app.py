@@ -41,16 +41,13 @@ def create_app(context: WebContext) -> web.Application:
         from relay.web.inbound import setup
 
         setup(app, inbound, inbound.settings.sns)
-    events = context.events
-    if events is not None:
-        from relay.events.base import WebhookContext
+    if context.events is not None and context.provider_hooks is not None:
         from relay.web import webhooks
 
-        hook_context = WebhookContext(
-            clock=context.clock,
-            first_use=context.queue.first_use,
-            forget_use=context.queue.forget_use,
-            fetch=events.fetch,
+        webhooks.setup(
+            app,
+            hooks=context.provider_hooks,
+            service=context.events,
+            max_body=int(context.config.events.max_body),
         )
-        webhooks.setup(app, config=context.config, service=events, context=hook_context)
     return app

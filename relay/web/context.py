@@ -20,6 +20,7 @@ from relay.queue.admin import QueueAdmin
 from relay.queue.base import Queue
 
 if TYPE_CHECKING:
+    from relay.events.registry import ProviderHooks
     from relay.events.service import EventService
     from relay.inbound.service import InboundService
     from relay.suppression import SuppressionList
@@ -46,6 +47,8 @@ class WebContext:
     routing_changed: Callable[[], Awaitable[None]] | None = None
     # The providers' events (POST /webhooks/<upstream>), when any upstream takes them.
     events: EventService | None = None
+    # The upstreams' event endpoints in force (replaced by a reload).
+    provider_hooks: ProviderHooks | None = None
     # This process's copy of the suppression list: submission refuses from it, the API
     # and the page change it through it (so the change is in force here at once).
     suppressions: SuppressionList | None = None

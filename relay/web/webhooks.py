@@ -12,13 +12,11 @@ relay does not know still gets 200 (counted), or the provider would retry it for
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from relay.config import Config
-from relay.events.base import ProviderWebhook, WebhookContext, WebhookError, WebhookRequest
-from relay.events.registry import create_webhook
+from relay.events.base import WebhookContext, WebhookError, WebhookRequest
+from relay.events.registry import ProviderHooks
 from relay.events.service import EventService
 from relay.queue.base import QueueBusy, StoreError
 from relay.web.bodies import read_body
@@ -26,8 +24,7 @@ from relay.web.errors import json_error
 
 log = logging.getLogger("relay.web")
 
-HOOKS_KEY: web.AppKey[dict[str, ProviderWebhook]] = web.AppKey("provider_webhooks")
-CONTEXT_KEY: web.AppKey[WebhookContext] = web.AppKey("webhook_context")
+HOOKS_KEY: web.AppKey[ProviderHooks] = web.AppKey("provider_webhooks")
 SERVICE_KEY: web.AppKey[EventService] = web.AppKey("event_service")
 MAX_BODY_KEY: web.AppKey[int] = web.AppKey("webhook_max_body")
 
@@ -35,24 +32,13 @@ _CODES = {400: "malformed", 401: "unauthenticated", 403: "forbidden", 503: "unav
 
 
 def setup(
-    app: web.Application, *, config: Config, service: EventService, context: WebhookContext
+    app: web.Application, *, hooks: ProviderHooks, service: EventService, max_body: int
 ) -> None:
-    """Add the endpoint for the upstreams that take events (none: no route at all)."""
-    enabled = [(i, up) for i, up in enumerate(config.upstream) if up.events]
-    if not enabled:
-        return
+    """Add the endpoint. `hooks` holds the upstreams that take events now: a reload may
+    change them (relay.reload), so an upstream is looked up per request."""
+    app[HOOKS_KEY] = hooks
     app[SERVICE_KEY] = service
-    app[CONTEXT_KEY] = context
-    app[MAX_BODY_KEY] = int(config.events.max_body)
-
-    async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
-        hooks = {up.name: create_webhook(up, f"upstream[{i}]", context) for i, up in enabled}
-        app[HOOKS_KEY] = hooks
-        yield
-        for hook in hooks.values():
-            await hook.close()
-
-    app.cleanup_ctx.append(hooks_ctx)
+    app[MAX_BODY_KEY] = max_body
     app.router.add_post("/webhooks/{upstream}", provider_webhook)
 
 
@@ -100,7 +86,7 @@ async def provider_webhook(request: web.Request) -> web.Response:
         applied = await request.app[SERVICE_KEY].apply(name, result.events)
     except StoreError as exc:
         if result.nonce is not None:
-            await _give_back(request.app[CONTEXT_KEY], result.nonce)
+            await _give_back(request.app[HOOKS_KEY].context, result.nonce)
         if isinstance(exc, QueueBusy):
             response = json_error(503, "busy", f"{exc}; send it again shortly")
             response.headers["Retry-After"] = "5"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import json
 import time
@@ -20,14 +21,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.app import Relay
+from relay.config import WebhookConfig
 from relay.events.outbox import verify_signature
 from relay.message import EventType
 from relay.queue.base import MessageQuery, StoreError
 from relay.web.context import WebContext
 from relay.web.views import upstream_rows
-from tests.conftest import RelayFactory, mailgun_upstream, wait_states
+from tests.conftest import RelayFactory, mailgun_upstream, relay_config, wait_states
 from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeSendGrid
 from tests.web.conftest import base_url
+
+
+def relay_config_webhook(relay: Relay, hook: dict[str, Any]) -> tuple[WebhookConfig, ...]:
+    """A [[webhook]] entry as the config file would give it (secrets resolved)."""
+    return relay_config(relay.config.base_dir, webhook=[hook]).webhook
 
 
 def web_context(relay: Relay) -> WebContext:
@@ -492,3 +499,62 @@ async def test_a_batch_of_events_for_several_messages_is_recorded_in_order_per_m
         current = await relay.queue.get(row.id)
         assert current is not None
         assert current.meta["rcpts_status"][row.meta["rcpts_original"][0]]["status"] == "delivered"
+
+
+async def test_a_reload_turns_events_on_rotates_the_signing_key_and_adds_an_app_webhook(
+    make_relay: RelayFactory,
+    sendgrid: FakeSendGrid,
+    signing_key: ec.EllipticCurvePrivateKey,
+    events_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entry = {**sendgrid_entry(sendgrid, events_key), "events": False, "webhook": {}}
+    relay = await make_relay(upstream=[entry])
+    await send(relay)
+    msg_id, provider_id = await handed_to_sendgrid(relay, sendgrid)
+    event = sendgrid_event(msg_id, provider_id, "delivered")
+    assert (await post_sendgrid(relay, signing_key, [event]))[0] == 404
+
+    # Events on, and an application's webhook added: no restart.
+    receiver = AppReceiver()
+    await receiver.start()
+    monkeypatch.setenv("APP_HOOK_SECRET", "whsec-0123456789abcdef")
+    hook = {"url": receiver.url, "secret": "env:APP_HOOK_SECRET", "name": "app"}
+    on = dataclasses.replace(
+        relay.config,
+        upstream=(
+            dataclasses.replace(
+                relay.config.upstream[0], events=True, webhook={"public_key": events_key}
+            ),
+        ),
+        webhook=relay_config_webhook(relay, hook),
+    )
+    try:
+        result = await relay.reload(on)
+        assert result.ok and not result.needs_restart, result
+        status, answer = await post_sendgrid(relay, signing_key, [event])
+        assert (status, answer["recorded"]) == (200, 1)
+        (posted,) = await receiver.wait_for(1)
+        assert (posted["event"], posted["message_id"]) == ("delivered", msg_id)
+    finally:
+        if receiver.runner is not None:
+            await receiver.runner.cleanup()
+
+    # A new verification key (SendGrid's was regenerated): the old one's signatures fail.
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    der = new_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    monkeypatch.setenv("SG_EVENTS_KEY_2", base64.b64encode(der).decode())
+    rotated = dataclasses.replace(
+        relay.config,
+        upstream=(
+            dataclasses.replace(
+                relay.config.upstream[0], webhook={"public_key": "env:SG_EVENTS_KEY_2"}
+            ),
+        ),
+    )
+    assert (await relay.reload(rotated)).ok
+    later = {**event, "event": "deferred", "sg_event_id": "ev-later"}
+    assert (await post_sendgrid(relay, signing_key, [later]))[0] == 401
+    assert (await post_sendgrid(relay, new_key, [later]))[0] == 200
