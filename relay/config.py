@@ -571,6 +571,14 @@ class EventsConfig:
     bounce_reports: bool = True
     # The largest webhook body taken (providers batch events).
     max_body: Size = Size(10 * 1000**2)
+    # Webhook requests worked on at once by the web server's process; more wait their
+    # turn (the provider's connection stays open). Events are bookkeeping: a flood of them
+    # must not take the CPU that mail intake needs.
+    concurrency: int = 2
+
+    def validate(self) -> None:
+        if not 1 <= self.concurrency <= 256:
+            raise ValueError("events.concurrency must be between 1 and 256")
 
 
 WEBHOOK_EVENTS = (

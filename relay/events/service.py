@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.events")
 
+#: Messages of one request worked on at once: enough to fill a group commit, few enough
+#: that a batch of a thousand events does not crowd out the process's mail intake.
+STREAMS_AT_ONCE = 8
+
 #: The suppression reason each event stands for (a soft bounce stands for none).
 _SUPPRESS = {"complained": "complaint", "unsubscribed": "unsubscribe"}
 
@@ -119,9 +123,14 @@ class EventService:
         if len(streams) == 1:
             out = await self._apply_stream(upstream, events, applied)
         else:
+            turns = asyncio.Semaphore(STREAMS_AT_ONCE)
+
+            async def stream(part: Sequence[ProviderEvent]) -> list[MessageEvent]:
+                async with turns:
+                    return await self._apply_stream(upstream, part, applied)
+
             parts = await asyncio.gather(
-                *(self._apply_stream(upstream, s, applied) for s in streams.values()),
-                return_exceptions=True,
+                *(stream(s) for s in streams.values()), return_exceptions=True
             )
             for part in parts:  # every stream ran its course: then the first failure
                 if isinstance(part, BaseException):

@@ -49,5 +49,6 @@ def create_app(context: WebContext) -> web.Application:
             hooks=context.provider_hooks,
             service=context.events,
             max_body=int(context.config.events.max_body),
+            concurrency=context.config.events.concurrency,
         )
     return app

@@ -11,11 +11,12 @@ relay does not know still gets 200 (counted), or the provider would retry it for
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
 
-from relay.events.base import WebhookContext, WebhookError, WebhookRequest
+from relay.events.base import ProviderWebhook, WebhookContext, WebhookError, WebhookRequest
 from relay.events.registry import ProviderHooks
 from relay.events.service import EventService
 from relay.queue.base import QueueBusy, StoreError
@@ -25,6 +26,7 @@ from relay.web.errors import json_error
 log = logging.getLogger("relay.web")
 
 HOOKS_KEY: web.AppKey[ProviderHooks] = web.AppKey("provider_webhooks")
+TURNS_KEY: web.AppKey[asyncio.Semaphore] = web.AppKey("webhook_turns")
 SERVICE_KEY: web.AppKey[EventService] = web.AppKey("event_service")
 MAX_BODY_KEY: web.AppKey[int] = web.AppKey("webhook_max_body")
 
@@ -32,13 +34,19 @@ _CODES = {400: "malformed", 401: "unauthenticated", 403: "forbidden", 503: "unav
 
 
 def setup(
-    app: web.Application, *, hooks: ProviderHooks, service: EventService, max_body: int
+    app: web.Application,
+    *,
+    hooks: ProviderHooks,
+    service: EventService,
+    max_body: int,
+    concurrency: int,
 ) -> None:
     """Add the endpoint. `hooks` holds the upstreams that take events now: a reload may
     change them (relay.reload), so an upstream is looked up per request."""
     app[HOOKS_KEY] = hooks
     app[SERVICE_KEY] = service
     app[MAX_BODY_KEY] = max_body
+    app[TURNS_KEY] = asyncio.Semaphore(concurrency)
     app.router.add_post("/webhooks/{upstream}", provider_webhook)
 
 
@@ -69,6 +77,15 @@ async def provider_webhook(request: web.Request) -> web.Response:
     incoming = WebhookRequest(
         headers=request.headers, body=body, query=request.query, remote=request.remote
     )
+    # Verifying and recording take turns (`[events] concurrency`): the rest of the
+    # process (SMTP sessions, dispatch) keeps its share of the CPU under a flood.
+    async with request.app[TURNS_KEY]:
+        return await _verified(request, name, hook, incoming)
+
+
+async def _verified(
+    request: web.Request, name: str, hook: ProviderWebhook, incoming: WebhookRequest
+) -> web.Response:
     try:
         result = await hook.handle(incoming)
     except WebhookError as exc:
