@@ -32,8 +32,9 @@ Modes (the default runs all three, one relay each, and reports one table per mod
    token; counted apart, they are expected).
 4. Runs alternate: smtp-source alone (5 KB, 20 sessions) and smtp-source with the events
    posted at 50 keep-alive connections (aiohttp) to POST /webhooks/provider; medians of 3.
-   The SMTP count is sized from a warm-up so the SMTP load ends before the posting does
-   (the whole SMTP figure is taken under the event load); the report says the overlap.
+   The SMTP count is sized by two runs with events beforehand (not reported) so the SMTP
+   load ends before the posting does (the whole SMTP figure is taken under the event
+   load); the report says the overlap.
 5. After each run: every request answered as expected (200, or 401 for a replay), and per
    message the timeline holds exactly one provider event per distinct event posted so far
    (re-posts add none).
@@ -105,6 +106,7 @@ RETRY_SHARE = 0.05
 SMTP_SESSIONS = 20
 SMTP_SIZE = 5_000
 DEFAULT_BATCH = 100
+SIZING_RUNS = 2  # runs with events that size the SMTP load, before the measured ones
 # The events posted and their shares, by what they mean. No hard bounce (a report to the
 # sender) and no drop (a re-send through another upstream): those add mail to the SMTP side.
 EVENT_MIX: tuple[tuple[str, float], ...] = (
@@ -749,6 +751,7 @@ class ModeResult:
     mode: Mode
     smtp_count: int
     warm: PostResult  # the posting alone, before the runs
+    cpu_per_event: float  # the relay's CPU seconds per event posted, in that posting
     baselines: list[Baseline] = field(default_factory=list)
     loaded: list[Loaded] = field(default_factory=list)
     by_type: Counter[str] = field(default_factory=Counter)
@@ -827,23 +830,49 @@ def run_mode(settings: Settings, mode: Mode, top: Path) -> ModeResult:
         warm_posts, warm_expected = build_posts(
             primed, warm_events, batch=mode.batch, signer=side.signer, rng=rng
         )
+        cpu0 = tree_cpu_seconds(relay.root_pid())
         warm_result = asyncio.run(post_all(url, warm_posts))
+        cpu_per_event = (tree_cpu_seconds(relay.root_pid()) - cpu0) / warm_result.events
         expected.update(warm_expected)
         if warm_result.unexpected:
             raise BenchError(
                 f"{warm_result.unexpected} warm-up posts answered unexpectedly:"
                 f" {dict(warm_result.statuses)}"
             )
-        # SMTP sized to end before the posting does (which slows under SMTP load too).
-        smtp_count = settings.smtp_count or max(
-            500, int(0.8 * warm.smtp_rate * settings.events / warm_result.event_rate)
-        )
-        result = ModeResult(mode, smtp_count, warm_result)
+        # SMTP sized to end before the posting does, so the whole SMTP figure is taken
+        # under event load. A first guess from the two rates alone; then SIZING_RUNS runs
+        # of both at once (not reported), each resizing to 80 % of the SMTP rate it saw
+        # times how long its posting took: the posting slows under SMTP load and SMTP
+        # under the posting, by amounts that differ per mode (a batched posting barely
+        # slows, the SMTP side halves).
+        smtp_count = max(500, int(0.8 * warm.smtp_rate * settings.events / warm_result.event_rate))
         log(
             f"warm-up: SMTP alone {warm.smtp_rate:.0f} msg/s, events alone"
-            f" {warm_result.event_rate:.0f}/s ({warm_result.post_rate:.0f} posts/s);"
-            f" SMTP load per run: {smtp_count} messages"
+            f" {warm_result.event_rate:.0f}/s ({warm_result.post_rate:.0f} posts/s),"
+            f" relay CPU {1000 * cpu_per_event:.2f} ms per event"
         )
+        for n in range(0 if settings.smtp_count else SIZING_RUNS):
+            trial = loaded_run(
+                relay,
+                url,
+                smtp_count=smtp_count,
+                events=settings.events,
+                primed=primed,
+                expected=expected,
+                side=side,
+                mode=mode,
+                rng=rng,
+                switch=top / "sizing",  # not sampled
+            )
+            log_loaded(f"sizing {n + 1}/{SIZING_RUNS}", trial)
+            if not trial.all_ok:
+                raise BenchError("events lost, doubled or refused in a sizing run: see above")
+            sent_total += smtp_count
+            drain(side.fake, sent_total)
+            smtp_count = max(500, int(0.8 * trial.smtp_rate * trial.posts.seconds))
+        smtp_count = settings.smtp_count or smtp_count
+        result = ModeResult(mode, smtp_count, warm_result, cpu_per_event)
+        log(f"SMTP load per run: {smtp_count} messages")
 
         for i in range(settings.runs):
             order = ("alone", "events") if i % 2 == 0 else ("events", "alone")
@@ -869,15 +898,7 @@ def run_mode(settings: Settings, mode: Mode, top: Path) -> ModeResult:
                             switch=top / SAMPLE_SWITCH,
                         )
                     )
-                    r = result.loaded[-1]
-                    log(
-                        f"run {i + 1}/{settings.runs}: SMTP with events {r.smtp_rate:.0f} msg/s"
-                        f" ({r.smtp_seconds:.1f}s); {len(r.posts.latencies_ms)} posts,"
-                        f" {r.posts.events} events in {r.posts.seconds:.1f}s"
-                        f" ({r.posts.event_rate:.0f} events/s), statuses"
-                        f" {dict(r.posts.statuses)}; recorded {r.recorded_total} of"
-                        f" {r.expected_total} (messages short {r.missing}, over {r.extra})"
-                    )
+                    log_loaded(f"run {i + 1}/{settings.runs}", result.loaded[-1])
                 sent_total += smtp_count
                 drain(side.fake, sent_total)
         _, result.by_type = asyncio.run(recorded_events(relay.config, list(rcpts)))
@@ -885,6 +906,16 @@ def run_mode(settings: Settings, mode: Mode, top: Path) -> ModeResult:
         if settings.profile:
             result.profile = sample_report(top)
     return result
+
+
+def log_loaded(label: str, r: Loaded) -> None:
+    log(
+        f"{label}: SMTP with events {r.smtp_rate:.0f} msg/s ({r.smtp_seconds:.1f}s);"
+        f" {len(r.posts.latencies_ms)} posts, {r.posts.events} events in"
+        f" {r.posts.seconds:.1f}s ({r.posts.event_rate:.0f} events/s), statuses"
+        f" {dict(r.posts.statuses)}; recorded {r.recorded_total} of {r.expected_total}"
+        f" (messages short {r.missing}, over {r.extra})"
+    )
 
 
 def loaded_run(
@@ -1101,8 +1132,8 @@ def report(settings: Settings, results: Sequence[ModeResult], busy: float) -> st
         f" {settings.runs}, alternating",
         "",
         "| mode | SMTP alone | SMTP with events | ratio | per run | events/s with SMTP"
-        " (alone) | POST p50 / p95 | every event once |",
-        "|---|---|---|---|---|---|---|---|",
+        " (alone) | relay CPU per event | POST p50 / p95 | every event once |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         f = Figures.of(result)
@@ -1113,6 +1144,7 @@ def report(settings: Settings, results: Sequence[ModeResult], busy: float) -> st
             f" {', '.join(f'{p:.2f}' for p in f.pairs)} |"
             f" {statistics.median(r.posts.event_rate for r in result.loaded):.0f}"
             f" ({result.warm.event_rate:.0f}) |"
+            f" {1000 * result.cpu_per_event:.2f} ms |"
             f" {statistics.median(latencies):.1f} / {pct(latencies, 0.95):.1f} ms |"
             f" {'yes' if f.all_ok else '**NO**'} |"
         )
@@ -1154,6 +1186,8 @@ def mode_table(result: ModeResult) -> list[str]:
         f" {statistics.median(r.posts.event_rate for r in loaded):.0f} events/s in"
         f" {statistics.median(r.posts.post_rate for r in loaded):.0f} POSTs/s (alone, warm-up:"
         f" {result.warm.event_rate:.0f} events/s) | |",
+        f"| relay CPU per event, events posted alone (warm-up) |"
+        f" {1000 * result.cpu_per_event:.2f} ms | |",
         f"| webhook POST latency p50 / p95 | {statistics.median(latencies):.1f} /"
         f" {pct(latencies, 0.95):.1f} ms | |",
         f"| POSTs answered | {posted:,}: "
