@@ -4,7 +4,11 @@ Routing knows health, not HTTP: it sees only outcomes (success with a latency, o
 UpstreamError) and turns them into a score and a breaker state per upstream.
 
 - Priority first: a lower number is preferred while any upstream of it is usable.
-- Within a priority, weighted random by `weight * health`, so a flaky peer gets less.
+- Within a priority, the healthiest lead (those within LEAD_MARGIN of the best health),
+  in weighted-random order by `weight * health`, less for attempts already in flight; the
+  others come after them as failover only. A peer that fell behind returns on trial, one
+  attempt at a time, until it has succeeded TRIAL_SUCCESSES times in a row.
+  (bench/routing.py measures what this saves against other rules.)
 - Health drops by half on each failure and heals towards 1.0 with time and successes.
 - Breaker: opens after `failures_to_open` consecutive failures, or at once on an
   upstream-wide error (bad credentials, suspended account). While open nothing is sent;
@@ -49,6 +53,13 @@ from relay.upstreams.base import Upstream
 
 log = logging.getLogger("relay.dispatch")
 
+# Upstreams within this much health of the best one lead (weighted random among them);
+# the rest are tried only after them, healthiest first, as failover.
+LEAD_MARGIN = 0.05
+# An upstream that fell behind its peers comes back on trial: one attempt at a time until
+# this many succeed in a row, so a provider that is still failing costs one failed attempt
+# per return instead of a burst of them.
+TRIAL_SUCCESSES = 10
 SYNC_INTERVAL = 0.25  # seconds between reports to the shared store while there is news
 
 
@@ -123,6 +134,9 @@ class UpstreamState:
     ambiguous: int = 0
     last_error: str | None = None
     paused: bool = False  # an operator's pause, shared by every process
+    # Fell behind its peers' health: back on trial (see TRIAL_SUCCESSES). Per process.
+    on_trial: bool = False
+    trial_passed: int = 0
     # Taken out by a reload (removed, or replaced by a new config of the same name): no
     # new attempts; `idle` is set when the last one in flight has finished.
     retired: bool = False
@@ -227,6 +241,8 @@ class UpstreamState:
     def has_capacity(self) -> bool:
         if self.breaker is BreakerState.HALF_OPEN and self.probing:
             return False  # wait for the probe's verdict
+        if self.on_trial and self.in_flight >= 1:
+            return False  # one attempt at a time until it has proved itself again
         return self.in_flight < self.max_concurrency and (
             self.shared_rate or self.limiter.wait_time() == 0.0
         )
@@ -360,10 +376,34 @@ class Router:
         return "no upstream is available: " + "; ".join(s.why_unusable() for s in self.states)
 
     def _weighted_order(self, group: list[UpstreamState]) -> list[UpstreamState]:
+        """The healthiest lead, in weighted-random order; the others follow, best first.
+
+        A peer that failed recently is left alone while an equally good one is at hand
+        (a random share by health kept sending a 30 %-failing provider a fifth of the
+        mail), and comes back once its health has healed to within LEAD_MARGIN of the
+        best: on trial. Within the lead, an upstream with more attempts in flight gets
+        less, so a provider that has started to answer slowly (or not at all) is spared
+        the mail that would pile up on it before the first failure is known.
+        """
+        health = {s.name: s.current_health() for s in group}
+        floor = max(health.values()) - LEAD_MARGIN
+        lead = [s for s in group if health[s.name] >= floor]
+        behind = sorted((s for s in group if health[s.name] < floor), key=lambda s: -health[s.name])
+        for s in behind:
+            if not s.on_trial:
+                s.on_trial, s.trial_passed = True, 0
+        return self._weighted(lead) + behind
+
+    def _weighted(self, group: list[UpstreamState]) -> list[UpstreamState]:
         ordered: list[UpstreamState] = []
         pool = list(group)
         while pool:
-            weights = [s.weight * max(s.current_health(), 0.01) for s in pool]
+            # In-flight attempts count against an upstream in proportion to its weight,
+            # so shares still follow the weights when all are equally quick.
+            weights = [
+                s.weight * max(s.current_health(), 0.01) / (1 + s.in_flight / s.weight)
+                for s in pool
+            ]
             pick = self.rng.choices(range(len(pool)), weights=weights)[0]
             ordered.append(pool.pop(pick))
         return ordered
@@ -470,6 +510,10 @@ class Router:
         s.delta.successes += 1
         s.delta.reset_run, s.delta.failure_run = True, 0
         s.consecutive_failures = 0
+        if s.on_trial:
+            s.trial_passed += 1
+            if s.trial_passed >= TRIAL_SUCCESSES:
+                s.on_trial, s.trial_passed = False, 0
         s.set_health(min(1.0, s.current_health() + 0.1))
         if s.breaker is not BreakerState.CLOSED:
             s.cooldown = self.settings.cooldown
@@ -491,6 +535,7 @@ class Router:
             s.delta.reset_run, s.delta.failure_run = True, 0
             return
         s.failures += 1
+        s.trial_passed = 0
         s.delta.failures += 1
         s.delta.failure_run += 1
         s.consecutive_failures += 1
