@@ -2,10 +2,10 @@
 traffic flows, posted the way each provider really posts them. Every event recorded once,
 none lost, and what the posting costs the SMTP side.
 
-    .venv/bin/python -m bench.events                         # every mode below (~12 minutes)
+    .venv/bin/python -m bench.events                         # every mode below (~12 min)
     .venv/bin/python -m bench.events --provider sendgrid --batch 100
     .venv/bin/python -m bench.events --provider mailgun
-    .venv/bin/python -m bench.events --quick                 # 2,000 events, one run each
+    .venv/bin/python -m bench.events --quick                 # 2,000 events, 1 run each (~1 min)
 
 Modes (the default runs all three, one relay each, and reports one table per mode):
 - SendGrid batched (`--batch N`, default 100): SendGrid's Event Webhook sends events in
