@@ -32,6 +32,12 @@ def new_message_id(now: float | None = None) -> str:
     return _encode_id(now, _random.getrandbits(52))
 
 
+def random_token() -> str:
+    """32 hex digits from this process's PRNG: unique enough for a MIME boundary, and no
+    system call (uuid4 reads os.urandom each time)."""
+    return f"{_random.getrandbits(128):032x}"
+
+
 def first_id_at(when: float) -> str:
     """The lowest id a message arriving at `when` can have: every message that arrived
     earlier has a lower id, so "arrived before T" is an id range an index can walk."""

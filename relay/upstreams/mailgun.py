@@ -13,12 +13,11 @@ domain does not exist in the account: the upstream is misconfigured, not the mes
 from __future__ import annotations
 
 import base64
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from relay.config import Secret
-from relay.message import Envelope
+from relay.message import Envelope, random_token
 from relay.outcomes import PermanentError, UpstreamError
 from relay.upstreams.http import HTTPUpstream, Reply, Request
 
@@ -73,7 +72,7 @@ class MailgunUpstream(HTTPUpstream):
     def build(self, envelope: Envelope, data: bytes) -> Request:
         # Serialised here rather than by aiohttp.FormData so the length is known: that is
         # what tells a timeout after the upload (ambiguous) from one before it.
-        boundary = uuid.uuid4().hex
+        boundary = random_token()
         fields = [("to", rcpt) for rcpt in envelope.rcpt_tos]
         fields.append(("o:tracking", "yes" if self.tracking else "no"))
         if envelope.queue_id:

@@ -44,6 +44,8 @@ T = TypeVar("T")
 
 SHARD_LIST_TTL = 5.0  # seconds a listing of the shard files is used
 LOCATED_KEPT = 10_000  # message ids whose shard is remembered
+# How long this process's writes to another worker's shard gather before they commit.
+EVENT_WRITE_LINGER = 0.01
 
 
 class SQLiteQueue(Queue):
@@ -241,7 +243,9 @@ class SQLiteQueue(Queue):
         if spool is None and self._serving:
             spool = self._event_writers.get(path)
             if spool is None:
-                spool = self._event_writers[path] = Spool(self.queue_dir, shard=shard_of(path))
+                spool = self._event_writers[path] = Spool(
+                    self.queue_dir, shard=shard_of(path), linger=EVENT_WRITE_LINGER
+                )
                 spool.start()
         if spool is not None:
             return await spool.write(fn)

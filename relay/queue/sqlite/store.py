@@ -185,8 +185,14 @@ class Spool:
     COMMIT fails the whole batch with StoreError, and nothing of it is on disk.
     """
 
-    def __init__(self, queue_dir: Path, *, shard: int = 0, min_free_disk: int = 0) -> None:
+    def __init__(
+        self, queue_dir: Path, *, shard: int = 0, min_free_disk: int = 0, linger: float = 0.0
+    ) -> None:
         self.queue_dir = queue_dir
+        # Seconds a batch waits for more writes before it commits: 0 for the shard's own
+        # writer (a 250 waits on it); a little for a writer beside another process's, so
+        # it takes that shard's write lock (and makes its owner wait) less often.
+        self.linger = linger
         self.path = db_path(queue_dir, shard)
         self.min_free_disk = min_free_disk
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -252,6 +258,8 @@ class Spool:
                 first = self._requests.get()
                 if first is None:
                     return
+                if self.linger:
+                    time.sleep(self.linger)
                 batch = [first]
                 stop = False
                 while len(batch) < MAX_BATCH:
