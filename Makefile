@@ -58,6 +58,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.operator
 	$(BIN)/python -m bench.events
+	$(BIN)/python -m bench.routing
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

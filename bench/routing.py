@@ -638,15 +638,16 @@ def verdict(rows: dict[tuple[str, str], Row], pattern: str) -> str:
 
 def table(rows: dict[tuple[str, str], Row], pattern_names: list[str], strategies: list[str]) -> str:
     lines = [
-        "| pattern | strategy | failed attempts / delivered | delayed > 1 min |"
+        "| pattern | strategy | failed attempts | failed / delivered | delayed > 1 min |"
         " extra latency (s) | p99 delay (s) | share to degraded |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in pattern_names:
         for strategy in strategies:
             row = rows[(strategy, name)]
             lines.append(
-                f"| {name} | {strategy} | {row.failed_per_delivered:.4f} | {row.delayed:.0f} |"
+                f"| {name} | {strategy} | {row.failures:.0f} | {row.failed_per_delivered:.4f}"
+                f" | {row.delayed:.0f} |"
                 f" {row.extra_latency:.3f} | {row.p99_delay:.2f} | {row.degraded_share:.1%} |"
             )
     return "\n".join(lines)
