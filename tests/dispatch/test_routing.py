@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from relay.dispatch.routing import BreakerSettings, BreakerState, Router
+from relay.dispatch.routing import TRIAL_SUCCESSES, BreakerSettings, BreakerState, Router
 from relay.message import Envelope
 from relay.outcomes import Accepted, PermanentError, TransientError
 from relay.upstreams.base import Upstream
@@ -144,3 +144,32 @@ async def test_half_open_lets_one_probe_through_and_others_wait_for_its_verdict(
         assert not second.done()  # waits for the probe instead of being deferred
         r.record_success(s, 0.01)
     assert await asyncio.wait_for(second, 5) == "p"
+
+
+def test_a_peer_that_failed_is_left_alone_while_an_equal_one_is_healthy() -> None:
+    """Within a priority the healthiest lead; one that failed recently comes after them
+    (failover only) instead of keeping a share by health."""
+    clock = Clock()
+    r = router(clock, ("steady", 1, 1), ("flaky", 1, 1))
+    r.record_failure(r.state("flaky"), TransientError("503"), 0.1, message_fault=False)
+    orders = [names(r) for _ in range(200)]
+    assert all(order == ["steady", "flaky"] for order in orders)
+
+
+def test_a_peer_back_from_behind_is_on_trial_one_attempt_at_a_time() -> None:
+    clock = Clock()
+    r = router(clock, ("steady", 1, 1), ("flaky", 1, 1))
+    flaky = r.state("flaky")
+    r.record_failure(flaky, TransientError("503"), 0.1, message_fault=False)
+    names(r)  # ordering it behind its peer puts it on trial
+    assert flaky.on_trial and flaky.has_capacity()
+    flaky.in_flight = 1
+    assert not flaky.has_capacity()  # a second attempt waits for the first one's verdict
+    flaky.in_flight = 0
+    for _ in range(TRIAL_SUCCESSES - 1):
+        r.record_success(flaky, 0.05)
+    assert flaky.on_trial
+    r.record_success(flaky, 0.05)
+    assert not flaky.on_trial  # proved itself: full concurrency again
+    flaky.in_flight = 1
+    assert flaky.has_capacity()
