@@ -195,12 +195,17 @@ async def test_every_host_of_a_cluster_shows_the_same_relay(tmp_path: Path, post
                 beta_web,
                 "/upstreams",
                 lambda b: (
-                    b["upstreams"][0]["breaker"] == "open" and b["upstreams"][0]["failures"] >= 2
+                    # (a refused connection opens it at once: one failure, or two when
+                    # the second message was already on its way)
+                    b["upstreams"][0]["breaker"] == "open" and b["upstreams"][0]["failures"] >= 1
                 ),
             )
             on_beta = await api(http, beta_web, "/messages")
             on_alpha = await api(http, alpha_web, "/messages")
-            assert on_beta == on_alpha and len(on_beta["messages"]) == 4
+            # The same messages (a state may move between the two reads: alpha's
+            # dispatcher defers the last one while they are made).
+            assert [m["id"] for m in on_beta["messages"]] == [m["id"] for m in on_alpha["messages"]]
+            assert len(on_beta["messages"]) == 4
     finally:
         for proc, _, _ in hosts:
             await proc.stop()
