@@ -142,6 +142,10 @@ def _filter_text(params: dict[str, Any], name: str) -> str | None:
         raise invalid(name, "must be a string")
     if len(value) > MAX_FILTER_TEXT:
         raise invalid(name, f"is longer than {MAX_FILTER_TEXT} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate is no text to search
+        raise invalid(name, "is not Unicode text (it holds a lone surrogate)") from None
     return value
 
 
