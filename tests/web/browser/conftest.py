@@ -17,6 +17,7 @@ from selenium.common.exceptions import (
     NoAlertPresentException,
     NoSuchElementException,
     StaleElementReferenceException,
+    WebDriverException,
 )
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -103,7 +104,14 @@ class Browser:
         def shown(driver: webdriver.Chrome) -> bool:
             if reload:
                 driver.refresh()
-            return text in driver.find_element(By.CSS_SELECTOR, css).text
+            try:
+                return text in driver.find_element(By.CSS_SELECTOR, css).text
+            except WebDriverException as exc:
+                # Chromium's word for an element of the document being replaced (after a
+                # click that submits a form), which Selenium does not call stale.
+                if "does not belong to the document" in str(exc):
+                    return False
+                raise
 
         wait = WebDriverWait(
             self.driver,
