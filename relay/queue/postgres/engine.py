@@ -47,8 +47,10 @@ from relay.queue.base import (
 )
 from relay.queue.postgres import schema, statements
 from relay.queue.postgres.batcher import InsertBatcher
+from relay.queue.postgres.outbox import PostgresOutbox
 from relay.queue.postgres.routing import PostgresRouting
 from relay.queue.postgres.stats import PostgresStats
+from relay.queue.postgres.suppression import PostgresSuppressions
 
 log = logging.getLogger("relay.queue")
 
@@ -104,8 +106,8 @@ class PostgresQueue(Queue):
         self._own_backends: set[int] = set()
         self._routing = PostgresRouting(self._transaction, owner=owner)
         self._stats = PostgresStats(self._transaction)
-        self._suppressions: SuppressionStore | None = None
-        self._outbox: WebhookOutbox | None = None
+        self._suppressions: SuppressionStore = PostgresSuppressions(self._durably)
+        self._outbox: WebhookOutbox = PostgresOutbox(self._durably)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -677,19 +679,10 @@ class PostgresQueue(Queue):
 
     @property
     def suppressions(self) -> SuppressionStore:
-        if self._suppressions is None:
-            # Imported here: the engine works (and its tests run) without the module.
-            from relay.queue.postgres.suppression import PostgresSuppressions
-
-            self._suppressions = PostgresSuppressions(self._durably)
         return self._suppressions
 
     @property
     def outbox(self) -> WebhookOutbox:
-        if self._outbox is None:
-            from relay.queue.postgres.outbox import PostgresOutbox
-
-            self._outbox = PostgresOutbox(self._durably)
         return self._outbox
 
     @property

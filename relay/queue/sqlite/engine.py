@@ -35,10 +35,12 @@ from relay.queue.base import (
     provider_keys,
 )
 from relay.queue.sqlite import queries, shared
+from relay.queue.sqlite.outbox import SQLiteOutbox
 from relay.queue.sqlite.routing import SQLiteRouting
 from relay.queue.sqlite.shared import SharedDB
 from relay.queue.sqlite.stats import SQLiteStats
 from relay.queue.sqlite.store import Spool, connect, shard_of, shard_paths, transaction
+from relay.queue.sqlite.suppression import SQLiteSuppressions
 
 T = TypeVar("T")
 
@@ -71,8 +73,8 @@ class SQLiteQueue(Queue):
         self._stats = SQLiteStats(self._routing)
         # The host's durable shared state: suppression list, webhook outbox, nonces.
         self._shared = SharedDB(queue_dir / "shared.db")
-        self._suppressions: SuppressionStore | None = None
-        self._outbox: WebhookOutbox | None = None
+        self._suppressions: SuppressionStore = SQLiteSuppressions(self._shared)
+        self._outbox: WebhookOutbox = SQLiteOutbox(self._shared)
         self._direct: dict[Path, tuple[sqlite3.Connection, threading.Lock]] = {}
         self._direct_lock = threading.Lock()
         self._serving = False
@@ -441,19 +443,10 @@ class SQLiteQueue(Queue):
 
     @property
     def suppressions(self) -> SuppressionStore:
-        if self._suppressions is None:
-            # Imported here: the engine works (and its tests run) without the module.
-            from relay.queue.sqlite.suppression import SQLiteSuppressions
-
-            self._suppressions = SQLiteSuppressions(self._shared)
         return self._suppressions
 
     @property
     def outbox(self) -> WebhookOutbox:
-        if self._outbox is None:
-            from relay.queue.sqlite.outbox import SQLiteOutbox
-
-            self._outbox = SQLiteOutbox(self._shared)
         return self._outbox
 
     @property
