@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from relay.smtp import replies
-from relay.wire import crlf_only
+from relay.wire import unstuff
 
 END_OF_DATA = b"\r\n.\r\n"
 READ_SIZE = 64 * 1024
@@ -101,27 +101,39 @@ class _Lines:
             return replies.MESSAGE_TOO_BIG.format(limit=self.limit)
         return replies.BARE_LINE_ENDING if self.bare_line_ending else None
 
-    def feed(self, block: bytes) -> None:
-        """`block` starts at a line end (or mid-line) and never ends inside a CRLF."""
-        self.size += len(block)
+    def feed(self, pending: bytearray, end: int) -> None:
+        """`pending[:end]` starts at a line's CRLF (or mid-line) and never ends inside a
+        CRLF. Checked, unstuffed and copied out in one pass (`relay.wire.unstuff`)."""
+        self.size += end
         if self.refusal is not None:
             self.spool.close()
             return
-        if not crlf_only(block):
-            if not self.normalize or block.count(b"\r") != block.count(b"\r\n"):
+        # The synthetic CRLF in front of the first block is left out here, not sliced off
+        # a copy (and with it the first line's stuffed dot: its CRLF is out of sight).
+        start = 0
+        if self._first:
+            start = 3 if end > 2 and pending[2] == 0x2E else 2
+        block = unstuff(pending, start, end)
+        if block is None:
+            block = self._normalized(bytes(pending[:end]))
+            if block is None:
                 self.bare_line_ending = True
                 self.spool.close()
                 return
-            block = _LONE_LF.sub(b"\r\n", block)
-        # Dot-stuffing (RFC 5321 4.5.2): a line's leading "." was doubled by the client.
-        # Looking first is half the cost of replacing, and most messages have no such line.
-        if b"\r\n." in block:
-            block = block.replace(b"\r\n.", b"\r\n")
-        if self._first:
-            block = block[2:]
-            self._first = False
+            if self._first:
+                block = block[2:]
+        self._first = False
         if block:
             self.spool.write(block)
+
+    def _normalized(self, block: bytes) -> bytes | None:
+        """A block with bare LFs made CRLF and unstuffed, when the listener normalises;
+        None for a bare CR (or any bare line ending when it does not)."""
+        if not self.normalize or block.count(b"\r") != block.count(b"\r\n"):
+            return None
+        block = _LONE_LF.sub(b"\r\n", block)
+        # Dot-stuffing (RFC 5321 4.5.2): a line's leading "." was doubled by the client.
+        return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
 
 
 def _cut(pending: bytearray) -> int:
@@ -159,14 +171,14 @@ async def read_data(
         if len(pending) >= PROCESS_AT:
             cut = _cut(pending)
             if cut:
-                lines.feed(bytes(pending[:cut]))
+                lines.feed(pending, cut)
                 del pending[:cut]
                 searched -= cut
         block = await reader.read(READ_SIZE)
         if not block:
             raise asyncio.IncompleteReadError(bytes(pending), None)
         pending += block
-    lines.feed(bytes(pending[: end + 2]))  # keep the last line's CRLF, drop ".\r\n"
+    lines.feed(pending, end + 2)  # keep the last line's CRLF, drop ".\r\n"
     reader._buffer[0:0] = pending[end + 5 :]  # type: ignore[attr-defined]
     if lines.refusal is not None:
         raise DataError(lines.refusal)
