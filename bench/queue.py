@@ -50,28 +50,11 @@ from bench.perf import (
     wait_until,
     write_report,
 )
+from bench.worktree import worktree
 from relay.queue.postgres.engine import PostgresQueue
 from tests.fakes.postgres import PostgresCluster, create_database
 
 BASE_REVISION = "255ce63"  # the last commit before the queue interface
-
-
-@contextlib.contextmanager
-def worktree(revision: str, top: Path) -> Iterator[Path]:
-    path = top / f"src-{revision}"
-    subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(path), revision],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield path
-    finally:
-        subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(path)],
-            check=False,
-            capture_output=True,
-        )
 
 
 @contextlib.contextmanager
