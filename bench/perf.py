@@ -149,8 +149,8 @@ def _default_count(size: int, *, quick: bool) -> int:
     if size <= 200_000:
         return 500 if quick else 2_000
     if size <= 2_000_000:
-        return 100 if quick else 500
-    return 40 if quick else 200
+        return 60 if quick else 500
+    return 20 if quick else 200
 
 
 # -- processes and /proc ----------------------------------------------------------------
