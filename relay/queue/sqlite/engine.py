@@ -67,7 +67,7 @@ class SQLiteQueue(Queue):
         self.shard = shard
         self.workers = workers
         # The shard this process writes new work to (also what tests use to inject faults).
-        self.spool = Spool(queue_dir, shard=shard, min_free_disk=min_free_disk)
+        self.spool = Spool(queue_dir, shard=shard, min_free_disk=min_free_disk, segments=True)
         self._spools: dict[int, Spool] = {shard: self.spool}
         self._routing = SQLiteRouting(queue_dir / "routing.db", owner=owner)
         self._stats = SQLiteStats(self._routing)
@@ -106,7 +106,7 @@ class SQLiteQueue(Queue):
             for path in shard_paths(self.queue_dir):
                 n = shard_of(path)
                 if n >= self.workers and n not in self._spools:
-                    self._spools[n] = Spool(self.queue_dir, shard=n)
+                    self._spools[n] = Spool(self.queue_dir, shard=n, segments=True)
         for spool in self._spools.values():
             spool.start()
         self._serving = True

@@ -56,6 +56,7 @@ from relay.queue.delivery import (
     requeued_state,
     status_meta,
 )
+from relay.queue.sqlite.segments import SegmentFiles, SegmentMissing, SegmentWriter
 
 
 def _event(
@@ -95,9 +96,87 @@ def insert(conn: sqlite3.Connection, msg: NewMessage) -> bool:
     )
     if cur.rowcount == 0:
         return False
-    conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (msg.id, msg.data))
+    _store_body(conn, msg.id, msg.data)
     _event(conn, msg.id, msg.received_at, EventType.RECEIVED, msg.received)
     return True
+
+
+# -- bodies: inline blobs or (segment, offset, length) ---------------------------------------
+
+#: Bodies up to this many bytes stay in SQLite as blobs: below it the blob's extra copies
+#: cost less than a second fsync per batch (the segment's). bench/store.py measures both;
+#: set it very high to store every body inline.
+INLINE_MAX = 16 * 1024
+
+
+def _segments(conn: sqlite3.Connection) -> SegmentFiles | None:
+    found = getattr(conn, "segments", None)
+    return found if isinstance(found, SegmentFiles) else None
+
+
+def _store_body(conn: sqlite3.Connection, msg_id: str, data: bytes) -> None:
+    """Append a large body to the shard's active segment when this connection is the
+    shard owner's writer (the batch's COMMIT follows the segment's fdatasync); inline
+    otherwise (small bodies, an operator's import, a connection of another process)."""
+    writer = _segments(conn)
+    if isinstance(writer, SegmentWriter) and len(data) > INLINE_MAX:
+        seq, offset = writer.append(data)
+        conn.execute(
+            "INSERT INTO bodies (id, data, seg, off, len) VALUES (?, x'', ?, ?, ?)",
+            (msg_id, seq, offset, len(data)),
+        )
+    else:
+        conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (msg_id, data))
+
+
+def _body_row(conn: sqlite3.Connection, msg_id: str) -> tuple[Any, ...] | None:
+    row: tuple[Any, ...] | None = conn.execute(
+        "SELECT data, seg, off, len FROM bodies WHERE id = ?", (msg_id,)
+    ).fetchone()
+    return row
+
+
+def _load(conn: sqlite3.Connection, row: tuple[Any, ...]) -> bytes:
+    data, seq, offset, length = row
+    if seq is None:
+        return bytes(data)
+    files = _segments(conn)
+    if files is None:
+        raise SegmentMissing("this connection cannot read message body segments")
+    return files.read(seq, offset, length)
+
+
+def has_body(conn: sqlite3.Connection, msg_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM bodies WHERE id = ?", (msg_id,)).fetchone() is not None
+
+
+def segment_usage(conn: sqlite3.Connection, seq: int) -> tuple[int, int]:
+    """(bodies, bytes) still stored in a segment (through the partial index bodies_seg)."""
+    count, live = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(len), 0) FROM bodies WHERE seg = ?", (seq,)
+    ).fetchone()
+    return int(count), int(live)
+
+
+def segment_bodies(conn: sqlite3.Connection, seq: int, *, limit: int) -> list[tuple[str, int, int]]:
+    """Up to `limit` bodies of a segment, (id, offset, length), in file order."""
+    return [
+        (str(r[0]), int(r[1]), int(r[2]))
+        for r in conn.execute(
+            "SELECT id, off, len FROM bodies WHERE seg = ? ORDER BY off LIMIT ?", (seq, limit)
+        )
+    ]
+
+
+def move_body(
+    conn: sqlite3.Connection, msg_id: str, *, old: tuple[int, int], new: tuple[int, int]
+) -> bool:
+    """Point a body at its copy, unless it was deleted or moved meanwhile."""
+    cur = conn.execute(
+        "UPDATE bodies SET seg = ?, off = ? WHERE id = ? AND seg = ? AND off = ?",
+        (*new, msg_id, *old),
+    )
+    return cur.rowcount == 1
 
 
 def claim(
@@ -120,7 +199,7 @@ def claim(
     ).fetchall()
     claimed = []
     for msg_id, mail_from, rcpts, created, attempts, meta_json in rows:
-        body = conn.execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
+        row = _body_row(conn, msg_id)
         meta = json.loads(meta_json)
         env = Envelope(
             mail_from,
@@ -135,7 +214,7 @@ def claim(
                 msg_id,
                 kind,
                 env,
-                bytes(body[0]) if body else b"",
+                _load(conn, row) if row else b"",
                 created,
                 attempts,
                 meta,
@@ -425,8 +504,19 @@ def get(conn: sqlite3.Connection, msg_id: str) -> MessageRow | None:
 
 
 def body(conn: sqlite3.Connection, msg_id: str) -> bytes | None:
-    r = conn.execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
-    return bytes(r[0]) if r else None
+    """The stored body, None when it is gone. A reader outside the shard's writer may have
+    read the row just before a compaction moved the body and unlinked its old segment:
+    the row read again names the new place."""
+    for last in (False, True):
+        row = _body_row(conn, msg_id)
+        if row is None:
+            return None
+        try:
+            return _load(conn, row)
+        except SegmentMissing:
+            if last or conn.in_transaction:
+                raise
+    return None  # not reached: the second try returns or raises
 
 
 def timeline(conn: sqlite3.Connection, msg_id: str) -> list[dict[str, Any]]:
@@ -467,7 +557,7 @@ def retry(conn: sqlite3.Connection, msg_id: str, *, now: float, actor: str) -> N
         raise _busy(row, "retry")
     if row.state == Status.SENT:
         raise QueueActionError(f"message {msg_id} was already sent; nothing to retry")
-    if body(conn, msg_id) is None:
+    if not has_body(conn, msg_id):
         raise QueueActionError(f"message {msg_id} has no stored body left to send")
     rcpts = row.rcpts
     if row.state == Status.FAILED:
@@ -602,7 +692,7 @@ def requeue(
     # Raised after the key is taken: the transaction (or its savepoint) takes it back.
     if row.state == Status.SENDING:
         raise QueueBusy(busy(msg_id))
-    if body(conn, msg_id) is None:
+    if not has_body(conn, msg_id):
         raise QueueActionError(not_kept(msg_id))
     meta = requeued_meta(row.meta, rcpts, exclude=exclude, now=now)
     conn.execute(
@@ -674,7 +764,7 @@ def import_row(conn: sqlite3.Connection, rec: dict[str, Any]) -> bool:
     )
     conn.execute("UPDATE messages SET look = ? WHERE id = ?", (look, rec["id"]))
     if rec["body"] is not None:
-        conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (rec["id"], rec["body"]))
+        _store_body(conn, rec["id"], rec["body"])
     for ev in rec["events"]:
         _event(conn, rec["id"], ev["at"], EventType(ev["type"]), event_detail(ev))
     return True

@@ -25,6 +25,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.queue.base import StoreError, StoreFull
+from relay.queue.sqlite import queries
+from relay.queue.sqlite.segments import (
+    SegmentFiles,
+    SegmentWriter,
+    rotate_at_from_env,
+    segment_dir,
+    segment_seqs,
+)
 
 log = logging.getLogger("relay.queue")
 
@@ -57,9 +65,14 @@ CREATE INDEX IF NOT EXISTS messages_state_id ON messages (state, id);
 DROP INDEX IF EXISTS messages_state;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe ON messages (dedupe)
     WHERE dedupe IS NOT NULL;
+-- A body is inline (data) or in a segment file (seg, off, len; data empty): see
+-- relay.queue.sqlite.segments. Queues made before segments get the columns when opened.
 CREATE TABLE IF NOT EXISTS bodies (
     id   TEXT PRIMARY KEY,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    seg  INTEGER,
+    off  INTEGER,
+    len  INTEGER
 );
 CREATE TABLE IF NOT EXISTS events (
     seq    INTEGER PRIMARY KEY,
@@ -88,16 +101,38 @@ CREATE INDEX IF NOT EXISTS delivery_keys_msg ON delivery_keys (msg_id);
 
 # A batch this large already amortises the fsync; bigger ones only add latency.
 MAX_BATCH = 512
+# Seconds between the writer's looks at its segments (unlink the empty, compact the sparse).
+RECLAIM_EVERY = 1.0
+# A segment whose live bodies fill less than this share of it is compacted ...
+COMPACT_BELOW = 0.5
+# ... this many bytes per step (at least one body), so a batch never waits long behind it.
+COMPACT_STEP = 4 * 1024 * 1024
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+class ShardConnection(sqlite3.Connection):
+    """A shard's connection, with the segment files its bodies are read from (and, for
+    the shard owner's writer, appended to)."""
+
+    segments: SegmentFiles
+
+
+def connect(
+    path: Path, *, readonly: bool = False, segments: SegmentFiles | None = None
+) -> sqlite3.Connection:
     """Open the queue database with the pragmas that make commits durable.
 
     isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so no
     statement ever opens one implicitly behind our back.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        timeout=30.0,
+        check_same_thread=False,
+        factory=ShardConnection,
+    )
+    conn.segments = segments or SegmentFiles(segment_dir(path))
     conn.execute("PRAGMA busy_timeout = 30000")
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -107,7 +142,26 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA wal_autocheckpoint = 8192")
         conn.executescript(SCHEMA)
         _add_search_text(conn)
+        _add_segment_columns(conn)
     return conn
+
+
+def _add_segment_columns(conn: sqlite3.Connection) -> None:
+    """Give a queue made before segments existed the body locator columns. Its blobs stay
+    where they are and read as before; new large bodies go to segments."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(bodies)")}
+    if "seg" not in columns:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for column in ("seg", "off", "len"):
+                conn.execute(f"ALTER TABLE bodies ADD COLUMN {column} INTEGER")
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            conn.execute("ROLLBACK")
+            if "duplicate column" not in str(exc):  # another process added them meanwhile
+                raise
+    # Segment bodies only: inline ones pay nothing for it.
+    conn.execute("CREATE INDEX IF NOT EXISTS bodies_seg ON bodies (seg, len) WHERE seg IS NOT NULL")
 
 
 # The operator's search scans this index, not the table: narrow, in id (arrival) order,
@@ -171,8 +225,9 @@ class _Request:
     __slots__ = ("fn", "future")
 
     def __init__(
-        self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]
+        self, fn: Callable[[sqlite3.Connection], Any] | None, future: asyncio.Future[Any]
     ) -> None:
+        # fn None: reclaim the segments now (Spool.reclaim), after the batch's commit.
         self.fn = fn
         self.future = future
 
@@ -186,9 +241,22 @@ class Spool:
     """
 
     def __init__(
-        self, queue_dir: Path, *, shard: int = 0, min_free_disk: int = 0, linger: float = 0.0
+        self,
+        queue_dir: Path,
+        *,
+        shard: int = 0,
+        min_free_disk: int = 0,
+        linger: float = 0.0,
+        segments: bool = False,
     ) -> None:
         self.queue_dir = queue_dir
+        # Whether this writer owns the shard's segment files (appends large bodies to them
+        # and reclaims them): the serving worker's writer only, never a writer beside it.
+        self.owns_segments = segments
+        self.segments: SegmentWriter | None = None
+        self._reclaim_at = 0.0
+        self._broken_segments: set[int] = set()
+        self.compactions = 0
         # Seconds a batch waits for more writes before it commits: 0 for the shard's own
         # writer (a 250 waits on it); a little for a writer beside another process's, so
         # it takes that shard's write lock (and makes its owner wait) less often.
@@ -205,7 +273,10 @@ class Spool:
         self.batched_writes = 0
 
     def start(self) -> None:
-        conn = connect(self.path)
+        if self.owns_segments:
+            self.segments = SegmentWriter(segment_dir(self.path), rotate_at=rotate_at_from_env())
+            self.segments.open()
+        conn = connect(self.path, segments=self.segments)
         self._reader_conn = connect(self.path, readonly=True)
         self._writer = threading.Thread(
             target=self._write_loop, args=(conn,), name="relay-spool-writer", daemon=True
@@ -239,6 +310,15 @@ class Spool:
         self._requests.put(_Request(fn, future))
         return await future
 
+    async def reclaim(self) -> int:
+        """Run a segment reclaim now in the writer thread (it also runs by itself every
+        RECLAIM_EVERY): the compaction steps it took."""
+        if self._writer is None:
+            raise StoreError("the queue is not open")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._requests.put(_Request(None, future))
+        return await future
+
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._reader_conn
         if conn is None:
@@ -255,7 +335,17 @@ class Spool:
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         try:
             while True:
-                first = self._requests.get()
+                if self.segments is None:
+                    first = self._requests.get()
+                else:
+                    wait = self._reclaim_at - time.monotonic()
+                    if wait <= 0:
+                        self._reclaim(conn, self.segments)
+                        continue
+                    try:
+                        first = self._requests.get(timeout=wait)
+                    except queue.Empty:
+                        continue
                 if first is None:
                     return
                 if self.linger:
@@ -271,17 +361,24 @@ class Spool:
                         stop = True
                         break
                     batch.append(item)
-                self._commit(conn, batch)
+                work = [r for r in batch if r.fn is not None]
+                if work:
+                    self._commit(conn, work)
+                if len(work) < len(batch):
+                    self._reclaim_on_request(conn, [r for r in batch if r.fn is None])
                 if stop:
                     return
         finally:
             conn.close()
+            if self.segments is not None:
+                self.segments.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
         results: list[tuple[_Request, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for req in batch:
+                assert req.fn is not None  # reclaim requests never reach a commit
                 conn.execute("SAVEPOINT op")
                 try:
                     value = req.fn(conn)
@@ -292,8 +389,10 @@ class Spool:
                 else:
                     conn.execute("RELEASE op")
                     results.append((req, True, value))
+            if self.segments is not None:
+                self.segments.sync()  # the bodies on disk before the rows that name them
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             log.error("queue commit failed, %d writes refused: %s", len(batch), exc)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -303,6 +402,73 @@ class Spool:
         self.batched_writes += len(batch)
         loop = batch[0].future.get_loop()
         loop.call_soon_threadsafe(_resolve, results)
+
+    # -- segment reclaim (writer thread) ---------------------------------------------------
+
+    def _reclaim_on_request(self, conn: sqlite3.Connection, asked: list[_Request]) -> None:
+        steps = 0
+        if self.segments is not None:
+            before = self.compactions
+            while True:
+                self._reclaim(conn, self.segments)
+                if self._reclaim_at > time.monotonic():  # nothing more to move now
+                    break
+            steps = self.compactions - before
+        loop = asked[0].future.get_loop()
+        loop.call_soon_threadsafe(_resolve, [(req, True, steps) for req in asked])
+
+    def _reclaim(self, conn: sqlite3.Connection, writer: SegmentWriter) -> None:
+        """Unlink the segments no row points to; move a step of the live bodies out of the
+        sparsest one. Soon again while there is more to move, else in RECLAIM_EVERY."""
+        self._reclaim_at = time.monotonic() + RECLAIM_EVERY
+        try:
+            sparsest: tuple[float, int] | None = None
+            present = segment_seqs(writer.directory)
+            writer.forget_missing(present)
+            for seq in present:
+                if seq in self._broken_segments or not writer.reclaimable(seq):
+                    continue
+                count, live = queries.segment_usage(conn, seq)
+                if count == 0:
+                    writer.unlink(seq)
+                    continue
+                share = live / max(writer.file_size(seq), 1)
+                if share < COMPACT_BELOW and (sparsest is None or share < sparsest[0]):
+                    sparsest = (share, seq)
+            if sparsest is not None and self._compact_step(conn, writer, sparsest[1]):
+                self._reclaim_at = time.monotonic()
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            log.error("reclaiming message body segments failed, retried later: %s", exc)
+
+    def _compact_step(self, conn: sqlite3.Connection, writer: SegmentWriter, seq: int) -> bool:
+        """Copy up to COMPACT_STEP bytes of a segment's live bodies to the active segment and
+        point their rows at the copies, in one transaction committed after the copies are
+        synced; the old file goes (next look) once no row names it. True: more to move."""
+        log.info("compacting message body segment %s", writer.path(seq))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            moved = 0
+            rows = queries.segment_bodies(conn, seq, limit=256)
+            for msg_id, offset, length in rows:
+                if moved and moved + length > COMPACT_STEP:
+                    break
+                try:
+                    data = writer.read(seq, offset, length)
+                except StoreError as exc:
+                    self._broken_segments.add(seq)
+                    log.error("cannot compact %s: %s", writer.path(seq), exc)
+                    break
+                new = writer.append(data)
+                queries.move_body(conn, msg_id, old=(seq, offset), new=new)
+                moved += length
+            writer.sync()
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        self.compactions += 1
+        return seq not in self._broken_segments
 
 
 def _resolve(results: list[tuple[_Request, bool, Any]]) -> None:
