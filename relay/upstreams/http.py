@@ -32,12 +32,14 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
 from multidict import CIMultiDictProxy
 
 from relay.message import Envelope
@@ -48,6 +50,9 @@ log = logging.getLogger("relay.upstreams")
 
 #: Statuses meaning we are not talking to the API we think (base_url, our request format).
 ENDPOINT_WRONG = frozenset({404, 405, 415})
+#: Headers aiohttp would add that no provider needs: answers are small JSON, not worth
+#: the compression dance.
+_SKIP_AUTO_HEADERS = frozenset({"Accept-Encoding"})
 
 
 # -- the shared session ------------------------------------------------------------------
@@ -204,12 +209,59 @@ class Refused(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One POST to a provider, fully serialised so its length is known up front."""
+    """One POST to a provider, fully serialised so its length is known up front: either
+    bytes, or the chunks it is made of (a large message's text next to the small
+    document around it), sent one after the other without being joined."""
 
     path: str
-    body: bytes
+    body: bytes | Sequence[bytes]
     content_type: str
     headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data(self) -> bytes:
+        """The whole body as one bytes object (tests, small bodies)."""
+        return self.body if isinstance(self.body, bytes) else b"".join(self.body)
+
+
+#: Bodies up to this size are joined into one write; a larger one goes chunk by chunk, so
+#: a 5 MB message is not copied once more just to be sent.
+JOIN_LIMIT = 256 * 1024
+
+
+class ChunksPayload(Payload):
+    """A request body made of several bytes objects, of a known total length."""
+
+    def __init__(self, chunks: Sequence[bytes], size: int, content_type: str) -> None:
+        super().__init__(chunks, content_type=content_type)
+        self._chunks = chunks
+        self._size = size
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._chunks).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        left: int = self._size if content_length is None else content_length  # type: ignore[assignment]
+        for chunk in self._chunks:
+            if left <= 0:
+                break
+            await writer.write(chunk[:left] if len(chunk) > left else chunk)
+            left -= len(chunk)
+
+
+def request_body(request: Request) -> bytes | Payload:
+    """What aiohttp is given to send: bytes when small, else the chunks as they are."""
+    if isinstance(request.body, bytes):
+        return request.body
+    size = sum(map(len, request.body))
+    if size <= JOIN_LIMIT:
+        return b"".join(request.body)
+    return ChunksPayload(request.body, size, request.content_type)
 
 
 class HTTPUpstream(Upstream):
@@ -229,6 +281,7 @@ class HTTPUpstream(Upstream):
         self.timeout = timeout
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._timeout: aiohttp.ClientTimeout | None = None
 
     async def start(self) -> None:
         if self._session is None:
@@ -307,12 +360,15 @@ class HTTPUpstream(Upstream):
             "Accept": "application/json",
             **request.headers,
         }
+        if self._timeout is None or self._timeout.total != self.timeout:
+            self._timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with self._session.post(
                 self.base_url + request.path,
-                data=request.body,
+                data=request_body(request),
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                timeout=self._timeout,
                 trace_request_ctx=progress,
                 allow_redirects=False,
             ) as resp:

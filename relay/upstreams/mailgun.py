@@ -73,20 +73,22 @@ class MailgunUpstream(HTTPUpstream):
         # Serialised here rather than by aiohttp.FormData so the length is known: that is
         # what tells a timeout after the upload (ambiguous) from one before it.
         boundary = random_token()
+        while boundary.encode() in data:  # 128 random bits: never, unless it was crafted
+            boundary = random_token()
         fields = [("to", rcpt) for rcpt in envelope.rcpt_tos]
         fields.append(("o:tracking", "yes" if self.tracking else "no"))
         if envelope.queue_id:
             fields.append(("v:relay_id", envelope.queue_id))
-        body = b"".join(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-            f"{value}\r\n".encode()
+        head = "".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
             for name, value in fields
         )
-        body += (
+        head += (
             f'--{boundary}\r\nContent-Disposition: form-data; name="message"; '
             f'filename="message.mime"\r\nContent-Type: message/rfc822\r\n\r\n'
-        ).encode()
-        body += data + f"\r\n--{boundary}--\r\n".encode()
+        )
+        # The message itself is one of the chunks, never copied into a joined body.
+        body = (head.encode(), data, f"\r\n--{boundary}--\r\n".encode())
         return Request(
             f"/v3/{self.domain}/messages.mime",
             body,

@@ -16,7 +16,7 @@ the fields that carry text; custom headers are passed on in their encoded wire f
 from __future__ import annotations
 
 import abc
-import json
+import base64
 import mimetypes
 import re
 from collections import OrderedDict
@@ -31,6 +31,13 @@ from typing import Any, ClassVar
 
 from relay.message import Envelope, split_message
 from relay.upstreams.http import HTTPUpstream, Refused, Request
+from relay.upstreams.jsonwire import (
+    Escaped,
+    ascii_compatible,
+    canonical_base64,
+    escaped_text,
+    serialise,
+)
 
 #: Header carrying the relay's own message id, passed to providers as custom data so their
 #: webhooks can be matched to our timeline.
@@ -96,16 +103,97 @@ class Mailbox:
         return formataddr((self.name, self.email)) if self.name else self.email
 
 
-@dataclass(frozen=True, slots=True)
 class Attachment:
-    filename: str
-    content_type: str
-    content: bytes
-    content_id: str | None = None  # set for inline parts (referenced as cid: in the HTML)
+    """A file the provider attaches. Its content is kept as the message's own base64 when
+    that is exactly what encoding the decoded bytes would give (the usual case): a 5 MB
+    scan is then neither decoded nor encoded again on its way to the JSON."""
+
+    __slots__ = ("_base64", "_content", "content_id", "content_type", "filename")
+
+    def __init__(
+        self,
+        filename: str,
+        content_type: str,
+        content: bytes | None = None,
+        content_id: str | None = None,  # set for inline parts (referenced as cid: in HTML)
+        *,
+        base64_chunks: list[bytes] | None = None,
+    ) -> None:
+        self.filename = filename
+        self.content_type = content_type
+        self.content_id = content_id
+        self._content = content
+        self._base64 = base64_chunks
 
     @property
     def inline(self) -> bool:
         return self.content_id is not None
+
+    @property
+    def content(self) -> bytes:
+        if self._content is None:
+            return base64.b64decode(b"".join(self._base64 or ()))
+        return self._content
+
+    def base64(self) -> Escaped:
+        """The content in base64 (one line), as a JSON string (base64 needs no escapes)."""
+        if self._base64 is not None:
+            return Escaped(self._base64)
+        return Escaped((base64.b64encode(self.content),))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Attachment):
+            return NotImplemented
+        return (self.filename, self.content_type, self.content, self.content_id) == (
+            other.filename,
+            other.content_type,
+            other.content,
+            other.content_id,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Attachment({self.filename!r}, {self.content_type!r}, cid={self.content_id!r})"
+
+
+class Body:
+    """A text or HTML body: either text already decoded by the email package, or a slice
+    of the queued bytes in an ASCII-compatible charset, which becomes JSON without ever
+    being one Python string (see relay.upstreams.jsonwire)."""
+
+    __slots__ = ("_codec", "_data", "_end", "_start", "_text")
+
+    def __init__(
+        self,
+        text: str | None = None,
+        *,
+        data: bytes = b"",
+        start: int = 0,
+        end: int = 0,
+        codec: str = "ascii",
+    ) -> None:
+        self._text = text
+        self._data, self._start, self._end, self._codec = data, start, end, codec
+
+    @property
+    def empty(self) -> bool:
+        return not self._text if self._text is not None else self._start >= self._end
+
+    def text(self) -> str:
+        """The text with LF line ends, as a JSON document carries it."""
+        if self._text is None:
+            raw = self._data[self._start : self._end].decode(self._codec, "replace")
+            return raw.replace("\r\n", "\n")
+        return self._text
+
+    def escaped(self) -> Escaped:
+        if self._text is not None:
+            return Escaped.of(self._text)
+        chunks = escaped_text(
+            self._data, self._start, self._end, codec=self._codec, crlf_to_lf=True
+        )
+        return Escaped(chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +206,19 @@ class JsonMessage:
     bcc: tuple[Mailbox, ...]
     reply_to: tuple[Mailbox, ...]
     subject: str
-    text: str | None
-    html: str | None
+    text_body: Body | None
+    html_body: Body | None
     attachments: tuple[Attachment, ...]
     headers: tuple[tuple[str, str], ...]  # custom headers, wire form, in message order
     relay_id: str | None
+
+    @property
+    def text(self) -> str | None:
+        return None if self.text_body is None else self.text_body.text()
+
+    @property
+    def html(self) -> str | None:
+        return None if self.html_body is None else self.html_body.text()
 
 
 def unrepresentable_reason(envelope: Envelope, data: bytes) -> str | None:
@@ -167,31 +263,56 @@ def convert(envelope: Envelope, data: bytes) -> JsonMessage:
     return result
 
 
-def _parse(data: bytes) -> EmailMessage:
+def _parse(data: bytes) -> tuple[EmailMessage, Body | None]:
     """The message as the email package reads it, without feeding a single-part body
     through its line-by-line parser (most of the time at 100 KB): that body is kept
-    as the parser would keep it, undecoded text of the original lines."""
+    as the parser would keep it, undecoded text of the original lines. A single-part
+    text or HTML body that needs no decoding is returned as a Body over the queued
+    bytes instead, and the message gets no payload at all."""
     parser = BytesParser(policy=policy.default)
     end = data.find(b"\r\n\r\n")
     if end != -1:
         msg = parser.parsebytes(data[: end + 4], headersonly=True)
+        assert isinstance(msg, EmailMessage)
         if msg.get_content_maintype() not in ("multipart", "message") and not msg.defects:
-            msg.set_payload(data[end + 4 :].decode("ascii", "surrogateescape"))
-            assert isinstance(msg, EmailMessage)
-            return msg
+            body = _raw_body(msg, data, end + 4)
+            if body is None:
+                msg.set_payload(data[end + 4 :].decode("ascii", "surrogateescape"))
+            return msg, body
     msg = parser.parsebytes(data)
     assert isinstance(msg, EmailMessage)
-    return msg
+    return msg, None
+
+
+def _raw_body(msg: Message, data: bytes, start: int) -> Body | None:
+    """The single-part body as a Body over data[start:], when the email package would
+    only have decoded its charset (no transfer encoding) from one that keeps ASCII as
+    it is; None when the part is not a body or needs the package's decoding."""
+    if msg.get_content_type() not in _BODY_TYPES or _is_attachment(msg):
+        return None
+    cte = str(msg.get("content-transfer-encoding", "")).strip().lower()
+    charset = msg.get_param("charset", "ASCII")
+    if cte not in ("", "7bit", "8bit", "binary") or not isinstance(charset, str):
+        return None
+    codec = ascii_compatible(charset)
+    return None if codec is None else Body(data=data, start=start, end=len(data), codec=codec)
+
+
+def _is_attachment(part: Message) -> bool:
+    return part.get_content_disposition() == "attachment" or bool(part.get_filename())
 
 
 def _convert(envelope: Envelope, data: bytes) -> JsonMessage:
-    msg = _parse(data)
+    msg, raw_body = _parse(data)
     senders = _mailboxes(msg, "From")
     if len(senders) != 1:
         raise NotRepresentable(f"From must name exactly one mailbox, found {len(senders)}")
     to, cc, bcc = _recipients(envelope, msg)
     parts = _Parts()
-    parts.walk(msg, parent="")
+    if raw_body is not None:
+        setattr(parts, "text" if msg.get_content_subtype() == "plain" else "html", raw_body)
+    else:
+        parts.walk(msg, parent="")
     return JsonMessage(
         sender=senders[0],
         to=to,
@@ -199,8 +320,8 @@ def _convert(envelope: Envelope, data: bytes) -> JsonMessage:
         bcc=bcc,
         reply_to=tuple(_mailboxes(msg, "Reply-To")),
         subject=_text(str(msg.get("Subject", ""))),
-        text=parts.text,
-        html=parts.html,
+        text_body=parts.text,
+        html_body=parts.html,
         attachments=tuple(parts.attachments),
         headers=tuple(_custom_headers(data)),
         # Our queue id, from the envelope; a client-set X-Relay-ID header is the fallback
@@ -299,8 +420,8 @@ class _Parts:
     """Walks the MIME tree: one text body, one HTML body, the rest attachments."""
 
     def __init__(self) -> None:
-        self.text: str | None = None
-        self.html: str | None = None
+        self.text: Body | None = None
+        self.html: Body | None = None
         self.attachments: list[Attachment] = []
 
     def walk(self, part: Message, parent: str) -> None:
@@ -354,16 +475,26 @@ class _Parts:
         except LookupError as exc:
             raise NotRepresentable(f"{ctype} body in an unknown charset: {exc}") from None
         # Line ends as in a JSON document; the provider writes CRLF when it rebuilds MIME.
-        setattr(self, attr, str(content).replace("\r\n", "\n"))
+        setattr(self, attr, Body(str(content).replace("\r\n", "\n")))
 
     def _attachment(
         self, part: Message, ctype: str, disposition: str | None, filename: str | None, parent: str
     ) -> None:
+        encoded: list[bytes] | None = None
+        content: bytes | None = None
         if ctype == "message/rfc822":
             inner = part.get_payload(0)
             assert isinstance(inner, Message)
             content = inner.as_bytes()
-        else:
+        elif str(part.get("content-transfer-encoding", "")).strip().lower() == "base64":
+            # Base64 already as a provider wants it (one line, canonical) is passed on
+            # without being decoded and encoded again.
+            payload = part.get_payload()
+            if isinstance(payload, str) and payload.isascii():
+                raw_base64 = payload.encode("ascii")
+                encoded = canonical_base64(raw_base64, 0, len(raw_base64))
+                del raw_base64
+        if content is None and encoded is None:
             raw = part.get_payload(decode=True)
             content = raw if isinstance(raw, bytes) else b""
         cid = str(part.get("Content-ID", "")).strip().strip("<>") or None
@@ -375,7 +506,9 @@ class _Parts:
             ext = mimetypes.guess_extension(ctype) or ".bin"
             filename = f"{'inline' if inline else 'attachment'}-{len(self.attachments) + 1}{ext}"
         self.attachments.append(
-            Attachment(_text(filename), ctype, content, cid if inline else None)
+            Attachment(
+                _text(filename), ctype, content, cid if inline else None, base64_chunks=encoded
+            )
         )
 
 
@@ -412,11 +545,14 @@ class JsonUpstream(HTTPUpstream):
     def auth_headers(self) -> dict[str, str]: ...
 
     @abc.abstractmethod
-    def payload(self, msg: JsonMessage) -> dict[str, Any]: ...
+    def payload(self, msg: JsonMessage) -> dict[str, Any]:
+        """The provider's document; large strings (bodies, attachments) as `Escaped`
+        values, which `serialise` splices in already escaped (`jsonwire.plain` turns them
+        back into strings for a reader that wants the plain document)."""
 
     def refusal(self, envelope: Envelope, data: bytes) -> str | None:
         return super().refusal(envelope, data) or unrepresentable_reason(envelope, data)
 
     def build(self, envelope: Envelope, data: bytes) -> Request:
-        body = json.dumps(self.payload(convert(envelope, data))).encode()
+        body = serialise(self.payload(convert(envelope, data)))
         return Request(self.path, body, "application/json", self.auth_headers())

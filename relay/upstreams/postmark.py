@@ -16,7 +16,6 @@ than the status (Postmark "API error codes"):
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -89,17 +88,19 @@ class PostmarkUpstream(JsonUpstream):
             body["Bcc"] = _join(msg.bcc)
         if msg.reply_to:
             body["ReplyTo"] = _join(msg.reply_to)
-        if msg.html:
-            body["HtmlBody"] = msg.html
-        if msg.text or not msg.html:
-            body["TextBody"] = msg.text or " "  # one body is required
+        text = msg.text_body if msg.text_body is not None and not msg.text_body.empty else None
+        html = msg.html_body if msg.html_body is not None and not msg.html_body.empty else None
+        if html is not None:
+            body["HtmlBody"] = html.escaped()
+        if text is not None or html is None:
+            body["TextBody"] = text.escaped() if text is not None else " "  # one is required
         if msg.headers:
             body["Headers"] = [{"Name": n, "Value": v} for n, v in msg.headers]
         if msg.attachments:
             body["Attachments"] = [
                 {
                     "Name": a.filename,
-                    "Content": base64.b64encode(a.content).decode("ascii"),
+                    "Content": a.base64(),
                     "ContentType": a.content_type,
                     **({"ContentID": f"cid:{a.content_id}"} if a.content_id else {}),
                 }

@@ -10,7 +10,6 @@ repeated bad requests, key without permission) are the account's.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -85,15 +84,19 @@ class SendGridUpstream(JsonUpstream):
             personalization["bcc"] = _boxes(msg.bcc)
         # SendGrid requires at least one content item of at least one character, with
         # text/plain first; an attachment-only scan gets a blank text body.
-        content = [
-            {"type": "text/plain", "value": msg.text or (" " if not msg.html else "")},
-            {"type": "text/html", "value": msg.html or ""},
-        ]
+        text = msg.text_body if msg.text_body is not None and not msg.text_body.empty else None
+        html = msg.html_body if msg.html_body is not None and not msg.html_body.empty else None
+        content: list[dict[str, Any]] = []
+        if text is not None or html is None:
+            value = text.escaped() if text is not None else " "
+            content.append({"type": "text/plain", "value": value})
+        if html is not None:
+            content.append({"type": "text/html", "value": html.escaped()})
         body: dict[str, Any] = {
             "personalizations": [personalization],
             "from": _box(msg.sender),
             "subject": msg.subject or " ",
-            "content": [c for c in content if c["value"]],
+            "content": content,
         }
         if len(msg.reply_to) == 1:
             body["reply_to"] = _box(msg.reply_to[0])
@@ -102,7 +105,7 @@ class SendGridUpstream(JsonUpstream):
         if msg.attachments:
             body["attachments"] = [
                 {
-                    "content": base64.b64encode(a.content).decode("ascii"),
+                    "content": a.base64(),
                     "type": a.content_type,
                     "filename": a.filename,
                     "disposition": "inline" if a.inline else "attachment",

@@ -17,16 +17,16 @@ provider: transient, so another upstream may send it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import TYPE_CHECKING, Any
 
 from relay.config import Secret
-from relay.message import Envelope
+from relay.message import HEADER_END, Envelope
 from relay.outcomes import TransientError, UpstreamError
 from relay.upstreams.http import HTTPUpstream, Reply, Request, retry_after
+from relay.upstreams.jsonwire import Escaped, escaped_text, is_utf8, serialise
 
 if TYPE_CHECKING:
     from relay.config import Config, UpstreamConfig
@@ -64,11 +64,15 @@ class SparkPostUpstream(HTTPUpstream):
         )
 
     def build(self, envelope: Envelope, data: bytes) -> Request:
-        mime = data.decode("utf-8")  # limits() refused anything else
-        header_to = BytesHeaderParser(policy=compat32).parsebytes(data).get("To")
+        # The header section alone: the parser would otherwise copy the whole body too.
+        end = HEADER_END.search(data)
+        head = data if end is None else data[: end.end()]
+        header_to = BytesHeaderParser(policy=compat32).parsebytes(head).get("To")
         address: dict[str, str] = {}
         if isinstance(header_to, str):
             address["header_to"] = " ".join(header_to.split())
+        # limits() refused anything but UTF-8; escaped from the bytes, window by window.
+        mime = Escaped(escaped_text(data, 0, len(data), codec="utf-8", crlf_to_lf=False))
         payload: dict[str, Any] = {
             "recipients": [{"address": {"email": rcpt, **address}} for rcpt in envelope.rcpt_tos],
             "content": {"email_rfc822": mime},
@@ -80,16 +84,14 @@ class SparkPostUpstream(HTTPUpstream):
             payload["metadata"] = {"relay_id": envelope.queue_id}
         return Request(
             "/api/v1/transmissions",
-            json.dumps(payload).encode(),
+            serialise(payload),
             "application/json",
             {"Authorization": self.api_key},
         )
 
     def limits(self, envelope: Envelope, data: bytes) -> str | None:
-        try:
+        if not is_utf8(data):
             # JSON strings are Unicode: bytes that are not UTF-8 could not arrive unchanged.
-            data.decode("utf-8")
-        except UnicodeDecodeError:
             return "the message has 8-bit bytes that are not UTF-8"
         return super().limits(envelope, data)
 
