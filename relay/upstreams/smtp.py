@@ -1,4 +1,4 @@
-"""Upstream `smtp`: a smarthost reached with aiosmtplib.
+"""Upstream `smtp`: a smarthost, reached with our own client (`smtpclient`, PIPELINING).
 
 Replies map per recipient: 4xx → try again (another upstream, or later), 5xx → refused for
 good. Failing to connect, authenticate or negotiate TLS is the upstream's problem, not the
@@ -8,7 +8,8 @@ ambiguous: the smarthost may have queued the message.
 Connections are kept open between messages (the next MAIL FROM follows a completed DATA
 directly: that ends the transaction, RFC 5321 4.1.1.4; an aborted one gets RSET), up to
 `max_concurrency` of them: a new TCP+TLS+AUTH handshake per message would cost more than
-the message itself.
+the message itself. With PIPELINING a message costs two writes: MAIL, every RCPT and DATA
+together, then the payload.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import aiosmtplib
-from aiosmtplib import SMTPResponse
-
 from relay.config import Secret
 from relay.message import Envelope
 from relay.outcomes import Accepted, PermanentError, RecipientRefusal, TransientError
 from relay.upstreams.base import Upstream
+from relay.upstreams.smtpclient import (
+    AuthRefused,
+    ConnectionLost,
+    Reply,
+    ReplyTimeout,
+    SMTPClient,
+    SMTPClientError,
+)
 from relay.wire import dot_stuff
 
 if TYPE_CHECKING:
@@ -51,8 +57,9 @@ class SMTPSettings:
             raise ValueError("password: required when username is set")
 
 
-def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
-    return f"{exc.code} {exc.message}".strip()
+class _StaleSession(Exception):
+    """The session ended before the payload left (closed, or "421" to MAIL): on a pooled
+    connection that is the server having timed it out, worth one fresh try."""
 
 
 class SMTPUpstream(Upstream):
@@ -67,7 +74,7 @@ class SMTPUpstream(Upstream):
         self.timeout = timeout
         self.pool_size = pool_size
         self.helo = settings.helo or helo
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._idle: list[SMTPClient] = []
         self._tls_context: ssl.SSLContext | None = None
 
     @classmethod
@@ -93,147 +100,124 @@ class SMTPUpstream(Upstream):
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         for client in idle:
-            try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError):
-                client.close()
+            await client.quit()
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> SMTPClient:
         s = self.settings
-        client = aiosmtplib.SMTP(
-            hostname=s.host,
-            port=s.port,
-            local_hostname=self.helo,
-            timeout=self.timeout,
-            use_tls=s.tls == "implicit",
-            start_tls=s.tls == "starttls",
-            tls_context=self._tls_context,
-            validate_certs=s.verify_tls,
-        )
         try:
-            await client.connect()
-            if client.is_ehlo_or_helo_needed:  # done by connect() only with STARTTLS
-                try:
-                    await client.ehlo()
-                except aiosmtplib.SMTPHeloError:
-                    await client.helo()
-            if s.username:
-                await client.login(s.username, s.password or "")
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            client.close()
+            return await SMTPClient.connect(
+                s.host,
+                s.port,
+                timeout=self.timeout,
+                helo=self.helo,
+                tls=s.tls,
+                tls_context=self._tls_context,
+                username=s.username,
+                password=str(s.password or ""),
+            )
+        except AuthRefused as exc:
             raise PermanentError(
-                f"{s.host}:{s.port} refused our credentials: {_reply(exc)}", upstream_wide=True
+                f"{s.host}:{s.port} refused our credentials: {exc.reply}", upstream_wide=True
             ) from exc
-        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            client.close()
+        except (TimeoutError, SMTPClientError, OSError) as exc:
             raise TransientError(
-                f"cannot connect to {s.host}:{s.port}: {exc}", upstream_wide=True
+                f"cannot connect to {s.host}:{s.port}: {exc or type(exc).__name__}",
+                upstream_wide=True,
             ) from exc
-        return client
+
+    def _pooled(self) -> SMTPClient | None:
+        """An idle connection still fit for a transaction; the others are dropped."""
+        while self._idle:
+            client = self._idle.pop()
+            if client.reusable:
+                return client
+            client.close()
+        return None
 
     async def send(self, envelope: Envelope, data: bytes) -> Accepted:
-        reused = bool(self._idle)
-        client = self._idle.pop() if reused else await self._connect()
+        client = self._pooled()
+        reused = client is not None
+        if client is None:
+            client = await self._connect()
         try:
-            result = await self._transaction(client, envelope, data)
-        except aiosmtplib.SMTPServerDisconnected:
-            client.close()
-            if not reused:
-                raise TransientError(
-                    f"{self.settings.host} closed the connection", upstream_wide=True
-                ) from None
-            # An idle connection the server timed out: one fresh try is not a retry storm.
+            try:
+                return await self._transaction(client, envelope, data)
+            except _StaleSession as exc:
+                client.close()
+                if not reused:
+                    raise TransientError(str(exc), upstream_wide=True) from None
+            # One fresh try is not a retry storm.
             client = await self._connect()
             try:
-                result = await self._transaction(client, envelope, data)
-            except BaseException:
-                client.close()
-                raise
-        except BaseException:
-            client.close()
-            raise
-        if len(self._idle) < self.pool_size and client.is_connected:
+                return await self._transaction(client, envelope, data)
+            except _StaleSession as exc:
+                raise TransientError(str(exc), upstream_wide=True) from None
+        finally:
+            self._release(client)
+
+    def _release(self, client: SMTPClient) -> None:
+        """Back to the pool when between transactions (also after a refusal that ended in
+        RSET); closed otherwise, and when the pool is full."""
+        if client.reusable and len(self._idle) < self.pool_size:
             self._idle.append(client)
         else:
             client.close()
-        return result
 
-    async def _transaction(
-        self, client: aiosmtplib.SMTP, envelope: Envelope, data: bytes
-    ) -> Accepted:
+    async def _transaction(self, client: SMTPClient, envelope: Envelope, data: bytes) -> Accepted:
         host = self.settings.host
-        # Commands one at a time, no PIPELINING: aiosmtplib drops input that arrives while
-        # a parsed reply waits to be picked up, so a smarthost writing pipelined replies
-        # one by one could lose one and stall the session until the timeout.
-        mail = await client.execute_command(*_mail_command(envelope))
-        if mail.code != 250:
-            raise self._classify(
-                aiosmtplib.SMTPSenderRefused(mail.code, mail.message, envelope.mail_from),
-                f"{host} refused sender <{envelope.mail_from}>",
+        rcpts = envelope.rcpt_tos
+        try:
+            replies = await client.begin(
+                _mail_command(envelope), [_rcpt_command(envelope, rcpt) for rcpt in rcpts]
             )
+        except ConnectionLost as exc:
+            raise _StaleSession(f"{host} closed the connection: {exc}") from exc
+        except ReplyTimeout as exc:
+            raise TransientError(f"{host} did not answer: {exc}", upstream_wide=True) from exc
+        except SMTPClientError as exc:
+            raise TransientError(f"{host}: {exc}", upstream_wide=True) from exc
+        if replies.mail.code != 250:
+            if replies.mail.code == 421:
+                raise _StaleSession(f"{host} refused sender <{envelope.mail_from}>: {replies.mail}")
+            raise self._classify(replies.mail, f"{host} refused sender <{envelope.mail_from}>")
         refused: dict[str, RecipientRefusal] = {}
-        for rcpt in envelope.rcpt_tos:
-            reply = await client.execute_command(*_rcpt_command(envelope, rcpt))
+        for rcpt, reply in zip(rcpts, replies.rcpts, strict=True):
             if reply.code not in (250, 251):
                 refused[rcpt] = RecipientRefusal(
                     permanent=reply.code >= 500, reason=f"{host}: {reply.code} {reply.message}"
                 )
-        if len(refused) == len(envelope.rcpt_tos):
-            await client.rset()
+        if len(refused) == len(rcpts):
             return Accepted(refused=refused, detail="every recipient refused")
+        if not replies.ready:
+            assert replies.data is not None
+            raise self._classify(replies.data, f"{host} refused the message")
         try:
-            response = await self._data(client, dot_stuff(data, crlf_checked=envelope.crlf_only))
-        except aiosmtplib.SMTPServerDisconnected as exc:
-            raise TransientError(
-                f"{host} disconnected after the message was sent; it may have been accepted",
-                ambiguous=True,
-            ) from exc
-        except aiosmtplib.SMTPTimeoutError as exc:
+            response = await client.payload(dot_stuff(data, crlf_checked=envelope.crlf_only))
+        except ReplyTimeout as exc:
             raise TransientError(
                 f"{host} did not answer after the message was sent; it may have been accepted",
                 ambiguous=True,
             ) from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            raise self._classify(exc, f"{host} refused the message") from exc
+        except SMTPClientError as exc:
+            raise TransientError(
+                f"{host} disconnected after the message was sent; it may have been accepted"
+                f" ({exc})",
+                ambiguous=True,
+            ) from exc
+        if response.code != 250:
+            raise self._classify(response, f"{host} refused the message")
         return Accepted(
             provider_id=_queue_id(response.message),
             refused=refused,
             detail=f"{response.code} {response.message}",
         )
 
-    async def _data(self, client: aiosmtplib.SMTP, payload: bytes) -> SMTPResponse:
-        """DATA, the dot-stuffed `payload` and the final reply, written with aiosmtplib's
-        protocol primitives: its data() would scan the message twice more with regexes."""
-        protocol = client.protocol
-        if protocol is None or protocol._command_lock is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        try:
-            # aiosmtplib's protocol primitives, used as its execute_data_command does
-            # (pinned version; the tests send through this path).
-            async with protocol._command_lock:
-                protocol._response_pending = True
-                protocol.write(b"DATA\r\n")
-                start = await protocol.read_response(timeout=self.timeout)
-                if start.code != 354:
-                    raise aiosmtplib.SMTPDataError(start.code, start.message)
-                protocol._response_pending = True
-                protocol.write(payload)
-                response = await protocol.read_response(timeout=self.timeout)
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-            client.close()
-            raise
-        if response.code != 250:
-            raise aiosmtplib.SMTPDataError(response.code, response.message)
-        return response
-
     @staticmethod
-    def _classify(
-        exc: aiosmtplib.SMTPResponseException, what: str
-    ) -> TransientError | PermanentError:
-        reason = f"{what}: {_reply(exc)}"
-        if exc.code == 421:
+    def _classify(reply: Reply, what: str) -> TransientError | PermanentError:
+        reason = f"{what}: {reply}"
+        if reply.code == 421:
             return TransientError(reason, upstream_wide=True)
-        if exc.code >= 500:
+        if reply.code >= 500:
             return PermanentError(reason)
         return TransientError(reason)
 
@@ -247,18 +231,19 @@ def _queue_id(message: str) -> str:
     return message[:120]
 
 
-def _mail_command(envelope: Envelope) -> tuple[bytes, ...]:
-    """MAIL written directly: the address was checked when the message was accepted, and
-    aiosmtplib's mail() would parse it again with the email package (a tenth of the
-    dispatcher's time on small messages). SMTPUTF8 addresses go as UTF-8 (RFC 6531)."""
-    options = [b"SMTPUTF8"] if envelope.smtputf8 else []
+def _mail_command(envelope: Envelope) -> bytes:
+    """MAIL written directly: the address was checked when the message was accepted.
+    SMTPUTF8 addresses go as UTF-8 (RFC 6531)."""
+    line = b"MAIL FROM:<" + _address(envelope, envelope.mail_from) + b">"
+    if envelope.smtputf8:
+        line += b" SMTPUTF8"
     if envelope.body_8bit:
-        options.append(b"BODY=8BITMIME")
-    return (b"MAIL", b"FROM:<" + _address(envelope, envelope.mail_from) + b">", *options)
+        line += b" BODY=8BITMIME"
+    return line
 
 
-def _rcpt_command(envelope: Envelope, rcpt: str) -> tuple[bytes, ...]:
-    return (b"RCPT", b"TO:<" + _address(envelope, rcpt) + b">")
+def _rcpt_command(envelope: Envelope, rcpt: str) -> bytes:
+    return b"RCPT TO:<" + _address(envelope, rcpt) + b">"
 
 
 def _address(envelope: Envelope, address: str) -> bytes:

@@ -205,7 +205,7 @@ def test_addresses_that_cannot_go_into_a_command_are_refused_for_good() -> None:
     with pytest.raises(PermanentError, match="cannot be written"):
         _rcpt_command(plain, "a@example.org>\r\nRCPT TO:<b@example.org")
     utf8 = Envelope("app@example.com", ("x@example.org",), smtputf8=True)
-    assert _rcpt_command(utf8, "jörg@example.org") == (b"RCPT", "TO:<jörg@example.org>".encode())
+    assert _rcpt_command(utf8, "jörg@example.org") == "RCPT TO:<jörg@example.org>".encode()
 
 
 async def test_an_outcome_the_queue_cannot_record_is_kept_and_recorded_when_it_can(
