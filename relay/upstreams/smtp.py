@@ -14,6 +14,7 @@ together, then the payload.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from dataclasses import dataclass
@@ -99,8 +100,8 @@ class SMTPUpstream(Upstream):
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for client in idle:
-            await client.quit()
+        # Together: a smarthost that stopped answering costs one timeout, not one each.
+        await asyncio.gather(*(client.quit() for client in idle))
 
     async def _connect(self) -> SMTPClient:
         s = self.settings
