@@ -4,6 +4,7 @@ side of an HTTP upstream (issue 14, target 2).
 Two measurements, both in CPU time so that the shared machine's noise matters less:
 
     .venv/bin/python -m bench.handoff micro [--sizes 5000,100000,...] [--repeat N]
+                                            [--src DIR --src DIR [--rounds 3]]
     .venv/bin/python -m bench.handoff e2e [--sizes 5000,100000] [--count 3000]
                                           [--src DIR]... [--runs 3] [--profile DIR]
 
@@ -11,7 +12,9 @@ Two measurements, both in CPU time so that the shared machine's noise matters le
 request body (`refusal()` as routing calls it, then `build()`), for SendGrid, Postmark,
 SparkPost and Mailgun, on a plain text message like smtp-source's and on a scanner's
 message (a line of text and a PDF attachment), and reports the peak of Python memory
-(tracemalloc) while a message is built, as a multiple of its size.
+(tracemalloc) while a message is built, as a multiple of its size. With `--src` (twice
+or more) each tree is measured in a process of its own, the trees alternating for
+`--rounds` rounds, and the table gives medians and each tree's CPU ÷ the first tree's.
 
 `e2e` runs `relay serve` (two workers, SQLite queue) with one `sendgrid` upstream whose
 base_url is the cheap fake below, sends with smtp-source, waits until the fake has every
@@ -37,6 +40,7 @@ import random
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -167,6 +171,44 @@ def micro(sizes: list[int], repeat: int, providers: list[str]) -> list[dict[str,
                     }
                 )
     return rows
+
+
+def micro_compare(sources: list[Path], rounds: int, argv: list[str]) -> None:
+    """`micro` of each source tree in a process of its own (its `relay` package first on
+    the path), the trees alternating round after round so that the machine's load falls
+    on all of them alike; medians over the rounds, and each tree's CPU ÷ the first's."""
+    results: dict[Path, list[list[dict[str, Any]]]] = {src: [] for src in sources}
+    for round_no in range(rounds):
+        for src in sources:
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.handoff", "micro", "--json", *argv],
+                cwd=src,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            results[src].append(json.loads(out))
+            print(f"round {round_no + 1}/{rounds}: {src} done", file=sys.stderr, flush=True)
+    merged: dict[Path, list[dict[str, Any]]] = {}
+    for src, runs in results.items():
+        rows = []
+        for i, first in enumerate(runs[0]):
+            row = dict(first)
+            row["ms"] = statistics.median(run[i]["ms"] for run in runs)
+            row["peak_x"] = statistics.median(run[i]["peak_x"] for run in runs)
+            row["each"] = [run[i]["ms"] for run in runs]
+            rows.append(row)
+        merged[src] = rows
+        print_micro(rows, f"relay from {src} (medians of {rounds} rounds)")
+    base = sources[0]
+    print(f"\nCPU ÷ {base} (same rows, same rounds)")
+    print("| sample | size | provider | " + " | ".join(str(s) for s in sources[1:]) + " |")
+    print("|---|---:|---|" + "---:|" * (len(sources) - 1))
+    for i, row in enumerate(merged[base]):
+        ratios = " | ".join(
+            f"{merged[src][i]['ms'] / row['ms']:.3f}" if row["ms"] else "-" for src in sources[1:]
+        )
+        print(f"| {row['sample']} | {row['size']:,} | {row['provider']} | {ratios} |")
 
 
 def print_micro(rows: list[dict[str, Any]], label: str) -> None:
@@ -480,6 +522,14 @@ def main() -> None:
     m.add_argument("--repeat", type=int, default=200)
     m.add_argument("--providers", default="sendgrid,postmark,sparkpost,mailgun")
     m.add_argument("--json", action="store_true", help="print the rows as JSON")
+    m.add_argument(
+        "--src",
+        action="append",
+        default=[],
+        help="source tree(s) to compare, each run in a process of its own (the first is the "
+        "reference for the ratios)",
+    )
+    m.add_argument("--rounds", type=int, default=3, help="with --src: runs of each tree")
     e = sub.add_parser("e2e", help="relay workers' CPU per message through the fake provider")
     e.add_argument("--sizes", default="5000,100000")
     e.add_argument("--count", type=int, default=3000)
@@ -491,7 +541,10 @@ def main() -> None:
     f = sub.add_parser("fake", help="run the cheap fake provider alone")
     f.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    if args.command == "micro":
+    if args.command == "micro" and args.src:
+        argv = ["--sizes", args.sizes, "--repeat", str(args.repeat), "--providers", args.providers]
+        micro_compare([Path(s).resolve() for s in args.src], args.rounds, argv)
+    elif args.command == "micro":
         rows = micro(
             [int(s) for s in args.sizes.split(",")], args.repeat, args.providers.split(",")
         )

@@ -38,6 +38,7 @@ from relay.upstreams.jsonwire import (
     escaped_text,
     serialise,
 )
+from relay.upstreams.mimebytes import SlicedPart, parse_headers, split
 
 #: Header carrying the relay's own message id, passed to providers as custom data so their
 #: webhooks can be matched to our timeline.
@@ -263,31 +264,38 @@ def convert(envelope: Envelope, data: bytes) -> JsonMessage:
     return result
 
 
-def _parse(data: bytes) -> tuple[EmailMessage, Body | None]:
-    """The message as the email package reads it, without feeding a single-part body
-    through its line-by-line parser (most of the time at 100 KB): that body is kept
-    as the parser would keep it, undecoded text of the original lines. A single-part
-    text or HTML body that needs no decoding is returned as a Body over the queued
-    bytes instead, and the message gets no payload at all."""
-    parser = BytesParser(policy=policy.default)
+def _parse(data: bytes, *, crlf_checked: bool = False) -> tuple[EmailMessage, Body | None]:
+    """The message as the email package reads it, without feeding a body through its
+    line-by-line parser (most of the time at 100 KB, and nine times a 5 MB scan in
+    memory). A single-part body is kept as the parser would keep it, undecoded text of
+    the original lines, or, when it is text or HTML that needs no decoding, returned as
+    a Body over the queued bytes, and the message gets no payload at all. A multipart
+    message of the usual shapes gets its parts from `mimebytes.split`, each leaf still in
+    the queued bytes; anything else is parsed whole."""
     end = data.find(b"\r\n\r\n")
     if end != -1:
-        msg = parser.parsebytes(data[: end + 4], headersonly=True)
-        assert isinstance(msg, EmailMessage)
-        if msg.get_content_maintype() not in ("multipart", "message") and not msg.defects:
-            body = _raw_body(msg, data, end + 4)
+        msg = parse_headers(data[: end + 4])
+        maintype = msg.get_content_maintype()
+        if maintype not in ("multipart", "message") and not msg.defects:
+            body = _raw_body(msg, data, end + 4, len(data))
             if body is None:
                 msg.set_payload(data[end + 4 :].decode("ascii", "surrogateescape"))
             return msg, body
-    msg = parser.parsebytes(data)
-    assert isinstance(msg, EmailMessage)
-    return msg, None
+        if (
+            maintype == "multipart"
+            and msg.get_payload() == ""
+            and split(data, msg, end + 4, crlf_checked=crlf_checked)
+        ):
+            return msg, None
+    whole = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(whole, EmailMessage)
+    return whole, None
 
 
-def _raw_body(msg: Message, data: bytes, start: int) -> Body | None:
-    """The single-part body as a Body over data[start:], when the email package would
-    only have decoded its charset (no transfer encoding) from one that keeps ASCII as
-    it is; None when the part is not a body or needs the package's decoding."""
+def _raw_body(msg: Message, data: bytes, start: int, end: int) -> Body | None:
+    """The body as a Body over data[start:end], when the email package would only have
+    decoded its charset (no transfer encoding) from one that keeps ASCII as it is; None
+    when the part is not a body or needs the package's decoding."""
     if msg.get_content_type() not in _BODY_TYPES or _is_attachment(msg):
         return None
     cte = str(msg.get("content-transfer-encoding", "")).strip().lower()
@@ -295,7 +303,7 @@ def _raw_body(msg: Message, data: bytes, start: int) -> Body | None:
     if cte not in ("", "7bit", "8bit", "binary") or not isinstance(charset, str):
         return None
     codec = ascii_compatible(charset)
-    return None if codec is None else Body(data=data, start=start, end=len(data), codec=codec)
+    return None if codec is None else Body(data=data, start=start, end=end, codec=codec)
 
 
 def _is_attachment(part: Message) -> bool:
@@ -303,7 +311,7 @@ def _is_attachment(part: Message) -> bool:
 
 
 def _convert(envelope: Envelope, data: bytes) -> JsonMessage:
-    msg, raw_body = _parse(data)
+    msg, raw_body = _parse(data, crlf_checked=envelope.crlf_only)
     senders = _mailboxes(msg, "From")
     if len(senders) != 1:
         raise NotRepresentable(f"From must name exactly one mailbox, found {len(senders)}")
@@ -433,7 +441,10 @@ class _Parts:
             raise NotRepresentable(f"{ctype} must reach the recipient byte for byte")
         if ctype.startswith("multipart/"):
             payload = part.get_payload()
-            assert isinstance(payload, list)
+            if not isinstance(payload, list):
+                # No boundary parameter, or no delimiter line: the email package keeps
+                # the body as text, and no provider field could say what it holds.
+                raise NotRepresentable(f"{ctype} whose parts cannot be found (boundary?)")
             for child in payload:
                 assert isinstance(child, Message)
                 self.walk(child, ctype)
@@ -470,6 +481,12 @@ class _Parts:
         attr = "text" if ctype == "text/plain" else "html"
         if getattr(self, attr) is not None:
             raise NotRepresentable(f"more than one {ctype} body part")
+        if isinstance(part, SlicedPart):
+            raw = _raw_body(part, part.source, part.body_start, part.body_end)
+            if raw is not None:
+                setattr(self, attr, raw)
+                return
+            part.load_payload()
         try:
             content = part.get_content()  # type: ignore[attr-defined]
         except LookupError as exc:
@@ -487,14 +504,10 @@ class _Parts:
             assert isinstance(inner, Message)
             content = inner.as_bytes()
         elif str(part.get("content-transfer-encoding", "")).strip().lower() == "base64":
-            # Base64 already as a provider wants it (one line, canonical) is passed on
-            # without being decoded and encoded again.
-            payload = part.get_payload()
-            if isinstance(payload, str) and payload.isascii():
-                raw_base64 = payload.encode("ascii")
-                encoded = canonical_base64(raw_base64, 0, len(raw_base64))
-                del raw_base64
+            encoded = _canonical_base64_of(part)
         if content is None and encoded is None:
+            if isinstance(part, SlicedPart):
+                part.load_payload()
             raw = part.get_payload(decode=True)
             content = raw if isinstance(raw, bytes) else b""
         cid = str(part.get("Content-ID", "")).strip().strip("<>") or None
@@ -512,13 +525,29 @@ class _Parts:
         )
 
 
+def _canonical_base64_of(part: Message) -> list[bytes] | None:
+    """A base64 part's content as a provider wants it (one line, canonical), to be passed
+    on without being decoded and encoded again; None if it is not in that form."""
+    if isinstance(part, SlicedPart):
+        return canonical_base64(part.source, part.body_start, part.body_end)
+    payload = part.get_payload()
+    if not (isinstance(payload, str) and payload.isascii()):
+        return None
+    raw = payload.encode("ascii")
+    return canonical_base64(raw, 0, len(raw))
+
+
 def _is_delivery_report(part: Message) -> bool:
     return str(part.get_param("report-type", "")).lower() == "delivery-status"
 
 
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+
+
 def _custom_headers(data: bytes) -> list[tuple[str, str]]:
     """Headers to pass on, unfolded, in wire form (encoded words stay encoded)."""
-    head = re.split(rb"\r?\n\r?\n", data, maxsplit=1)[0]
+    blank = _BLANK_LINE.search(data)  # not re.split: that would copy the whole body too
+    head = data if blank is None else data[: blank.start()]
     out: list[tuple[str, str]] = []
     for line in re.sub(rb"\r?\n(?=[ \t])", b"", head).splitlines():
         name, sep, value = line.decode("utf-8", "replace").partition(":")
