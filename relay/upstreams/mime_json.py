@@ -374,8 +374,17 @@ def _mailboxes(msg: Message, name: str) -> list[Mailbox]:
     plain = [_plain_mailboxes(value.replace("\r\n", "").replace("\n", "")) for value in raw]
     if all(boxes is not None for boxes in plain):
         return [box for boxes in plain if boxes is not None for box in boxes]
+    try:
+        headers = msg.get_all(name, [])
+    except (AttributeError, IndexError, ValueError) as exc:
+        # The email package's address parser fails on some garbage (CPython 3.11:
+        # "Cc: :;r" raises AttributeError); routing must get a reason, not an exception.
+        raise NotRepresentable(
+            f"{name} header cannot be read as addresses ({exc}): a JSON provider needs "
+            "its recipients as fields; an SMTP upstream can carry the message as it is"
+        ) from None
     out: list[Mailbox] = []
-    for header in msg.get_all(name, []):
+    for header in headers:
         for addr in getattr(header, "addresses", ()):
             assert isinstance(addr, Address)
             if addr.addr_spec and addr.addr_spec != "<>":

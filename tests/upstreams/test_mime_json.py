@@ -121,6 +121,8 @@ def test_message_rfc822_attachment_is_carried_whole() -> None:
         (_msg(SIMPLE_HEADERS + "Cc: stranger@example.org\n"), "stranger@example.org"),
         (_msg("From: a@example.com\nTo: undisclosed-recipients:;\n"), "To header"),
         (_msg("From: a@example.com, b@example.com\nTo: to@example.net\n"), "exactly one"),
+        # The email package's address parser raises AttributeError on this one.
+        (_msg(SIMPLE_HEADERS + "Cc: :;r\n"), "Cc header cannot be read"),
         (
             _msg(
                 SIMPLE_HEADERS,
