@@ -159,7 +159,8 @@ class SQLiteQueue(Queue):
                     lease_time=lease_time,
                     limit=want,
                     partition=n,
-                )
+                ),
+                durable=False,  # lost only with the machine: the lease is taken again
             )
         return claimed
 
@@ -168,7 +169,10 @@ class SQLiteQueue(Queue):
         return await spool.write(
             lambda c: queries.record_round(
                 c, item.id, owner=self.owner, now=now, rounds=rounds, rnd=rnd
-            )
+            ),
+            # As PostgreSQL's engine: a round lost with the machine (not with the process)
+            # means the message is sent again, the at-least-once the relay promises.
+            durable=False,
         )
 
     async def add_event(

@@ -222,14 +222,18 @@ def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T])
 
 
 class _Request:
-    __slots__ = ("fn", "future")
+    __slots__ = ("durable", "fn", "future")
 
     def __init__(
-        self, fn: Callable[[sqlite3.Connection], Any] | None, future: asyncio.Future[Any]
+        self,
+        fn: Callable[[sqlite3.Connection], Any] | None,
+        future: asyncio.Future[Any],
+        durable: bool = True,
     ) -> None:
         # fn None: reclaim the segments now (Spool.reclaim), after the batch's commit.
         self.fn = fn
         self.future = future
+        self.durable = durable
 
 
 class Spool:
@@ -271,6 +275,7 @@ class Spool:
         self._free_ok = True
         self.batches = 0
         self.batched_writes = 0
+        self._synced_commits = True  # the connection's PRAGMA synchronous: FULL or NORMAL
 
     def start(self) -> None:
         if self.owns_segments:
@@ -303,11 +308,15 @@ class Spool:
         if not self._free_ok:
             raise StoreFull(f"less than {self.min_free_disk} bytes free under {self.queue_dir}")
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """`durable=False`: a write that a power loss may undo without harm (a claim, a
+        delivery round's record: at worst the message is tried again). A batch of only such
+        writes commits without the fsync, so the next 250 does not wait behind one; the
+        next durable commit's fsync covers it. A killed process loses neither."""
         if self._writer is None:
             raise StoreError("the queue is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._requests.put(_Request(fn, future))
+        self._requests.put(_Request(fn, future, durable))
         return await future
 
     async def reclaim(self) -> int:
@@ -376,6 +385,10 @@ class Spool:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
         results: list[tuple[_Request, bool, Any]] = []
         try:
+            durable = any(req.durable for req in batch)
+            if durable != self._synced_commits:
+                conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                self._synced_commits = durable
             conn.execute("BEGIN IMMEDIATE")
             for req in batch:
                 assert req.fn is not None  # reclaim requests never reach a commit

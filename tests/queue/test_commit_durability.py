@@ -1,0 +1,69 @@
+"""Which SQLite commits wait for the disk: every write by default (the 250 is sent after
+it), and a batch made only of writes the machine's loss may undo (claims, round records)
+without the fsync, so an insert does not queue behind one."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relay.queue.sqlite.store import Spool
+
+FULL, NORMAL = 2, 1
+
+
+def synchronous(conn: sqlite3.Connection) -> int:
+    value: int = conn.execute("PRAGMA synchronous").fetchone()[0]
+    return value
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    s = Spool(tmp_path / "queue")
+    s.start()
+    yield s
+    await s.close()
+
+
+async def test_writes_are_durable_unless_said_otherwise(spool: Spool) -> None:
+    assert await spool.write(synchronous) == FULL
+    assert await spool.write(synchronous, durable=False) == NORMAL
+    assert await spool.write(synchronous) == FULL
+
+
+async def test_one_durable_write_makes_its_whole_batch_durable(spool: Spool) -> None:
+    """A claim committed with an insert shares the insert's fsync, never the other way."""
+    held, release = threading.Event(), threading.Event()
+
+    def block(conn: sqlite3.Connection) -> None:
+        held.set()
+        release.wait(10)
+
+    first = asyncio.ensure_future(spool.write(block, durable=False))
+    await asyncio.to_thread(held.wait, 10)
+    # Both wait while the writer is busy, so they are one batch.
+    claim = asyncio.ensure_future(spool.write(synchronous, durable=False))
+    insert = asyncio.ensure_future(spool.write(synchronous))
+    await asyncio.sleep(0)
+    release.set()
+    await first
+    assert await claim == FULL and await insert == FULL
+    assert spool.batches == 2
+
+
+async def test_a_non_durable_commit_survives_the_process(spool: Spool, tmp_path: Path) -> None:
+    """Skipping the fsync risks the write only if the machine goes down: the WAL has it,
+    and another connection (a restarted process) reads it."""
+
+    def put(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS probe (v TEXT)")
+        conn.execute("INSERT INTO probe VALUES ('kept')")
+
+    await spool.write(put, durable=False)
+    with sqlite3.connect(spool.path) as other:
+        assert other.execute("SELECT v FROM probe").fetchall() == [("kept",)]
