@@ -1505,6 +1505,19 @@ def run(settings: Settings) -> str:
     return report(settings, results, latency_results, memory, idle_busy, revision)
 
 
+def _client_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The latency client's event loop: uvloop when installed. The client shares the two
+    cores with the server; on asyncio's own loop its own delays were half of what it
+    measured at 500 msg/s (p50 4.9 ms against 2.6 ms on uvloop, p99 28 against 14, the
+    same relay)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def latency(servers: Sequence[Server], results: Results, settings: Settings) -> list[LatencyResult]:
     """Each latency size, each server in turn at half its own accepted rate at that size
     and LATENCY_SESSIONS sessions (so every server is equally far from its limit)."""
@@ -1521,17 +1534,18 @@ def latency(servers: Sequence[Server], results: Results, settings: Settings) -> 
                 )
                 break
             log(f"latency: {server.name}, {_kb(size)} at {max_rate / 2:.0f} msg/s")
-            measured.append(
-                asyncio.run(
-                    latency_run(
-                        server,
-                        rate=max_rate / 2,
-                        sessions=settings.latency_sessions,
-                        seconds=settings.latency_seconds,
-                        size=size,
+            with asyncio.Runner(loop_factory=_client_loop()) as runner:
+                measured.append(
+                    runner.run(
+                        latency_run(
+                            server,
+                            rate=max_rate / 2,
+                            sessions=settings.latency_sessions,
+                            seconds=settings.latency_seconds,
+                            size=size,
+                        )
                     )
                 )
-            )
     return measured
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -36,24 +36,37 @@ async def test_writes_are_durable_unless_said_otherwise(spool: Spool) -> None:
     assert await spool.write(synchronous) == FULL
 
 
-async def test_one_durable_write_makes_its_whole_batch_durable(spool: Spool) -> None:
-    """A claim committed with an insert shares the insert's fsync, never the other way."""
+async def test_durable_writes_commit_ahead_of_the_others_that_arrived_with_them(
+    spool: Spool,
+) -> None:
+    """An insert queued behind claims commits first, in its own durable transaction; the
+    claims follow without the fsync."""
     held, release = threading.Event(), threading.Event()
+    order: list[str] = []
 
     def block(conn: sqlite3.Connection) -> None:
         held.set()
         release.wait(10)
 
+    def step(name: str) -> Callable[[sqlite3.Connection], int]:
+        def run(conn: sqlite3.Connection) -> int:
+            order.append(name)
+            return synchronous(conn)
+
+        return run
+
     first = asyncio.ensure_future(spool.write(block, durable=False))
     await asyncio.to_thread(held.wait, 10)
-    # Both wait while the writer is busy, so they are one batch.
-    claim = asyncio.ensure_future(spool.write(synchronous, durable=False))
-    insert = asyncio.ensure_future(spool.write(synchronous))
+    # All three wait while the writer is busy, so they are taken together.
+    claim = asyncio.ensure_future(spool.write(step("claim"), durable=False))
+    insert = asyncio.ensure_future(spool.write(step("insert")))
+    record = asyncio.ensure_future(spool.write(step("record"), durable=False))
     await asyncio.sleep(0)
     release.set()
     await first
-    assert await claim == FULL and await insert == FULL
-    assert spool.batches == 2
+    assert (await insert, await claim, await record) == (FULL, NORMAL, NORMAL)
+    assert order == ["insert", "claim", "record"]
+    assert spool.batches == 3 and spool.batched_writes == 4
 
 
 async def test_a_non_durable_commit_survives_the_process(spool: Spool, tmp_path: Path) -> None:

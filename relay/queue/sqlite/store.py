@@ -310,9 +310,10 @@ class Spool:
 
     async def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """`durable=False`: a write that a power loss may undo without harm (a claim, a
-        delivery round's record: at worst the message is tried again). A batch of only such
-        writes commits without the fsync, so the next 250 does not wait behind one; the
-        next durable commit's fsync covers it. A killed process loses neither."""
+        delivery round's record: at worst the message is tried again). Such writes commit
+        without the fsync (the next durable commit's fsync covers them), after the durable
+        writes that arrived with them, so a 250 waits neither for their fsync nor for their
+        work. A killed process loses neither kind."""
         if self._writer is None:
             raise StoreError("the queue is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -371,7 +372,13 @@ class Spool:
                         break
                     batch.append(item)
                 work = [r for r in batch if r.fn is not None]
-                if work:
+                # What a client waits on (a 250, a provider's 200) commits first, on its
+                # own: behind claims and delivery records it waited up to 9 ms at p99.
+                urgent = [r for r in work if r.durable]
+                if urgent and len(urgent) < len(work):
+                    self._commit(conn, urgent)
+                    self._commit(conn, [r for r in work if not r.durable])
+                elif work:
                     self._commit(conn, work)
                 if len(work) < len(batch):
                     self._reclaim_on_request(conn, [r for r in batch if r.fn is None])
