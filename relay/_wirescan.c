@@ -119,6 +119,44 @@ unstuff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* find_end(buffer, start) -> int
+ *
+ * Where the end of DATA, "\r\n.\r\n", begins in buffer[start:], or -1: bytearray.find does
+ * the same at about half a nanosecond a byte; this looks only at each line's end. */
+static PyObject *
+find_end(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "find_end(buffer, start) takes 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const unsigned char *p = view.buf, *end = p + view.len;
+    Py_ssize_t found = -1;
+    /* The marker's LF is its second byte: start looking one byte in. */
+    const unsigned char *at = p + (start < 0 ? 0 : start > view.len ? view.len : start) + 1;
+    while (at + 3 < end) {
+        const unsigned char *lf = memchr(at, '\n', (size_t)(end - at - 3));
+        if (lf == NULL) {
+            break;
+        }
+        if (lf[-1] == '\r' && lf[1] == '.' && lf[2] == '\r' && lf[3] == '\n') {
+            found = lf - 1 - p;
+            break;
+        }
+        at = lf + 1;
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(found);
+}
+
 /* stuff(data) -> bytes
  *
  * The DATA payload of a message whose lines all end in CRLF: a leading "." of any line
@@ -174,6 +212,8 @@ static PyMethodDef methods[] = {
     {"unstuff", (PyCFunction)(void (*)(void))unstuff, METH_FASTCALL,
      "unstuff(buffer, start, end) -> bytes | None: buffer[start:end] with stuffed dots "
      "removed, None on a bare CR or LF."},
+    {"find_end", (PyCFunction)(void (*)(void))find_end, METH_FASTCALL,
+     "find_end(buffer, start) -> int: where CRLF.CRLF begins in buffer[start:], or -1."},
     {"stuff", (PyCFunction)stuff, METH_O,
      "stuff(data) -> bytes: the DATA payload of CRLF-only data, ending in .CRLF."},
     {NULL, NULL, 0, NULL},

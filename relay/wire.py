@@ -36,6 +36,11 @@ def _unstuff(buffer: Buffer, start: int, end: int) -> bytes | None:
     return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
 
 
+def _find_end(buffer: Buffer, start: int) -> int:
+    """Where the end of DATA (CRLF "." CRLF) begins in `buffer[start:]`, or -1."""
+    return buffer.find(b"\r\n.\r\n", start)
+
+
 def _stuff(data: bytes) -> bytes:
     """The DATA payload of data whose lines all end in CRLF."""
     if not data.endswith(b"\r\n"):
@@ -53,11 +58,13 @@ except ImportError:  # not built: the same answers, slower
     SCANNER = "python"
     crlf_only: Callable[[Buffer], bool] = _crlf_only
     unstuff: Callable[[Buffer, int, int], bytes | None] = _unstuff
+    find_end: Callable[[Buffer, int], int] = _find_end
     _stuff_crlf: Callable[[bytes], bytes] = _stuff
 else:
     SCANNER = "c"
     crlf_only = _wirescan.crlf_only
     unstuff = _wirescan.unstuff
+    find_end = _wirescan.find_end
     _stuff_crlf = _wirescan.stuff
 
 

@@ -50,6 +50,15 @@ def test_unstuff_agrees(data: bytes, a: int, b: int) -> None:
 
 
 @needs_c
+@given(streams, st.integers(-2, 70))
+@settings(max_examples=3000)
+def test_find_end_agrees(data: bytes, start: int) -> None:
+    buffer = bytearray(data)
+    start = max(start, 0)
+    assert _wirescan.find_end(buffer, start) == wire._find_end(buffer, start)
+
+
+@needs_c
 @given(streams)
 @settings(max_examples=3000)
 def test_stuff_agrees(data: bytes) -> None:

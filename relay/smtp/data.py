@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from relay.smtp import replies
-from relay.wire import unstuff
+from relay.wire import find_end, unstuff
 
 END_OF_DATA = b"\r\n.\r\n"
 READ_SIZE = 64 * 1024
@@ -164,7 +164,7 @@ async def read_data(
     pending = bytearray(b"\r\n")
     searched = 0
     while True:
-        end = pending.find(END_OF_DATA, max(searched - 4, 0))
+        end = find_end(pending, max(searched - 4, 0))
         if end >= 0:
             break
         searched = len(pending)
