@@ -82,7 +82,10 @@ class LiveRelay:
         """(status, content type, body) of one request."""
         conn = http.client.HTTPConnection("127.0.0.1", self.relay.web_port, timeout=30)
         try:
-            target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+            # A lone surrogate goes out as the bytes it would be (invalid UTF-8), as a
+            # careless client would send it; the relay must still answer as documented.
+            encoded = urllib.parse.urlencode(query, errors="surrogatepass") if query else ""
+            target = path + ("?" + encoded if query else "")
             sent = {"Authorization": f"Bearer {TOKENS[token][1]}", **(headers or {})}
             conn.request(method, target, body=body, headers=sent)
             response = conn.getresponse()
@@ -422,3 +425,12 @@ def test_every_submission_field_takes_hostile_values_without_a_5xx(live: LiveRel
                 body=call.body,
             )
             check_answer(op, call, status, ctype, body)
+
+
+def test_a_query_that_is_not_utf8_is_refused_as_documented(live: LiveRelay) -> None:
+    """A lone surrogate the fuzzer drew (`until=\\ud800`) arrives as %ED%A0%80: not UTF-8.
+    The answer is a documented 4xx, not a 500."""
+    call = Call("GET", "/api/v1/messages", [("until", "\ud800")], {}, None)
+    status, ctype, body = live.request(call.method, call.path, query=call.query)
+    check_answer(DOC["paths"]["/api/v1/messages"]["get"], call, status, ctype, body)
+    assert 400 <= status < 500, body
