@@ -7,7 +7,8 @@ UpstreamError) and turns them into a score and a breaker state per upstream.
 - Within a priority, the healthiest lead (those within LEAD_MARGIN of the best health),
   in weighted-random order by `weight * health`, less for attempts already in flight; the
   others come after them as failover only. A peer that fell behind returns on trial, one
-  attempt at a time, until it has succeeded TRIAL_SUCCESSES times in a row.
+  attempt at a time, until it has succeeded TRIAL_SUCCESSES times in a row; each trial it
+  fails halves the margin it must heal to before it leads again (SETBACK_LIMIT).
   (bench/routing.py measures what this saves against other rules.)
 - Health drops by half on each failure and heals towards 1.0 with time and successes.
 - Breaker: opens after `failures_to_open` consecutive failures, or at once on an
@@ -60,6 +61,11 @@ LEAD_MARGIN = 0.05
 # this many succeed in a row, so a provider that is still failing costs one failed attempt
 # per return instead of a burst of them.
 TRIAL_SUCCESSES = 10
+# Each trial an upstream fails halves the LEAD_MARGIN it must heal to before it leads
+# again (at the 60 s health half-life, a minute more each time), up to this many halvings:
+# a provider failing a share of its mail comes back less and less often, not every
+# ~200 s for ever. A passed trial forgets them.
+SETBACK_LIMIT = 8
 SYNC_INTERVAL = 0.25  # seconds between reports to the shared store while there is news
 
 
@@ -137,6 +143,7 @@ class UpstreamState:
     # Fell behind its peers' health: back on trial (see TRIAL_SUCCESSES). Per process.
     on_trial: bool = False
     trial_passed: int = 0
+    setbacks: int = 0  # trials failed since the last one passed (see SETBACK_LIMIT)
     # Taken out by a reload (removed, or replaced by a new config of the same name): no
     # new attempts; `idle` is set when the last one in flight has finished.
     retired: bool = False
@@ -386,9 +393,13 @@ class Router:
         the mail that would pile up on it before the first failure is known.
         """
         health = {s.name: s.current_health() for s in group}
-        floor = max(health.values()) - LEAD_MARGIN
-        lead = [s for s in group if health[s.name] >= floor]
-        behind = sorted((s for s in group if health[s.name] < floor), key=lambda s: -health[s.name])
+        best = max(health.values())
+
+        def leads(s: UpstreamState) -> bool:
+            return health[s.name] >= best - LEAD_MARGIN / 2 ** min(s.setbacks, SETBACK_LIMIT)
+
+        lead = [s for s in group if leads(s)]
+        behind = sorted((s for s in group if not leads(s)), key=lambda s: -health[s.name])
         for s in behind:
             if not s.on_trial:
                 s.on_trial, s.trial_passed = True, 0
@@ -513,7 +524,7 @@ class Router:
         if s.on_trial:
             s.trial_passed += 1
             if s.trial_passed >= TRIAL_SUCCESSES:
-                s.on_trial, s.trial_passed = False, 0
+                s.on_trial, s.trial_passed, s.setbacks = False, 0, 0
         s.set_health(min(1.0, s.current_health() + 0.1))
         if s.breaker is not BreakerState.CLOSED:
             s.cooldown = self.settings.cooldown
@@ -535,6 +546,8 @@ class Router:
             s.delta.reset_run, s.delta.failure_run = True, 0
             return
         s.failures += 1
+        if s.on_trial:
+            s.setbacks += 1
         s.trial_passed = 0
         s.delta.failures += 1
         s.delta.failure_run += 1

@@ -156,6 +156,40 @@ def test_a_peer_that_failed_is_left_alone_while_an_equal_one_is_healthy() -> Non
     assert all(order == ["steady", "flaky"] for order in orders)
 
 
+def _seconds_until_it_leads(r: Router, clock: Clock, name: str) -> int:
+    for waited in range(3600):
+        if name in _lead(r):
+            return waited
+        clock.now += 1.0
+    raise AssertionError(f"{name} never led again")
+
+
+def _lead(r: Router) -> set[str]:
+    """Who leads: an upstream that comes first at least once in 50 orderings."""
+    return {names(r)[0] for _ in range(50)}
+
+
+def test_each_failed_trial_makes_the_next_return_later_and_a_passed_one_forgets() -> None:
+    """A provider failing a share of its mail comes back less and less often (each trial
+    it fails halves the margin it must heal to), not every few minutes for ever."""
+    clock = Clock()
+    r = router(clock, ("steady", 1, 1), ("flaky", 1, 1))
+    flaky = r.state("flaky")
+    r.record_failure(flaky, TransientError("503"), 0.1, message_fault=False)
+    names(r)  # behind its peer: on trial
+    first = _seconds_until_it_leads(r, clock, "flaky")
+    r.record_failure(flaky, TransientError("503"), 0.1, message_fault=False)  # trial failed
+    assert flaky.setbacks == 1
+    second = _seconds_until_it_leads(r, clock, "flaky")
+    r.record_failure(flaky, TransientError("503"), 0.1, message_fault=False)
+    third = _seconds_until_it_leads(r, clock, "flaky")
+    assert first < second < third, (first, second, third)
+    assert 40 <= second - first <= 80  # one half-life (60 s) more to heal half the gap
+    for _ in range(TRIAL_SUCCESSES):
+        r.record_success(flaky, 0.05)
+    assert not flaky.on_trial and flaky.setbacks == 0
+
+
 def test_a_peer_back_from_behind_is_on_trial_one_attempt_at_a_time() -> None:
     clock = Clock()
     r = router(clock, ("steady", 1, 1), ("flaky", 1, 1))
