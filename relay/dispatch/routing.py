@@ -396,7 +396,7 @@ class Router:
         best = max(health.values())
 
         def leads(s: UpstreamState) -> bool:
-            return health[s.name] >= best - LEAD_MARGIN / 2 ** min(s.setbacks, SETBACK_LIMIT)
+            return health[s.name] >= best - LEAD_MARGIN * 0.5 ** min(s.setbacks, SETBACK_LIMIT)
 
         lead = [s for s in group if leads(s)]
         behind = sorted((s for s in group if not leads(s)), key=lambda s: -health[s.name])
