@@ -4,8 +4,9 @@ Why SQLite and not a file per message: a file per message costs one fsync per me
 one for its directory), while a WAL commit makes any number of inserts durable with one
 fsync. All writes go through one writer thread that takes every request waiting at that
 moment and commits them as one transaction (group commit), so twenty concurrent SMTP
-sessions share one fsync instead of paying twenty. `synchronous=FULL` makes every commit
-durable before its futures resolve: "250 queued" is only sent after that.
+sessions share one fsync instead of paying twenty. `synchronous=FULL` makes every durable
+commit durable before its futures resolve: "250 queued" is only sent after that. (Claims
+and delivery records ask for less, and commit after the durable writes: `Spool.write`.)
 
 SQLite also gives the CLI (`relay queue ...`) safe concurrent access while the server runs.
 """
@@ -392,10 +393,7 @@ class Spool:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
         results: list[tuple[_Request, bool, Any]] = []
         try:
-            durable = any(req.durable for req in batch)
-            if durable != self._synced_commits:
-                conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-                self._synced_commits = durable
+            self._set_synced_commits(conn, any(req.durable for req in batch))
             conn.execute("BEGIN IMMEDIATE")
             for req in batch:
                 assert req.fn is not None  # reclaim requests never reach a commit
@@ -422,6 +420,12 @@ class Spool:
         self.batched_writes += len(batch)
         loop = batch[0].future.get_loop()
         loop.call_soon_threadsafe(_resolve, results)
+
+    def _set_synced_commits(self, conn: sqlite3.Connection, durable: bool) -> None:
+        """PRAGMA synchronous for the next commits: FULL (fsync'd) or NORMAL (not)."""
+        if durable != self._synced_commits:
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._synced_commits = durable
 
     # -- segment reclaim (writer thread) ---------------------------------------------------
 
@@ -465,6 +469,9 @@ class Spool:
         point their rows at the copies, in one transaction committed after the copies are
         synced; the old file goes (next look) once no row names it. True: more to move."""
         log.info("compacting message body segment %s", writer.path(seq))
+        # Durable, whatever the last batch was: once this commits, the old file may go,
+        # and a row still naming it after a power loss would have lost its body.
+        self._set_synced_commits(conn, True)
         conn.execute("BEGIN IMMEDIATE")
         try:
             moved = 0
