@@ -637,7 +637,9 @@ class WebhookOutbox(abc.ABC):
 
     @abc.abstractmethod
     async def done(self, seq: int, *, owner: str) -> None:
-        """Delivered: forget it (only while this owner's lease holds)."""
+        """Delivered (only while this owner's lease holds): kept as `sent`, without its
+        body, until `purge`, so the same event published again (a provider's retried
+        webhook, whose effects run again) is not posted to the application a second time."""
 
     @abc.abstractmethod
     async def retry(self, seq: int, *, owner: str, next_attempt: float, error: str) -> None:
@@ -657,7 +659,7 @@ class WebhookOutbox(abc.ABC):
 
     @abc.abstractmethod
     async def purge(self, *, older_than: float) -> int:
-        """Forget dead entries created before `older_than`; how many went."""
+        """Forget dead and sent entries created before `older_than`; how many went."""
 
 
 # -- the queue --------------------------------------------------------------------------------

@@ -86,6 +86,24 @@ async def test_add_is_idempotent_on_hook_and_key(make_outbox: MakeOutbox) -> Non
     }
 
 
+async def test_an_event_published_again_after_it_was_posted_is_not_posted_again(
+    make_outbox: MakeOutbox,
+) -> None:
+    """A provider retries its webhook (its events' effects run again, publishing included)
+    after the relay already posted the event to the application: the outbox remembers it."""
+    outbox = await make_outbox()
+    assert await outbox.add([entry("app", "e1", "m1")], now=T0) == 1
+    [first] = await outbox.claim(now=T0, owner="a", lease_time=60, limit=10)
+    await outbox.done(first.seq, owner="a")
+    assert await outbox.add([entry("app", "e1", "m1")], now=T0 + 5) == 0
+    assert await outbox.claim(now=T0 + 5, owner="a", lease_time=60, limit=10) == []
+    assert await outbox.next_due() is None
+    assert await outbox.pending() == {}  # a sent entry is not waiting, nor dead
+    # Forgotten with the dead ones; after that the key is free again.
+    assert await outbox.purge(older_than=T0 + 1) == 1
+    assert await outbox.add([entry("app", "e1", "m1")], now=T0 + 6) == 1
+
+
 async def test_claim_takes_only_the_oldest_entry_of_each_message(make_outbox: MakeOutbox) -> None:
     outbox = await make_outbox()
     await outbox.add(
@@ -147,11 +165,11 @@ async def test_give_up_keeps_the_entry_dead_and_unblocks_the_message(
     assert await outbox.pending() == {"app": {"waiting": 1, "dead": 1}}
     (after,) = await outbox.claim(now=T0, owner=A, lease_time=60, limit=10)
     assert after.key == "a2"
-    # Dead entries are never claimed; purge forgets those created before the cut.
+    # Dead and sent entries are never claimed; purge forgets both created before the cut.
     await outbox.done(after.seq, owner=A)
     assert await outbox.claim(now=T0 + 10**6, owner=A, lease_time=60, limit=10) == []
     assert await outbox.purge(older_than=T0) == 0
-    assert await outbox.purge(older_than=T0 + 1) == 1
+    assert await outbox.purge(older_than=T0 + 1) == 2
     assert await outbox.pending() == {}
 
 

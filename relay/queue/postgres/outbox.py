@@ -107,7 +107,10 @@ class PostgresOutbox(WebhookOutbox):
     async def done(self, seq: int, *, owner: str) -> None:
         await self._run(
             lambda conn: conn.execute(
-                "DELETE FROM webhook_outbox WHERE seq = $1 AND lease_owner = $2", seq, owner
+                "UPDATE webhook_outbox SET state = 'sent', body = ''::bytea, lease_owner = NULL,"
+                " lease_until = NULL WHERE seq = $1 AND lease_owner = $2",
+                seq,
+                owner,
             )
         )
 
@@ -139,7 +142,8 @@ class PostgresOutbox(WebhookOutbox):
     async def pending(self) -> dict[str, dict[str, int]]:
         rows: list[asyncpg.Record] = await self._run(
             lambda conn: conn.fetch(
-                "SELECT hook, state, count(*) AS n FROM webhook_outbox GROUP BY hook, state"
+                "SELECT hook, state, count(*) AS n FROM webhook_outbox WHERE state <> 'sent'"
+                " GROUP BY hook, state"
             )
         )
         counts: dict[str, dict[str, int]] = {}
@@ -161,7 +165,8 @@ class PostgresOutbox(WebhookOutbox):
     async def purge(self, *, older_than: float) -> int:
         rows: list[asyncpg.Record] = await self._run(
             lambda conn: conn.fetch(
-                "DELETE FROM webhook_outbox WHERE state = 'dead' AND created < $1 RETURNING seq",
+                "DELETE FROM webhook_outbox WHERE state IN ('dead', 'sent') AND created < $1"
+                " RETURNING seq",
                 older_than,
             )
         )

@@ -7,7 +7,8 @@ lease one entry. `seq` is the insertion order, which is the commit order here (o
 at a time), so "the lowest waiting seq of its (hook, msg_id)" is the message's oldest event.
 
 Only the head of a message's waiting entries may be claimed: a later event of the message
-waits, however due, until the head is delivered (deleted) or given up (state 'dead').
+waits, however due, until the head is delivered (state 'sent', kept without its body until
+purged, so a repeated event is not posted again) or given up (state 'dead').
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ class SQLiteOutbox(WebhookOutbox):
     async def done(self, seq: int, *, owner: str) -> None:
         await self._shared.run(
             lambda conn: conn.execute(
-                "DELETE FROM webhook_outbox WHERE seq = ? AND lease_owner = ?", (seq, owner)
+                "UPDATE webhook_outbox SET state = 'sent', body = x'', lease_owner = NULL,"
+                " lease_until = NULL WHERE seq = ? AND lease_owner = ?",
+                (seq, owner),
             )
         )
 
@@ -117,7 +120,8 @@ class SQLiteOutbox(WebhookOutbox):
         def run(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
             counts: dict[str, dict[str, int]] = {}
             for hook, state, n in conn.execute(
-                "SELECT hook, state, count(*) FROM webhook_outbox GROUP BY hook, state"
+                "SELECT hook, state, count(*) FROM webhook_outbox WHERE state <> 'sent'"
+                " GROUP BY hook, state"
             ):
                 counts.setdefault(hook, {"waiting": 0, "dead": 0})[state] = n
             return counts
@@ -139,7 +143,8 @@ class SQLiteOutbox(WebhookOutbox):
     async def purge(self, *, older_than: float) -> int:
         def run(conn: sqlite3.Connection) -> int:
             cursor = conn.execute(
-                "DELETE FROM webhook_outbox WHERE state = 'dead' AND created < ?", (older_than,)
+                "DELETE FROM webhook_outbox WHERE state IN ('dead', 'sent') AND created < ?",
+                (older_than,),
             )
             return cursor.rowcount
 
