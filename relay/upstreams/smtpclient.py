@@ -404,15 +404,20 @@ class SMTPClient:
         return EnvelopeReplies(mail_reply, rcpt_replies, await self.command(b"DATA"))
 
     async def _reset(self, result: EnvelopeReplies) -> None:
-        """RSET after an aborted transaction, unless the server said it is closing."""
+        """RSET after an aborted transaction, unless the server said it is closing. The
+        transaction's outcome is known already (the refusals): a failed RSET only ends
+        the session, it must not turn those refusals into an error of the upstream's."""
         replies = [result.mail, *result.rcpts, *([result.data] if result.data else [])]
         if any(r.code == 421 for r in replies):
             self.close()
             return
-        reply = await self.command(b"RSET")
+        try:
+            reply = await self.command(b"RSET")
+        except SMTPClientError:
+            self.close()
+            return
         if reply.code != 250:
             self.close()
-            raise ReplyError("RSET", reply)
 
     async def payload(self, payload: bytes) -> Reply:
         """The dot-stuffed message (ending in CRLF "." CRLF) after a `ready` begin, and

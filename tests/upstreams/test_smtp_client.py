@@ -160,6 +160,7 @@ class Script:
     #: Answer nothing until DATA arrives: only a pipelining client gets through.
     hold_until_data: bool = False
     mail_reply: str = "250 2.1.0 Ok"
+    rset_reply: str = "250 2.0.0 Ok"
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_anyway: bool = False  # 354 to DATA even with no recipient accepted
     final_reply: str = "250 2.0.0 Ok: queued as FAKE1"
@@ -348,7 +349,7 @@ class FakeServer:
                     replies.append(s.final_reply)
             elif verb == "RSET":
                 mail_ok = False
-                replies.append("250 2.0.0 Ok")
+                replies.append(s.rset_reply)
             elif verb == "QUIT":
                 replies.append("221 2.0.0 Bye")
                 await self._flush(writer, replies)
@@ -426,6 +427,19 @@ async def test_sender_refused_is_the_message_fault_and_the_session_goes_on(
     assert script.sessions == 1 and len(script.messages) == 1
     if pipelining:  # DATA went with MAIL and was refused (503), not answered 354
         assert script.commands.count("DATA") == 3
+
+
+async def test_a_failed_rset_ends_the_session_but_keeps_the_refusal() -> None:
+    """The sender's refusal is the outcome; the RSET after it failing only costs the
+    connection (it was once turned into an error of the whole upstream)."""
+    script = Script(extensions=("PIPELINING",), mail_reply="550 5.7.1 not you", rset_reply="500 no")
+    async with FakeServer(script) as fake, upstream(fake.port) as up:
+        with pytest.raises(PermanentError, match="550") as err:
+            await up.send(ENVELOPE, MESSAGE)
+        assert not err.value.upstream_wide
+        script.mail_reply = "250 2.1.0 Ok"
+        await up.send(ENVELOPE, MESSAGE)
+    assert script.sessions == 2 and len(script.messages) == 1
 
 
 async def test_some_recipients_refused() -> None:

@@ -46,7 +46,10 @@ def segment_seqs(directory: Path) -> list[int]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    return sorted(int(n[: -len(SUFFIX)]) for n in names if n.endswith(SUFFIX) and n[0].isdigit())
+    # Only names this module writes: a stray "1-old.seg" must not stop the writer thread.
+    return sorted(
+        int(n[: -len(SUFFIX)]) for n in names if n.endswith(SUFFIX) and n[: -len(SUFFIX)].isdigit()
+    )
 
 
 class SegmentFiles:
@@ -153,7 +156,8 @@ class SegmentWriter(SegmentFiles):
         `sync()`; rotation happens here, before the write, so one body never spans two."""
         try:
             if self.size >= self.rotate_at or self._failed:
-                self.sync()
+                if not self._failed:  # after a failed sync its fd proves nothing more
+                    self.sync()
                 self._start_segment()
             offset = self.size
             view = memoryview(data)
