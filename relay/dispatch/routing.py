@@ -388,9 +388,10 @@ class Router:
         A peer that failed recently is left alone while an equally good one is at hand
         (a random share by health kept sending a 30 %-failing provider a fifth of the
         mail), and comes back once its health has healed to within LEAD_MARGIN of the
-        best: on trial. Within the lead, an upstream with more attempts in flight gets
-        less, so a provider that has started to answer slowly (or not at all) is spared
-        the mail that would pile up on it before the first failure is known.
+        best (halved for each trial it failed since its last passed one): on trial.
+        Within the lead, an upstream with more attempts in flight gets less, so a
+        provider that has started to answer slowly (or not at all) is spared the mail
+        that would pile up on it before the first failure is known.
         """
         health = {s.name: s.current_health() for s in group}
         best = max(health.values())

@@ -1,10 +1,10 @@
 """Reading DATA: blocks, not lines, with memory bounded however large the message.
 
 The content is read in blocks and searched for the one true end marker `<CRLF>.<CRLF>`
-(bytes methods, several times faster than a line loop). Complete lines are checked and
-unstuffed as they arrive and go to a `Spool`: memory up to `data_spool_threshold`, then an
-unlinked temporary file, so 200 sessions each sending 5 MB hold about 200 small buffers,
-not 1 GB.
+(`relay.wire`: one memchr per line in C, bytes methods without it; either far faster than
+a line loop). Complete lines are checked and unstuffed in one pass as they arrive and
+go to a `Spool`: memory up to `data_spool_threshold`, then an unlinked temporary file,
+so 200 sessions each sending 5 MB hold about 200 small buffers, not 1 GB.
 
 Line endings (RFC 5321 2.3.8): a bare CR is always refused, because it is how SMTP
 smuggling hides a second message (`<CR>.<CR><LF>`); a bare LF is refused or turned into
