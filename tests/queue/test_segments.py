@@ -229,6 +229,27 @@ async def test_a_missing_or_short_segment_is_a_clear_error(open_queue: Open) -> 
         await q.body(msgs[0].id)
 
 
+async def test_a_message_whose_segment_is_gone_is_held_and_the_rest_still_go(
+    open_queue: Open,
+) -> None:
+    """One unreadable body must not stop the shard: it is the oldest due, so a failing
+    claim would hit it every time and nothing behind it would be sent."""
+    q = await open_queue()
+    lost = new(data=body_of(100 * KB, 1))
+    assert await q.insert(lost)
+    [seq] = seg_files(q.queue_dir)
+    assert q.spool.segments is not None
+    q.spool.segments.rotate_at = 0  # the next body starts a new segment
+    kept = new(data=body_of(100 * KB, 2))
+    small = new(data=body_of(4 * KB, 3))
+    assert await q.insert(kept) and await q.insert(small)
+    (segment_dir(db_path(q.queue_dir)) / f"{seq}.seg").unlink()
+    claimed = await claim(q, limit=10)
+    assert sorted(i.id for i in claimed) == sorted([kept.id, small.id])
+    [row] = await q.search(state=Status.HELD)
+    assert row.id == lost.id and "is missing" in (row.last_error or "")
+
+
 async def test_a_queue_written_before_segments_opens_and_delivers(open_queue: Open) -> None:
     """Blob bodies written by the previous layout (bodies without locator columns) read,
     move and delete as before; new large bodies beside them go to segments."""

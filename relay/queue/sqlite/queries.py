@@ -18,6 +18,7 @@ another process is never overwritten by a late result.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ from relay.queue.base import (
     QueueActionError,
     QueueBusy,
     Round,
+    StoreError,
     event_detail,
     import_values,
     kind_conditions,
@@ -57,6 +59,8 @@ from relay.queue.delivery import (
     status_meta,
 )
 from relay.queue.sqlite.segments import SegmentFiles, SegmentMissing, SegmentWriter
+
+log = logging.getLogger("relay.queue")
 
 
 def _event(
@@ -142,7 +146,9 @@ def _load(conn: sqlite3.Connection, row: tuple[Any, ...]) -> bytes:
         return bytes(data)
     files = _segments(conn)
     if files is None:
-        raise SegmentMissing("this connection cannot read message body segments")
+        # Not the body's fault (a connection opened without the shard's segments): an
+        # error of the store, never a reason to hold the message (see `claim`).
+        raise StoreError("this connection cannot read message body segments")
     return files.read(seq, offset, length)
 
 
@@ -200,6 +206,11 @@ def claim(
     claimed = []
     for msg_id, mail_from, rcpts, created, attempts, meta_json in rows:
         row = _body_row(conn, msg_id)
+        try:
+            data = _load(conn, row) if row else b""
+        except SegmentMissing as exc:
+            _hold_unreadable(conn, msg_id, now=now, reason=str(exc))
+            continue
         meta = json.loads(meta_json)
         env = Envelope(
             mail_from,
@@ -214,7 +225,7 @@ def claim(
                 msg_id,
                 kind,
                 env,
-                _load(conn, row) if row else b"",
+                data,
                 created,
                 attempts,
                 meta,
@@ -222,6 +233,20 @@ def claim(
             )
         )
     return claimed
+
+
+def _hold_unreadable(conn: sqlite3.Connection, msg_id: str, *, now: float, reason: str) -> None:
+    """A message whose body cannot be read is held, named in its timeline and the log,
+    instead of failing the whole claim (it is the oldest due: every claim of the shard
+    would hit it again, and nothing behind it would be sent)."""
+    log.error("message %s held: %s", msg_id, reason)
+    conn.execute(
+        "UPDATE messages SET state = 'held', lease_owner = NULL, lease_until = NULL,"
+        " updated = ?, last_error = ?, meta = json_set(meta, '$.held_from', 'deferred')"
+        " WHERE id = ?",
+        (now, reason, msg_id),
+    )
+    _event(conn, msg_id, now, EventType.HELD, {"by": "relay", "reason": reason})
 
 
 def next_due(conn: sqlite3.Connection, kind: Kind) -> float | None:
