@@ -344,19 +344,30 @@ class Spool:
     # -- writer thread -------------------------------------------------------------------
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
+        reclaim_owed = False
         try:
             while True:
                 if self.segments is None:
                     first = self._requests.get()
                 else:
                     wait = self._reclaim_at - time.monotonic()
-                    if wait <= 0:
+                    # A reclaim step due and a batch waiting: they take turns, so a
+                    # compaction of many steps neither holds the writes nor starves.
+                    if wait <= 0 and reclaim_owed:
+                        reclaim_owed = False
                         self._reclaim(conn, self.segments)
                         continue
                     try:
-                        first = self._requests.get(timeout=wait)
+                        first = (
+                            self._requests.get_nowait()
+                            if wait <= 0
+                            else self._requests.get(timeout=wait)
+                        )
                     except queue.Empty:
+                        if wait <= 0:
+                            self._reclaim(conn, self.segments)
                         continue
+                    reclaim_owed = wait <= 0
                 if first is None:
                     return
                 if self.linger:
