@@ -214,6 +214,43 @@ async def test_another_writers_active_segment_is_never_reclaimed(tmp_path: Path)
     one.close()
 
 
+async def test_a_new_segment_is_never_seen_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling restart: the old writer reclaims while the new one starts a segment. The
+    segment's name must appear already locked, or the old writer would take it (empty, no
+    row names it) for garbage and unlink it under the new writer."""
+    old = SegmentWriter(tmp_path)
+    old.open()
+    seen: list[bool] = []
+    link = os.link
+
+    def link_and_look(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        link(src, dst)
+        seen.append(old.reclaimable(int(Path(dst).name.removesuffix(".seg"))))
+
+    monkeypatch.setattr(os, "link", link_and_look)
+    new_writer = SegmentWriter(tmp_path)
+    new_writer.open()
+    try:
+        assert seen == [False]
+        assert segment_seqs(tmp_path) == sorted([old.active, new_writer.active])
+    finally:
+        new_writer.close()
+        old.close()
+
+
+def test_an_old_staging_file_is_removed_at_start(tmp_path: Path) -> None:
+    stale, fresh = tmp_path / "5.new", tmp_path / "6.new"
+    stale.write_bytes(b"")
+    fresh.write_bytes(b"")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    writer = SegmentWriter(tmp_path)
+    writer.open()
+    writer.close()
+    assert not stale.exists() and fresh.exists()
+
+
 async def test_a_missing_or_short_segment_is_a_clear_error(open_queue: Open) -> None:
     q = await open_queue()
     msgs = [new(data=body_of(100 * KB, i)) for i in range(2)]

@@ -40,6 +40,10 @@ def segment_dir(db_path: Path) -> Path:
     return db_path.parent / (db_path.name + SUFFIX)
 
 
+#: A segment being made (see SegmentWriter._start_segment); a crash may leave one, empty.
+STAGING_SUFFIX = ".new"
+
+
 def segment_seqs(directory: Path) -> list[int]:
     """The sequence numbers of the segment files present, oldest first."""
     try:
@@ -117,7 +121,19 @@ class SegmentWriter(SegmentFiles):
         bytes no row points to (a crash before its COMMIT): it is never appended to again,
         only reclaimed as a whole."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_staging()
         self._start_segment()
+
+    def _remove_stale_staging(self) -> None:
+        """Empty files a crash left between making a segment and naming it (a live writer's
+        exists for microseconds: only ones older than a minute go)."""
+        cutoff = time.time() - 60
+        for name in os.listdir(self.directory):
+            if name.endswith(STAGING_SUFFIX):
+                path = self.directory / name
+                with contextlib.suppress(OSError):
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
 
     def close(self) -> None:
         for fd in self._readers.values():
@@ -130,16 +146,31 @@ class SegmentWriter(SegmentFiles):
     def _start_segment(self) -> None:
         existing = segment_seqs(self.directory)
         seq = max(time.time_ns() // 1000, existing[-1] + 1 if existing else 0)
+        # Made under a private name, locked, then linked to its real one: a segment name
+        # never exists unlocked, so another writer's reclaim (a rolling restart shares the
+        # shard) cannot take a new, still empty segment for garbage and unlink it.
         while True:
+            staging = self.directory / f"{seq}{STAGING_SUFFIX}"
             try:
-                fd = os.open(
-                    self.path(seq), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-                )
+                fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
                 seq += 1
                 continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else knows this name: at once
+                os.link(staging, self.path(seq))
+            except FileExistsError:
+                os.close(fd)
+                os.unlink(staging)
+                seq += 1
+                continue
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(staging)
+                raise
+            os.unlink(staging)
             break
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # The new name must survive a crash before any row names it: sync the directory.
         dfd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
         try:
