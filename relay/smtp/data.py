@@ -132,8 +132,7 @@ class _Lines:
         if not self.normalize or block.count(b"\r") != block.count(b"\r\n"):
             return None
         block = _LONE_LF.sub(b"\r\n", block)
-        # Dot-stuffing (RFC 5321 4.5.2): a line's leading "." was doubled by the client.
-        return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
+        return unstuff(block, 0, len(block))  # every line ends in CRLF now
 
 
 def _cut(pending: bytearray) -> int:

@@ -29,7 +29,7 @@ from email.parser import BytesParser
 from email.utils import formataddr
 from typing import Any, ClassVar
 
-from relay.message import Envelope, split_message
+from relay.message import HEADER_END, Envelope, split_message
 from relay.upstreams.http import HTTPUpstream, Refused, Request
 from relay.upstreams.jsonwire import (
     Escaped,
@@ -212,6 +212,13 @@ class JsonMessage:
     attachments: tuple[Attachment, ...]
     headers: tuple[tuple[str, str], ...]  # custom headers, wire form, in message order
     relay_id: str | None
+
+    def bodies(self) -> tuple[Body | None, Body | None]:
+        """(text, html), each None when absent or empty: what the providers' one-of-them-
+        required content fields are filled from."""
+        text = self.text_body if self.text_body is not None and not self.text_body.empty else None
+        html = self.html_body if self.html_body is not None and not self.html_body.empty else None
+        return text, html
 
     @property
     def text(self) -> str | None:
@@ -550,12 +557,9 @@ def _is_delivery_report(part: Message) -> bool:
     return str(part.get_param("report-type", "")).lower() == "delivery-status"
 
 
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
-
-
 def _custom_headers(data: bytes) -> list[tuple[str, str]]:
     """Headers to pass on, unfolded, in wire form (encoded words stay encoded)."""
-    blank = _BLANK_LINE.search(data)  # not re.split: that would copy the whole body too
+    blank = HEADER_END.search(data)  # not re.split: that would copy the whole body too
     head = data if blank is None else data[: blank.start()]
     out: list[tuple[str, str]] = []
     for line in re.sub(rb"\r?\n(?=[ \t])", b"", head).splitlines():

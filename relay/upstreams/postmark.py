@@ -88,8 +88,7 @@ class PostmarkUpstream(JsonUpstream):
             body["Bcc"] = _join(msg.bcc)
         if msg.reply_to:
             body["ReplyTo"] = _join(msg.reply_to)
-        text = msg.text_body if msg.text_body is not None and not msg.text_body.empty else None
-        html = msg.html_body if msg.html_body is not None and not msg.html_body.empty else None
+        text, html = msg.bodies()
         if html is not None:
             body["HtmlBody"] = html.escaped()
         if text is not None or html is None:

@@ -84,8 +84,7 @@ class SendGridUpstream(JsonUpstream):
             personalization["bcc"] = _boxes(msg.bcc)
         # SendGrid requires at least one content item of at least one character, with
         # text/plain first; an attachment-only scan gets a blank text body.
-        text = msg.text_body if msg.text_body is not None and not msg.text_body.empty else None
-        html = msg.html_body if msg.html_body is not None and not msg.html_body.empty else None
+        text, html = msg.bodies()
         content: list[dict[str, Any]] = []
         if text is not None or html is None:
             value = text.escaped() if text is not None else " "
