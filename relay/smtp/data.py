@@ -24,7 +24,6 @@ from typing import IO
 from relay.smtp import replies
 from relay.wire import find_end, unstuff
 
-END_OF_DATA = b"\r\n.\r\n"
 READ_SIZE = 64 * 1024
 # Complete lines are processed once this much is pending (a small message is processed
 # once, at its end, like the whole-message reader this replaced).
