@@ -249,6 +249,9 @@ async def test_stats_answer_each_window(web_relay: Relay) -> None:
         assert body["series"] and set(body["queue_time"]) == {"p50", "p95", "p99", "max"}
     status, body = await call(web_relay, "GET", "/stats", token="viewer", params={"window": "2h"})
     assert (status, body["field"]) == (400, "window")
+    twice = [("window", "1h"), ("window", "x")]  # once a 500 (found by the OpenAPI fuzzer)
+    status, body = await call(web_relay, "GET", "/stats", token="viewer", params=twice)
+    assert (status, body["field"]) == (400, "window"), body
 
 
 async def test_a_pause_is_in_force_in_this_process_when_the_answer_arrives(

@@ -14,6 +14,7 @@ from aiohttp import web
 from relay.message import Status
 from relay.queue.base import SEARCH_KINDS, MessageQuery
 from relay.web.api.compose import SubmitError, invalid
+from relay.web.errors import json_error
 
 #: What GET /api/v1/messages and the bulk retry filter understand.
 FILTERS = ("state", "kind", "sender", "recipient", "subject", "upstream", "since", "until")
@@ -190,6 +191,15 @@ def _limit(value: Any, maximum: int) -> int:
     if not 1 <= limit <= maximum:
         raise invalid("limit", f"must be a whole number from 1 to {maximum}")
     return limit
+
+
+def error_response(exc: SubmitError) -> web.Response:
+    """The JSON 4xx (or 503 with Retry-After) a refused request gets."""
+    extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
+    response = json_error(exc.status, exc.code, exc.message, **extra)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def single_params(request: web.Request) -> dict[str, str]:

@@ -25,6 +25,7 @@ from relay.web.api.compose import SubmitError, invalid
 from relay.web.api.inputs import (
     MESSAGE_ID,
     SMALL_BODY,
+    error_response,
     is_json,
     json_object,
     message_query,
@@ -133,7 +134,7 @@ async def post_message(request: web.Request) -> web.Response:
             exc.message,
         )
         count_submission(ctx, "api", exc)
-        return _error(exc)
+        return error_response(exc)
     try:
         if request.content_type == "message/rfc822":
             msg_id, created = await submit_raw(
@@ -151,7 +152,7 @@ async def post_message(request: web.Request) -> web.Response:
             )
     except SubmitError as exc:
         count_submission(ctx, "api", exc)
-        return _error(exc)
+        return error_response(exc)
     if created:
         count_submission(ctx, "api", None)
     return web.json_response({"id": msg_id, "created": created}, status=202 if created else 200)
@@ -188,14 +189,6 @@ async def _json_request(request: web.Request, ctx: WebContext) -> Any:
     return parse_json(await read_body(request, limit=limit))
 
 
-def _error(exc: SubmitError) -> web.Response:
-    extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
-    response = json_error(exc.status, exc.code, exc.message, **extra)
-    if exc.retry_after is not None:
-        response.headers["Retry-After"] = str(exc.retry_after)
-    return response
-
-
 # -- reading -------------------------------------------------------------------------------
 
 
@@ -204,7 +197,7 @@ async def list_messages(request: web.Request) -> web.Response:
     try:
         query = message_query(single_params(request))
     except SubmitError as exc:
-        return _error(exc)
+        return error_response(exc)
     return web.json_response(await views.message_page(_ctx(request), query))
 
 
@@ -253,9 +246,9 @@ async def get_stats(request: web.Request) -> web.Response:
     unknown = sorted(set(params) - {"window"})
     window = params.get("window", "1h")
     if unknown:
-        return _error(invalid(unknown[0], "unknown parameter; stats takes window"))
+        return error_response(invalid(unknown[0], "unknown parameter; stats takes window"))
     if window not in views.WINDOWS:
-        return _error(invalid("window", f"must be one of {', '.join(views.WINDOWS)}"))
+        return error_response(invalid("window", f"must be one of {', '.join(views.WINDOWS)}"))
     return web.json_response(await views.stats(_ctx(request), window))
 
 
@@ -318,9 +311,9 @@ async def retry_matching(request: web.Request) -> web.Response:
         limit = payload.pop("limit", BULK_LIMIT)
         query = message_query({"state": "failed", **payload, "limit": limit}, max_limit=BULK_LIMIT)
     except SubmitError as exc:
-        return _error(exc)
+        return error_response(exc)
     if query.state not in ("failed", "deferred", "held"):
-        return _error(invalid("state", "retry takes failed, deferred or held messages"))
+        return error_response(invalid("state", "retry takes failed, deferred or held messages"))
     rows = await ctx.queue.find(query)
     retried: list[str] = []
     skipped: dict[str, str] = {}
@@ -409,8 +402,9 @@ ROUTES: tuple[Route, ...] = (
 
 @web.middleware
 async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Under /api/: every error is JSON, and a failure inside is a logged 500 or, when the
-    queue cannot be read, a 503 to retry, never a traceback."""
+    """Under /api/: every error is JSON (a SubmitError raised at any depth is its 4xx), and
+    a failure inside is a logged 500 or, when the queue cannot be read, a 503 to retry,
+    never a traceback."""
     if not request.path.startswith("/api/"):
         return await handler(request)
     try:
@@ -424,6 +418,8 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
+    except SubmitError as exc:
+        return error_response(exc)
     except StoreError as exc:
         log.error("API: %s %s: the queue failed: %s", request.method, request.path, exc)
         response = json_error(503, "queue_unavailable", f"the queue cannot answer now: {exc}")

@@ -14,10 +14,16 @@ from aiohttp import web
 from relay.queue.base import Suppression, SuppressionStore
 from relay.suppression import check_address, check_scope, operator_entry
 from relay.web.api.compose import SubmitError, invalid
-from relay.web.api.inputs import MAX_FILTER_TEXT, SMALL_BODY, json_object, single_params
+from relay.web.api.inputs import (
+    MAX_FILTER_TEXT,
+    SMALL_BODY,
+    error_response,
+    json_object,
+    single_params,
+)
 from relay.web.auth import require
 from relay.web.context import CONTEXT, WebContext
-from relay.web.errors import http_error, json_error
+from relay.web.errors import http_error
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 FIELDS = ("address", "reason", "scope", "expires", "detail")
@@ -29,11 +35,6 @@ def _ctx(request: web.Request) -> WebContext:
 
 def _store(ctx: WebContext) -> SuppressionStore:
     return ctx.suppressions.store if ctx.suppressions is not None else ctx.queue.suppressions
-
-
-def _error(exc: SubmitError) -> web.Response:
-    extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
-    return json_error(exc.status, exc.code, exc.message, **extra)
 
 
 def entry_json(entry: Suppression) -> dict[str, Any]:
@@ -63,7 +64,7 @@ async def list_suppressions(request: web.Request) -> web.Response:
             if value is not None and len(value) > MAX_FILTER_TEXT:
                 raise invalid(name, f"at most {MAX_FILTER_TEXT} characters")
     except SubmitError as exc:
-        return _error(exc)
+        return error_response(exc)
     rows = await _store(_ctx(request)).list(contains=search, after=after, limit=limit + 1)
     page = rows[:limit]
     more = len(rows) > limit
@@ -93,7 +94,7 @@ async def add_suppression(request: web.Request) -> web.Response:
                 raise invalid(name, "must be a string")
         entry = _entry(payload, source=principal.actor, now=ctx.clock())
     except SubmitError as exc:
-        return _error(exc)
+        return error_response(exc)
     if ctx.suppressions is not None:
         await ctx.suppressions.add([entry])
     else:
@@ -148,7 +149,7 @@ async def remove_suppression(request: web.Request) -> web.Response:
             except ValueError as exc:
                 raise invalid("scope", str(exc)) from None
     except SubmitError as exc:
-        return _error(exc)
+        return error_response(exc)
     if ctx.suppressions is not None:
         removed = await ctx.suppressions.remove(address, scope=scope)
     else:
