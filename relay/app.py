@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import ssl
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from relay import sdnotify
+from relay import heap, sdnotify
 from relay.certwatch import CertWatcher
 from relay.checks import check
 from relay.config import Config
@@ -510,11 +509,7 @@ async def serve(config: Config, *, shard: int = 0, workers: int = 1, on_ready: A
     """Run one relay process until SIGTERM or SIGINT."""
     relay = Relay(config, shard=shard, workers=workers)
     await relay.start()
-    # What starting made (modules, the web app, config, pools) lives as long as the
-    # process: out of the collector's sight, a full collection no longer walks it on the
-    # event loop (50-120 ms each, the slowest replies of a latency run).
-    gc.collect()
-    gc.freeze()
+    heap.freeze()  # what starting made lives as long as the process
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from relay import heap
 from relay.checks import check, load_checked
 from relay.config import Config, ConfigError, UpstreamConfig
 from relay.queue import is_postgres
@@ -258,6 +259,8 @@ async def _reload(relay: Relay, new: Config | None) -> ReloadResult:
             return ReloadResult(error=message)
     _commit(relay, new, prepared)
     relay.config = in_force(old, new)
+    if applied:
+        heap.refreeze()  # what the swap let go, frozen since start, can be collected now
     for warning in new.warnings:
         log.warning("config: %s", warning)
     if applied:
