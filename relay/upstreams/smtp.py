@@ -23,15 +23,16 @@ from typing import TYPE_CHECKING
 from relay.config import Secret
 from relay.message import Envelope
 from relay.outcomes import Accepted, PermanentError, RecipientRefusal, TransientError
-from relay.upstreams.base import Upstream
-from relay.upstreams.smtpclient import (
+from relay.smtpclient import (
     AuthRefused,
     ConnectionLost,
     Reply,
     ReplyTimeout,
     SMTPClient,
     SMTPClientError,
+    path_bytes,
 )
+from relay.upstreams.base import Upstream
 from relay.wire import dot_stuff
 
 if TYPE_CHECKING:
@@ -249,9 +250,6 @@ def _rcpt_command(envelope: Envelope, rcpt: str) -> bytes:
 
 def _address(envelope: Envelope, address: str) -> bytes:
     try:
-        raw = address.encode("utf-8" if envelope.smtputf8 else "ascii")
-    except UnicodeEncodeError:
-        raise PermanentError(f"address {address!r} is not ASCII and SMTPUTF8 is off") from None
-    if any(c in raw for c in b"\r\n<> "):
-        raise PermanentError(f"address {address!r} cannot be written in an SMTP command")
-    return raw
+        return path_bytes(address, utf8=envelope.smtputf8)
+    except ValueError as exc:
+        raise PermanentError(str(exc)) from None

@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from email import policy as email_policy
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from aiohttp import web
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from relay.config import ConfigError, Secret
+from relay.config import ConfigError, Duration, Secret
 from relay.inbound.destinations.base import PartialPermanent, PartialTransient
 from relay.inbound.destinations.directory import DirectoryDestination, DirectoryDestinationConfig
 from relay.inbound.destinations.maildir import MaildirDestination
@@ -292,6 +294,92 @@ async def test_smtp_server_down_then_up() -> None:
         server.close()
         await server.wait_closed()
     assert len(sink.messages) == 1
+
+
+def tls_pair() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts: a certificate for 127.0.0.1 from a throwaway CA."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+async def test_smtp_opportunistic_starttls_then_login() -> None:
+    server_tls, client_tls = tls_pair()
+    sink = Sink()
+
+    def authenticator(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = (data.login, data.password) == (b"scanner", b"s3cret")
+        return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd answers 535
+
+    server, port = await serve(
+        lambda: SMTP(
+            sink,
+            hostname="sink.test",
+            tls_context=server_tls,
+            require_starttls=True,  # MAIL before STARTTLS gets 530: a delivery proves TLS
+            authenticator=authenticator,
+            auth_require_tls=True,
+        )
+    )
+    try:
+
+        def dest(password: str) -> SMTPDestination:
+            settings = SMTPDestinationConfig(
+                host="127.0.0.1",
+                port=port,
+                tls="opportunistic",
+                username="scanner",
+                password=Secret(password),
+                timeout=Duration(5.0),
+            )
+            return SMTPDestination("office", settings, tls_context=client_tls)
+
+        result = await dest("s3cret").deliver(RAW, PARSED, ["docs@example.com"])
+        assert "queued as SINK1" in result and len(sink.messages) == 1
+        with pytest.raises(TransientError, match="authentication failed") as info:
+            await dest("wrong").deliver(RAW, PARSED, ["docs@example.com"])
+        assert info.value.upstream_wide and len(sink.messages) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_smtp_connection_lost_after_the_data_is_ambiguous() -> None:
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink.test\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith(b"DATA"):
+                writer.write(b"354 go on\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                break  # the message in full, and no answer to it
+            writer.write(b"250 ok\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    try:
+        dest = smtp_dest(server.sockets[0].getsockname()[1])
+        with pytest.raises(TransientError, match="may have been delivered") as info:
+            await dest.deliver(RAW, PARSED, ["docs@example.com"])
+        assert info.value.ambiguous
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_address_that_cannot_be_written_in_a_command_is_refused_unsent(
+    smtp_sink: tuple[Sink, int],
+) -> None:
+    sink, port = smtp_sink
+    with pytest.raises(PermanentError, match="cannot be written in an SMTP command"):
+        await smtp_dest(port).deliver(
+            RAW, PARSED, ["docs@example.com>\r\nRCPT TO:<someone@elsewhere.example"]
+        )
+    assert sink.messages == []
 
 
 async def test_lmtp_per_recipient_replies() -> None:

@@ -1,4 +1,4 @@
-"""The `smtp` upstream and its client (`relay.upstreams.smtpclient`) against real servers
+"""The `smtp` upstream and its client (`relay.smtpclient`) against real servers
 on loopback: the relay's own listener as the smarthost, a scripted server that misbehaves
 on demand (replies one by one, all at once, split mid-line; refusals; silence; TLS; AUTH),
 and Postfix's smtp-sink."""
@@ -24,7 +24,7 @@ from relay.config import Secret
 from relay.message import Envelope
 from relay.outcomes import Accepted, PermanentError, TransientError, UpstreamError
 from relay.upstreams.smtp import SMTPSettings, SMTPUpstream
-from relay.upstreams.smtpclient import ProtocolViolation, Reply, _ReplyReader
+from relay.smtpclient import ProtocolViolation, Reply, _ReplyReader
 from tests.conftest import PASSWORD, USER, RelayFactory, outbox, strip_received, wait_states
 
 MESSAGE = b"From: <app@example.com>\r\nTo: <rcpt@example.org>\r\nSubject: hi\r\n\r\nHello.\r\n"

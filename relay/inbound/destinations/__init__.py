@@ -7,10 +7,9 @@ so the queue worker treats inbound and outbound failures alike (DESIGN.md invari
 
 - `maildir`: the Maildir protocol (write in tmp/, fsync, rename into new/, fsync the
   directory), into one Maildir or one per recipient;
-- `smtp` (types `smtp` and `lmtp`): forward to a downstream server. SMTP goes through
-  aiosmtplib. LMTP (RFC 2033) answers DATA once *per recipient*, which aiosmtplib's
-  single-reply DATA can't read, so it uses a small client of its own over TCP or a Unix
-  socket (Dovecot, Cyrus);
+- `smtp` (types `smtp` and `lmtp`): forward to a downstream server through the relay's
+  own client (`relay.smtpclient`); LMTP (RFC 2033, over TCP or a Unix socket: Dovecot,
+  Cyrus) reads one reply per recipient after the data;
 - `webhook`: an HTTP POST, multipart (a JSON part with the parsed fields, one part per
   attachment) or the raw MIME, signed with HMAC-SHA256 over `timestamp + "." + body`;
 - `directory`: attachments only, as files for a document system: safe names, written

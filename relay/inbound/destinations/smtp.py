@@ -1,26 +1,24 @@
 """The `smtp` and `lmtp` destinations: forwarding to a downstream server.
 
-SMTP goes through aiosmtplib. LMTP (RFC 2033) answers DATA once *per recipient*, which
-aiosmtplib's single-reply DATA can't read, so it uses a small client of its own over TCP or
-a Unix socket (Dovecot, Cyrus). Both read one settings class (`protocol` tells them apart).
+Both speak through the relay's own client (`relay.smtpclient`, as the `smtp` upstream
+does). LMTP (RFC 2033) greets with LHLO, may be a Unix socket (Dovecot, Cyrus), and answers
+the data once *per accepted recipient*, so a mailbox over quota defers only its own
+recipient. Both read one settings class (`protocol` tells them apart).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import aiosmtplib
-
 from relay.config import Duration, Secret
 from relay.inbound.destinations.base import Destination, raise_for_refusals
 from relay.inbound.parse import ParsedMessage
 from relay.outcomes import PermanentError, RecipientRefusal, TransientError
+from relay.smtpclient import AuthRefused, Reply, SMTPClient, SMTPClientError, path_bytes
 from relay.wire import dot_stuff
 
 TLSMode = Literal["none", "opportunistic", "starttls", "implicit"]
@@ -57,21 +55,23 @@ class SMTPDestinationConfig:
             raise ValueError(f"port {self.port} is out of range")
 
 
-def _refusal(code: int, message: str) -> RecipientRefusal:
-    return RecipientRefusal(permanent=500 <= code < 600, reason=f"{code} {message}".strip())
+def _refusal(reply: Reply) -> RecipientRefusal:
+    return RecipientRefusal(permanent=500 <= reply.code < 600, reason=str(reply))
 
 
-def _reply_error(what: str, code: int, message: str, *, ambiguous: bool = False) -> Exception:
-    reason = f"{what}: {code} {message}".strip()
-    if 500 <= code < 600:
+def _reply_error(what: str, reply: Reply) -> Exception:
+    reason = f"{what}: {reply}"
+    if 500 <= reply.code < 600:
         return PermanentError(reason)
-    return TransientError(reason, ambiguous=ambiguous)
+    return TransientError(reason, upstream_wide=reply.code == 421)
 
 
 class SMTPDestination(Destination):
-    """Forwarding to a downstream SMTP server with aiosmtplib: 4xx retry, 5xx permanent."""
+    """Forwarding to a downstream SMTP server: 4xx retry, 5xx permanent; failing to connect,
+    negotiate TLS or log in is the destination's problem (upstream-wide), not the message's."""
 
     type_name = "smtp"
+    lmtp = False
 
     def __init__(
         self,
@@ -83,7 +83,7 @@ class SMTPDestination(Destination):
         super().__init__(name)
         self.settings = settings
         self.tls_context = tls_context
-        self.where = f"smtp {settings.host}:{settings.port}"
+        self.where = f"{self.type_name} {settings.host}:{settings.port}"
 
     def _envelope_sender(self, parsed: ParsedMessage, sender: str | None) -> str:
         return self.settings.mail_from or sender or ""
@@ -97,78 +97,110 @@ class SMTPDestination(Destination):
         sender: str | None = None,
         delivery_id: str | None = None,
     ) -> str:
-        s = self.settings
         if not recipients:
             raise PermanentError(f"{self.where}: the message has no recipients")
         mail_from = self._envelope_sender(parsed, sender)
-        client = aiosmtplib.SMTP(
-            hostname=s.host,
-            port=s.port,
-            timeout=float(s.timeout),
-            use_tls=s.tls == "implicit",
-            start_tls={"none": False, "opportunistic": None, "starttls": True, "implicit": False}[
-                s.tls
-            ],
-            validate_certs=s.verify_tls,
-            tls_context=self.tls_context,
-            username=s.username or None,
-            password=str(s.password) if s.password else None,
-            local_hostname=s.local_hostname or None,
-        )
-        sent_data = False
+        client = await self._connect()
         try:
-            await client.connect()
-            if client.is_ehlo_or_helo_needed:
-                await client.ehlo()
-            options: list[str] = []
-            if not all(a.isascii() for a in (mail_from, *recipients)):
-                options.append("SMTPUTF8")
-            if not raw.isascii() and client.supports_extension("8bitmime"):
-                options.append("BODY=8BITMIME")
-            sent_data = True
-            errors, reply = await client.sendmail(
-                mail_from, list(recipients), raw, mail_options=options
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refused = {e.recipient: _refusal(e.code, e.message) for e in exc.recipients}
-            raise_for_refusals(self.where, [], refused)
-            raise AssertionError("unreachable") from exc
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            raise TransientError(
-                f"{self.where}: authentication failed: {exc.code} {exc.message}", upstream_wide=True
-            ) from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            raise _reply_error(self.where, exc.code, exc.message) from exc
-        except aiosmtplib.SMTPNotSupported as exc:
-            raise TransientError(f"{self.where}: {exc}", upstream_wide=True) from exc
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            # Connection refused, reset, or timed out. After DATA started, the server may
-            # have taken the message: a retry may duplicate (ambiguous).
-            raise TransientError(
-                f"{self.where}: {exc!r}",
-                upstream_wide=True,
-                ambiguous=sent_data and not isinstance(exc, aiosmtplib.SMTPConnectError),
-            ) from exc
+            return await self._transaction(client, mail_from, recipients, raw)
         finally:
-            if client.is_connected:
-                with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                    await client.quit()
-                client.close()
-        refused = {r: _refusal(code, msg) for r, (code, msg) in errors.items()}
-        delivered = [r for r in recipients if r not in refused]
+            await client.quit()
+
+    def _context(self) -> ssl.SSLContext | None:
+        if self.tls_context is not None or self.settings.tls == "none":
+            return self.tls_context
+        context = ssl.create_default_context()
+        if not self.settings.verify_tls:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    async def _connect(self) -> SMTPClient:
+        s = self.settings
+        try:
+            return await SMTPClient.connect(
+                s.host,
+                s.port,
+                timeout=float(s.timeout),
+                helo=s.local_hostname or socket.getfqdn(),
+                tls=s.tls,
+                tls_context=self._context(),
+                username=s.username or "",
+                password=str(s.password) if s.password else "",
+                unix_socket=s.socket,
+                lmtp=self.lmtp,
+            )
+        except AuthRefused as exc:
+            raise TransientError(
+                f"{self.where}: authentication failed: {exc.reply}", upstream_wide=True
+            ) from exc
+        except (TimeoutError, SMTPClientError, OSError) as exc:
+            raise TransientError(
+                f"{self.where}: cannot connect: {exc or type(exc).__name__}", upstream_wide=True
+            ) from exc
+
+    async def _transaction(
+        self, client: SMTPClient, mail_from: str, recipients: Sequence[str], raw: bytes
+    ) -> str:
+        utf8 = not all(a.isascii() for a in (mail_from, *recipients))
+        try:
+            mail = b"MAIL FROM:<" + path_bytes(mail_from, utf8=utf8) + b">"
+            rcpts = [b"RCPT TO:<" + path_bytes(r, utf8=utf8) + b">" for r in recipients]
+        except ValueError as exc:
+            raise PermanentError(f"{self.where}: {exc}") from None
+        if utf8:
+            mail += b" SMTPUTF8"
+        if not raw.isascii() and "8BITMIME" in client.extensions:
+            mail += b" BODY=8BITMIME"
+        try:
+            replies = await client.begin(mail, rcpts)
+        except SMTPClientError as exc:
+            raise TransientError(f"{self.where}: {exc}", upstream_wide=True) from exc
+        if replies.mail.code != 250:
+            raise _reply_error(f"{self.where} refused sender <{mail_from}>", replies.mail)
+        refused = {
+            rcpt: _refusal(reply)
+            for rcpt, reply in zip(recipients, replies.rcpts, strict=True)
+            if reply.code not in (250, 251)
+        }
+        accepted = [r for r in recipients if r not in refused]
+        if not accepted:
+            raise_for_refusals(self.where, [], refused)
+        if not replies.ready:
+            assert replies.data is not None
+            raise _reply_error(f"{self.where} refused DATA", replies.data)
+        try:
+            answers = await client.payload_replies(
+                dot_stuff(raw), len(accepted) if self.lmtp else 1
+            )
+        except SMTPClientError as exc:
+            raise TransientError(
+                f"{self.where}: no answer after the message was sent, it may have been "
+                f"delivered ({exc})",
+                upstream_wide=True,
+                ambiguous=True,
+            ) from exc
+        if not self.lmtp:
+            if answers[0].code != 250:
+                raise _reply_error(f"{self.where} refused the message", answers[0])
+            answers = answers * len(accepted)  # SMTP: one answer for every recipient
+        # LMTP: one answer per accepted recipient, in RCPT order (RFC 2033 4.2).
+        delivered = []
+        for rcpt, answer in zip(accepted, answers, strict=True):
+            if answer.code == 250:
+                delivered.append(rcpt)
+            else:
+                refused[rcpt] = _refusal(answer)
         raise_for_refusals(self.where, delivered, refused)
-        return f"{self.where}: {reply}"
-
-
-class LMTPProtocolError(Exception):
-    """The LMTP server's answer made no sense (not a reply line, closed early)."""
+        return f"{self.where}: {answers[-1]}"
 
 
 class LMTPDestination(SMTPDestination):
-    """LMTP (RFC 2033): one reply per recipient after DATA, so a mailbox over quota defers
-    only its own recipient. Over TCP or a Unix socket; no TLS (local delivery)."""
+    """LMTP (RFC 2033): one reply per recipient after DATA. Over TCP or a Unix socket; no
+    TLS (local delivery)."""
 
     type_name = "lmtp"
+    lmtp = True
 
     def __init__(
         self,
@@ -178,113 +210,5 @@ class LMTPDestination(SMTPDestination):
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(name, settings, tls_context=tls_context)
-        self.where = (
-            f"lmtp unix:{settings.socket}"
-            if settings.socket
-            else f"lmtp {settings.host}:{settings.port}"
-        )
-
-    async def deliver(
-        self,
-        raw: bytes,
-        parsed: ParsedMessage,
-        recipients: Sequence[str],
-        *,
-        sender: str | None = None,
-        delivery_id: str | None = None,
-    ) -> str:
-        if not recipients:
-            raise PermanentError(f"{self.where}: the message has no recipients")
-        mail_from = self._envelope_sender(parsed, sender)
-        stage = "connect"
-        try:
-            async with asyncio.timeout(float(self.settings.timeout)):
-                if self.settings.socket:
-                    reader, writer = await asyncio.open_unix_connection(self.settings.socket)
-                else:
-                    reader, writer = await asyncio.open_connection(
-                        self.settings.host, self.settings.port
-                    )
-                try:
-                    stage = "transaction"
-                    delivered, refused, last = await self._transaction(
-                        reader, writer, mail_from, recipients, raw
-                    )
-                finally:
-                    writer.close()
-                    with contextlib.suppress(OSError):
-                        await writer.wait_closed()
-        except (OSError, TimeoutError, LMTPProtocolError, asyncio.IncompleteReadError) as exc:
-            raise TransientError(
-                f"{self.where}: {exc!r}", upstream_wide=True, ambiguous=stage != "connect"
-            ) from exc
-        raise_for_refusals(self.where, delivered, refused)
-        return f"{self.where}: {last}"
-
-    async def _transaction(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        mail_from: str,
-        recipients: Sequence[str],
-        raw: bytes,
-    ) -> tuple[list[str], dict[str, RecipientRefusal], str]:
-        async def command(line: str) -> tuple[int, str]:
-            writer.write(line.encode("utf-8") + b"\r\n")
-            await writer.drain()
-            return await self._reply(reader)
-
-        code, text = await self._reply(reader)
-        if code != 220:
-            raise _reply_error(f"{self.where} greeting", code, text)
-        hostname = self.settings.local_hostname or socket.gethostname()
-        code, text = await command(f"LHLO {hostname}")
-        if code != 250:
-            raise _reply_error(f"{self.where} LHLO", code, text)
-        utf8 = "" if all(a.isascii() for a in (mail_from, *recipients)) else " SMTPUTF8"
-        code, text = await command(f"MAIL FROM:<{mail_from}>{utf8}")
-        if code != 250:
-            raise _reply_error(f"{self.where} MAIL FROM", code, text)
-        accepted: list[str] = []
-        refused: dict[str, RecipientRefusal] = {}
-        for rcpt in recipients:
-            code, text = await command(f"RCPT TO:<{rcpt}>")
-            if code in (250, 251):
-                accepted.append(rcpt)
-            else:
-                refused[rcpt] = _refusal(code, text)
-        if not accepted:
-            await command("RSET")
-            return [], refused, ""
-        code, text = await command("DATA")
-        if code != 354:
-            raise _reply_error(f"{self.where} DATA", code, text)
-        writer.write(dot_stuff(raw))
-        await writer.drain()
-        delivered: list[str] = []
-        last = ""
-        for rcpt in accepted:  # RFC 2033 4.2: one reply per accepted RCPT, in order
-            code, text = await self._reply(reader)
-            if code == 250:
-                delivered.append(rcpt)
-                last = f"{code} {text}"
-            else:
-                refused[rcpt] = _refusal(code, text)
-        with contextlib.suppress(OSError, LMTPProtocolError, asyncio.IncompleteReadError):
-            await command("QUIT")
-        return delivered, refused, last
-
-    @staticmethod
-    async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
-        lines: list[str] = []
-        while True:
-            line = await reader.readuntil(b"\n")
-            if (
-                len(line) < 4
-                or not line[:3].isdigit()
-                or line[3:4] not in (b" ", b"-", b"\r", b"\n")
-            ):
-                raise LMTPProtocolError(f"not a reply line: {line[:80]!r}")
-            lines.append(line[4:].decode("utf-8", "replace").strip())
-            if line[3:4] != b"-":
-                return int(line[:3]), "\n".join(lines)
+        if settings.socket:
+            self.where = f"lmtp unix:{settings.socket}"

@@ -1,4 +1,5 @@
-"""An SMTP client for the `smtp` upstream (the smarthost), with PIPELINING (RFC 2920).
+"""The relay's SMTP and LMTP client, with PIPELINING (RFC 2920): the `smtp` upstream (the
+smarthost) and the inbound `smtp` and `lmtp` destinations speak through it.
 
 Why not aiosmtplib: it writes every command on its own and waits for its reply (a send()
 and a wake-up per command, 16 % of the relay's GIL time at 100 KB), and it drops input that
@@ -7,9 +8,11 @@ byte the server sends is buffered and parsed, in order, into a queue of replies:
 that arrive one per segment, all in one, or split anywhere read the same. With PIPELINING
 a transaction costs two writes: MAIL, every RCPT and DATA together, then the payload.
 
-Only what a relay needs to hand a message over: greeting, EHLO (HELO when refused),
-STARTTLS or implicit TLS, AUTH PLAIN and LOGIN, MAIL/RCPT/DATA, RSET and QUIT. No BDAT.
-Failures are exceptions of this module; the upstream decides what they mean for a message.
+Only what a relay needs to hand a message over: greeting, EHLO (HELO when refused) or
+LMTP's LHLO (RFC 2033, over TCP or a Unix socket, one reply per recipient after the data),
+STARTTLS (required or when offered) or implicit TLS, AUTH PLAIN and LOGIN, MAIL/RCPT/DATA,
+RSET and QUIT. No BDAT. Failures are exceptions of this module; the caller decides what
+they mean for a message.
 """
 
 from __future__ import annotations
@@ -240,9 +243,10 @@ class EnvelopeReplies:
 class SMTPClient:
     """One session with a server. Use `connect`; then `begin` + `payload` per message."""
 
-    def __init__(self, reader: _ReplyReader, timeout: float) -> None:
+    def __init__(self, reader: _ReplyReader, timeout: float, *, lmtp: bool = False) -> None:
         self._reader = reader
         self.timeout = timeout
+        self.lmtp = lmtp
         #: EHLO keywords (upper case) and their parameters; empty after HELO.
         self.extensions: dict[str, str] = {}
         self._busy = False
@@ -259,29 +263,38 @@ class SMTPClient:
         tls_context: ssl.SSLContext | None = None,
         username: str = "",
         password: str = "",
+        unix_socket: str = "",
+        lmtp: bool = False,
     ) -> SMTPClient:
         """A session ready for MAIL: greeted, TLS as asked (`none`, `starttls`,
-        `implicit`), authenticated when `username` is set. Closed again on any failure."""
+        `opportunistic`: STARTTLS when offered, `implicit`), authenticated when `username`
+        is set. `unix_socket` instead of host and port; `lmtp` greets with LHLO. Closed
+        again on any failure."""
         loop = asyncio.get_running_loop()
         implicit = tls == "implicit"
         if tls != "none" and tls_context is None:
             tls_context = ssl.create_default_context()
         async with asyncio.timeout(timeout):
-            _, reader = await loop.create_connection(
-                lambda: _ReplyReader(loop),
-                host,
-                port,
-                ssl=tls_context if implicit else None,
-                server_hostname=host if implicit else None,
-                ssl_handshake_timeout=timeout if implicit else None,
-            )
-        client = cls(reader, timeout)
+            if unix_socket:
+                _, reader = await loop.create_unix_connection(
+                    lambda: _ReplyReader(loop), unix_socket
+                )
+            else:
+                _, reader = await loop.create_connection(
+                    lambda: _ReplyReader(loop),
+                    host,
+                    port,
+                    ssl=tls_context if implicit else None,
+                    server_hostname=host if implicit else None,
+                    ssl_handshake_timeout=timeout if implicit else None,
+                )
+        client = cls(reader, timeout, lmtp=lmtp)
         try:
             (greeting,) = await reader.wait(1, timeout)
             if greeting.code != 220:
                 raise ReplyError("the server refused the session at its greeting", greeting)
             await client._hello(helo)
-            if tls == "starttls":
+            if tls == "starttls" or (tls == "opportunistic" and "STARTTLS" in client.extensions):
                 assert tls_context is not None
                 await client._starttls(loop, host, tls_context)
                 await client._hello(helo)
@@ -300,12 +313,13 @@ class SMTPClient:
         return reply
 
     async def _hello(self, name: str) -> None:
-        reply = await self.command(b"EHLO " + name.encode("ascii", "replace"))
+        verb = b"LHLO" if self.lmtp else b"EHLO"
+        reply = await self.command(verb + b" " + name.encode("ascii", "replace"))
         if reply.code == 250:
             self.extensions = _extensions(reply.message)
             return
-        if reply.code < 500:
-            raise ReplyError("EHLO", reply)
+        if reply.code < 500 or self.lmtp:  # LMTP has no HELO to fall back to
+            raise ReplyError(verb.decode(), reply)
         reply = await self.command(b"HELO " + name.encode("ascii", "replace"))
         if reply.code != 250:
             raise ReplyError("HELO", reply)
@@ -422,6 +436,12 @@ class SMTPClient:
     async def payload(self, payload: bytes) -> Reply:
         """The dot-stuffed message (ending in CRLF "." CRLF) after a `ready` begin, and
         the server's final reply to it."""
+        (reply,) = await self.payload_replies(payload, 1)
+        return reply
+
+    async def payload_replies(self, payload: bytes, count: int) -> list[Reply]:
+        """`payload`, for LMTP: the server answers once per accepted recipient, in the
+        order of the RCPTs (RFC 2033 4.2); `count` is how many were accepted."""
         reader = self._reader
         if len(payload) <= WRITE_SLICE:
             self._write(payload)
@@ -430,9 +450,9 @@ class SMTPClient:
             for start in range(0, len(payload), WRITE_SLICE):
                 self._write(view[start : start + WRITE_SLICE])
                 await reader.drain(self.timeout)
-        (reply,) = await reader.wait(1, self.timeout)
+        replies = await reader.wait(count, self.timeout)
         self._busy = False
-        return reply
+        return replies
 
     # -- the connection -------------------------------------------------------------------
 
@@ -472,6 +492,18 @@ class SMTPClient:
         transport = self._reader.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+
+
+def path_bytes(address: str, *, utf8: bool) -> bytes:
+    """An address for MAIL FROM:<...> or RCPT TO:<...>: UTF-8 only with SMTPUTF8 (RFC
+    6531); ValueError when it cannot be written in a command line at all."""
+    try:
+        raw = address.encode("utf-8" if utf8 else "ascii")
+    except UnicodeEncodeError:
+        raise ValueError(f"address {address!r} is not ASCII and SMTPUTF8 is off") from None
+    if any(c in raw for c in b"\r\n<> "):
+        raise ValueError(f"address {address!r} cannot be written in an SMTP command")
+    return raw
 
 
 def _extensions(ehlo: str) -> dict[str, str]:
