@@ -80,3 +80,52 @@ async def test_a_non_durable_commit_survives_the_process(spool: Spool, tmp_path:
     await spool.write(put, durable=False)
     with sqlite3.connect(spool.path) as other:
         assert other.execute("SELECT v FROM probe").fetchall() == [("kept",)]
+
+
+def insert_then_fail(value: str) -> Callable[[sqlite3.Connection], None]:
+    def run(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO kv VALUES (?)", (value,))
+        raise ValueError(f"{value} refused")
+
+    return run
+
+
+def insert(value: str) -> Callable[[sqlite3.Connection], str]:
+    def run(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO kv VALUES (?)", (value,))
+        return value
+
+    return run
+
+
+def stored(conn: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT v FROM kv ORDER BY v")]
+
+
+async def test_a_failing_write_is_undone_alone_whether_it_commits_alone_or_in_a_batch(
+    spool: Spool,
+) -> None:
+    await spool.write(lambda conn: conn.execute("CREATE TABLE kv (v TEXT)"))
+    # Alone: no savepoint, the whole transaction rolled back; the writer goes on.
+    with pytest.raises(ValueError, match="lone refused"):
+        await spool.write(insert_then_fail("lone"))
+    assert await spool.write(insert("a")) == "a"
+    # In a batch: its savepoint rolled back, the others committed.
+    held, release = threading.Event(), threading.Event()
+
+    def block(conn: sqlite3.Connection) -> None:
+        held.set()
+        release.wait(10)
+
+    blocker = asyncio.ensure_future(spool.write(block, durable=False))
+    await asyncio.to_thread(held.wait, 10)
+    batch = [
+        asyncio.ensure_future(spool.write(fn))
+        for fn in (insert("b"), insert_then_fail("bad"), insert("c"))
+    ]
+    await asyncio.sleep(0)
+    release.set()
+    await blocker
+    results = await asyncio.gather(*batch, return_exceptions=True)
+    assert results[0] == "b" and results[2] == "c" and isinstance(results[1], ValueError)
+    assert await spool.read(stored) == ["a", "b", "c"]
