@@ -48,8 +48,8 @@ $(AWS_S3EC): $(STAMP)
 	touch $@
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests bench
-	$(BIN)/ruff format --check relay tests bench
+	$(BIN)/ruff check relay tests bench hatch_build.py
+	$(BIN)/ruff format --check relay tests bench hatch_build.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from relay import heap, sdnotify
+from relay import heap, sdnotify, wire
 from relay.certwatch import CertWatcher
 from relay.checks import check
 from relay.config import Config
@@ -521,9 +521,10 @@ async def serve(config: Config, *, shard: int = 0, workers: int = 1, on_ready: A
         on_ready()
     else:
         log.info(
-            "relay ready: SMTP %s",
+            "relay ready: SMTP %s; DATA scanner: %s",
             ", ".join(str(p) for p in relay.smtp_ports()),
-            extra={"event": "ready"},
+            wire.SCANNER,
+            extra={"event": "ready", "scanner": wire.SCANNER},
         )
         sdnotify.ready("serving SMTP on " + ", ".join(str(p) for p in relay.smtp_ports()))
     await stop.wait()

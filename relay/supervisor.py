@@ -24,7 +24,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from relay import sdnotify
+from relay import sdnotify, wire
 from relay.config import Config
 from relay.reload import reloaded_for_restarts, remove_pid_file, write_pid_file
 from relay.smtp.listener import EX_CONFIG, tls_files
@@ -97,10 +97,11 @@ def _wait_ready(read_fd: int, children: dict[int, int], workers: int) -> int | N
             code = os.waitstatus_to_exitcode(status)
             return code if code > 0 else 1  # killed by a signal (negative) or 0: failure
     log.info(
-        "relay ready: %d workers on one port, queue shards %s",
+        "relay ready: %d workers on one port, queue shards %s; DATA scanner: %s",
         workers,
         ", ".join(str(s) for s in sorted(ready)),
-        extra={"event": "ready"},
+        wire.SCANNER,
+        extra={"event": "ready", "scanner": wire.SCANNER},
     )
     return None
 

@@ -19,6 +19,7 @@ import smtplib
 import subprocess
 import sys
 import time
+import zipfile
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -92,12 +93,15 @@ async def test_relay_built_like_the_image_serves_mail_through_its_entrypoint(
     # Exactly pyproject.toml's pins are installed, uvloop included, and relay itself comes
     # from the environment, not from this checkout.
     probe = (
-        "import importlib.metadata as m, json, relay, uvloop;"
-        "print(json.dumps({'relay': relay.__file__,"
+        "import importlib.metadata as m, json, relay, relay.wire, uvloop;"
+        "print(json.dumps({'relay': relay.__file__, 'scanner': relay.wire.SCANNER,"
         " 'versions': {d.metadata['Name']: d.version for d in m.distributions()}}))"
     )
     found = json.loads(run(venv / "bin/python", "-I", "-c", probe))
     assert Path(found["relay"]).is_relative_to(venv)
+    # hatch_build.py compiled the DATA scanner into the wheel (the image's build stage has
+    # a C compiler, as this machine does).
+    assert found["scanner"] == ("c" if shutil.which("cc") else "python")
     installed = {normalise(name): version for name, version in found["versions"].items()}
     for name, version in runtime_pins().items():
         assert installed.get(name) == version, f"{name}: pyproject pins {version}"
@@ -164,3 +168,26 @@ async def test_relay_built_like_the_image_serves_mail_through_its_entrypoint(
         if relay.returncode is None:
             relay.kill()
             await relay.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_wheel_is_pure_python_only_when_asked_or_without_a_compiler(tmp_path: Path) -> None:
+    """RELAY_PURE_PYTHON=1 (or no C compiler) gives a py3-none-any wheel without the module;
+    otherwise the wheel is tagged for this interpreter and platform and carries it."""
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler here")
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w"]
+    run(*build, tmp_path / "pure", ROOT, env={"RELAY_PURE_PYTHON": "1"})
+    run(*build, tmp_path / "native", ROOT, env={"RELAY_PURE_PYTHON": "0"})
+    [pure] = (tmp_path / "pure").glob("*.whl")
+    [native] = (tmp_path / "native").glob("*.whl")
+    assert pure.name.endswith("-py3-none-any.whl")
+    assert not native.name.endswith("-py3-none-any.whl"), native.name
+    with zipfile.ZipFile(native) as archive:
+        modules = [
+            n for n in archive.namelist() if n.startswith("relay/_wirescan.") and n.endswith(".so")
+        ]
+    with zipfile.ZipFile(pure) as archive:
+        assert not [n for n in archive.namelist() if n.endswith(".so")]
+    assert len(modules) == 1
