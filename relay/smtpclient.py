@@ -494,6 +494,16 @@ class SMTPClient:
             transport.close()
 
 
+def tls_context(*, verify: bool, ca_file: str = "") -> ssl.SSLContext:
+    """The client side of TLS: the system's CAs (or `ca_file`), hostname checked unless
+    `verify` is off (a smarthost with a self-signed certificate on a private network)."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def path_bytes(address: str, *, utf8: bool) -> bytes:
     """An address for MAIL FROM:<...> or RCPT TO:<...>: UTF-8 only with SMTPUTF8 (RFC
     6531); ValueError when it cannot be written in a command line at all."""

@@ -31,6 +31,7 @@ from relay.smtpclient import (
     SMTPClient,
     SMTPClientError,
     path_bytes,
+    tls_context,
 )
 from relay.upstreams.base import Upstream
 from relay.wire import dot_stuff
@@ -93,11 +94,9 @@ class SMTPUpstream(Upstream):
 
     async def start(self) -> None:
         if self.settings.tls != "none":
-            ctx = ssl.create_default_context(cafile=self.settings.ca_file or None)
-            if not self.settings.verify_tls:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            self._tls_context = ctx
+            self._tls_context = tls_context(
+                verify=self.settings.verify_tls, ca_file=self.settings.ca_file
+            )
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

@@ -23,8 +23,8 @@ import trustme
 from relay.config import Secret
 from relay.message import Envelope
 from relay.outcomes import Accepted, PermanentError, TransientError, UpstreamError
-from relay.upstreams.smtp import SMTPSettings, SMTPUpstream
 from relay.smtpclient import ProtocolViolation, Reply, _ReplyReader
+from relay.upstreams.smtp import SMTPSettings, SMTPUpstream
 from tests.conftest import PASSWORD, USER, RelayFactory, outbox, strip_received, wait_states
 
 MESSAGE = b"From: <app@example.com>\r\nTo: <rcpt@example.org>\r\nSubject: hi\r\n\r\nHello.\r\n"

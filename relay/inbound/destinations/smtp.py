@@ -18,7 +18,14 @@ from relay.config import Duration, Secret
 from relay.inbound.destinations.base import Destination, raise_for_refusals
 from relay.inbound.parse import ParsedMessage
 from relay.outcomes import PermanentError, RecipientRefusal, TransientError
-from relay.smtpclient import AuthRefused, Reply, SMTPClient, SMTPClientError, path_bytes
+from relay.smtpclient import (
+    AuthRefused,
+    Reply,
+    SMTPClient,
+    SMTPClientError,
+    path_bytes,
+    tls_context,
+)
 from relay.wire import dot_stuff
 
 TLSMode = Literal["none", "opportunistic", "starttls", "implicit"]
@@ -109,11 +116,7 @@ class SMTPDestination(Destination):
     def _context(self) -> ssl.SSLContext | None:
         if self.tls_context is not None or self.settings.tls == "none":
             return self.tls_context
-        context = ssl.create_default_context()
-        if not self.settings.verify_tls:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        return tls_context(verify=self.settings.verify_tls)
 
     async def _connect(self) -> SMTPClient:
         s = self.settings
