@@ -201,9 +201,11 @@ class Relay:
         if watcher.pairs:
             self.track(watcher.run(), name="certificates")
 
-    def track(self, work: Coroutine[Any, Any, object], *, name: str) -> None:
+    def track(self, work: Coroutine[Any, Any, object], *, name: str) -> asyncio.Task[object]:
         """Run `work` beside the relay; cancelled (and awaited) by `stop()`."""
-        self._tasks.append(asyncio.create_task(work, name=name))  # type: ignore[arg-type]
+        task = asyncio.create_task(work, name=name)
+        self._tasks.append(task)  # type: ignore[arg-type]
+        return task
 
     async def reload(self, config: Config | None = None) -> ReloadResult:
         """Put a new config in force without a restart (relay.reload): `config`, or the

@@ -100,7 +100,7 @@ class Relay(Protocol):
     webhook_sender: WebhookSender | None
     reload_lock: asyncio.Lock
 
-    def track(self, work: Coroutine[Any, Any, object], *, name: str) -> None: ...
+    def track(self, work: Coroutine[Any, Any, object], *, name: str) -> asyncio.Task[object]: ...
 
 
 class ReloadError(Exception):
@@ -257,10 +257,10 @@ async def _reload(relay: Relay, new: Config | None) -> ReloadResult:
             message = f"inbound.route: a destination cannot start: {_describe(exc)}"
             log.error("reload refused, the running config stays as it was: %s", message)
             return ReloadResult(error=message)
-    _commit(relay, new, prepared)
+    retiring = _commit(relay, new, prepared)
     relay.config = in_force(old, new)
     if applied:
-        heap.refreeze()  # what the swap let go, frozen since start, can be collected now
+        relay.track(_refreeze_after(retiring), name="refreeze-heap")
     for warning in new.warnings:
         log.warning("config: %s", warning)
     if applied:
@@ -338,8 +338,9 @@ async def _prepare(relay: Relay, old: Config, new: Config, applied: Iterable[str
     return prepared
 
 
-def _commit(relay: Relay, new: Config, prepared: _Prepared) -> None:
-    """Swap the prepared parts in. No await here: no message sees half a config."""
+def _commit(relay: Relay, new: Config, prepared: _Prepared) -> list[asyncio.Task[object]]:
+    """Swap the prepared parts in. No await here: no message sees half a config. Returns
+    the tasks that close what was replaced."""
     from relay.dispatch.outbound import OutboundWorker
     from relay.dispatch.routing import BreakerSettings
 
@@ -370,8 +371,7 @@ def _commit(relay: Relay, new: Config, prepared: _Prepared) -> None:
             health_half_life=r.health_half_life,
         )
     )
-    _swap_upstreams(relay, prepared)
-    _swap_events(relay, new, prepared)
+    retiring = _swap_upstreams(relay, prepared) + _swap_events(relay, new, prepared)
     worker = relay.outbound.worker if relay.outbound is not None else None
     if isinstance(worker, OutboundWorker):
         worker.signer = prepared.signer
@@ -386,23 +386,33 @@ def _commit(relay: Relay, new: Config, prepared: _Prepared) -> None:
         )
         events = relay.events
         worker.on_round = events.after_round if events is not None and new.webhook else None
+    return retiring
 
 
-def _swap_events(relay: Relay, new: Config, prepared: _Prepared) -> None:
+async def _refreeze_after(retiring: list[asyncio.Task[object]]) -> None:
+    """Once what the reload replaced has closed (an upstream after its attempts in flight),
+    it is garbage: collect it from the heap frozen at start, and freeze what lives on."""
+    await asyncio.gather(*retiring, return_exceptions=True)
+    heap.refreeze()
+
+
+def _swap_events(relay: Relay, new: Config, prepared: _Prepared) -> list[asyncio.Task[object]]:
     """The providers' endpoints, what their events do, the suppression rules and the
     applications' webhooks: each read per request or per event, so swapping is enough."""
+    retiring: list[asyncio.Task[object]] = []
     if relay.provider_hooks is not None and prepared.hooks is not None:
         for hook in relay.provider_hooks.swap(prepared.hooks):
-            relay.track(hook.close(), name=f"retire-webhook-{hook.name}")
+            retiring.append(relay.track(hook.close(), name=f"retire-webhook-{hook.name}"))
     if relay.events is not None:
         relay.events.reconfigure(new)
     if relay.suppression is not None:
         relay.suppression.config = new.suppression
     if relay.webhook_sender is not None:
         relay.webhook_sender.replace_hooks(new.webhook)
+    return retiring
 
 
-def _swap_upstreams(relay: Relay, prepared: _Prepared) -> None:
+def _swap_upstreams(relay: Relay, prepared: _Prepared) -> list[asyncio.Task[object]]:
     router = relay.router
     before = {s.name: s for s in router.states}
     retired: list[UpstreamState] = []
@@ -424,11 +434,13 @@ def _swap_upstreams(relay: Relay, prepared: _Prepared) -> None:
         if name in before:
             retired.append(before[name])
             log.info("upstream %s removed: no new attempts go to it", name)
+    closing: list[asyncio.Task[object]] = []
     for state in retired:
         router.retire(state)
         if state.upstream in relay.upstreams:
             relay.upstreams.remove(state.upstream)
-        relay.track(_close_when_idle(router, state), name=f"retire-{state.name}")
+        closing.append(relay.track(_close_when_idle(router, state), name=f"retire-{state.name}"))
+    return closing
 
 
 async def _close_when_idle(router: Router, state: UpstreamState) -> None:

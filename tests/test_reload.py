@@ -4,10 +4,12 @@ invalid one changes nothing, and a renewed certificate is served without a signa
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
 import ssl
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-from relay import certwatch
+from relay import certwatch, heap
 from relay.app import Relay
 from relay.smtp.auth import hash_password
 from tests.conftest import (
@@ -528,3 +530,38 @@ async def test_reload_changes_web_tokens_and_replaces_a_changed_upstream_keeping
     await send("after")
     await second.wait_count(1)
     assert len(first.messages) == 1
+
+
+async def test_what_a_reload_replaced_is_collected_from_the_heap_frozen_at_start(
+    tmp_path: Path,
+    tls_files: tuple[str, str],
+    sinks: tuple[SMTPSink, SMTPSink],
+    running: list[Relay],
+) -> None:
+    first, second = sinks
+    relay = Relay(
+        relay_config(
+            tmp_path, tls_files=tls_files, upstream=[smtp_upstream(first.port, name="smarthost")]
+        )
+    )
+    await relay.start()
+    running.append(relay)
+    upstream = relay.router.state("smarthost").upstream
+    upstream.cycle = upstream  # type: ignore[attr-defined]  # as clients and pools make them
+    replaced = weakref.ref(upstream)
+    del upstream
+    heap.freeze()  # as `serve` does once started
+    try:
+        result = await relay.reload(
+            relay_config(
+                tmp_path,
+                tls_files=tls_files,
+                upstream=[smtp_upstream(second.port, name="smarthost")],
+            )
+        )
+        assert result.ok, result.error
+        [refreeze] = [t for t in asyncio.all_tasks() if t.get_name() == "refreeze-heap"]
+        await refreeze  # after the replaced upstream was closed
+        assert replaced() is None
+    finally:
+        gc.unfreeze()
