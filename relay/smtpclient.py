@@ -494,7 +494,7 @@ class SMTPClient:
             transport.close()
 
 
-def tls_context(*, verify: bool, ca_file: str = "") -> ssl.SSLContext:
+def client_tls_context(*, verify: bool, ca_file: str = "") -> ssl.SSLContext:
     """The client side of TLS: the system's CAs (or `ca_file`), hostname checked unless
     `verify` is off (a smarthost with a self-signed certificate on a private network)."""
     context = ssl.create_default_context(cafile=ca_file or None)

@@ -30,8 +30,8 @@ from relay.smtpclient import (
     ReplyTimeout,
     SMTPClient,
     SMTPClientError,
+    client_tls_context,
     path_bytes,
-    tls_context,
 )
 from relay.upstreams.base import Upstream
 from relay.wire import dot_stuff
@@ -94,7 +94,7 @@ class SMTPUpstream(Upstream):
 
     async def start(self) -> None:
         if self.settings.tls != "none":
-            self._tls_context = tls_context(
+            self._tls_context = client_tls_context(
                 verify=self.settings.verify_tls, ca_file=self.settings.ca_file
             )
 

@@ -382,6 +382,19 @@ async def test_an_address_that_cannot_be_written_in_a_command_is_refused_unsent(
     assert sink.messages == []
 
 
+async def test_an_international_address_waits_for_a_server_that_offers_smtputf8() -> None:
+    sink = Sink()
+    server, port = await serve(lambda: SMTP(sink, hostname="sink.test", enable_SMTPUTF8=False))
+    try:
+        with pytest.raises(TransientError, match="does not offer SMTPUTF8") as info:
+            await smtp_dest(port).deliver(RAW, PARSED, ["jürgen@example.com"])
+        assert not info.value.upstream_wide  # the address's need, not a broken server
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert sink.messages == []
+
+
 async def test_lmtp_per_recipient_replies() -> None:
     sink = Sink(
         lmtp_replies={"full@example.com": "452 4.2.2 mailbox full"},

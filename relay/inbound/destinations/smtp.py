@@ -8,6 +8,7 @@ recipient. Both read one settings class (`protocol` tells them apart).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import Sequence
@@ -23,8 +24,8 @@ from relay.smtpclient import (
     Reply,
     SMTPClient,
     SMTPClientError,
+    client_tls_context,
     path_bytes,
-    tls_context,
 )
 from relay.wire import dot_stuff
 
@@ -91,6 +92,7 @@ class SMTPDestination(Destination):
         self.settings = settings
         self.tls_context = tls_context
         self.where = f"{self.type_name} {settings.host}:{settings.port}"
+        self._helo = ""
 
     def _envelope_sender(self, parsed: ParsedMessage, sender: str | None) -> str:
         return self.settings.mail_from or sender or ""
@@ -113,21 +115,21 @@ class SMTPDestination(Destination):
         finally:
             await client.quit()
 
-    def _context(self) -> ssl.SSLContext | None:
-        if self.tls_context is not None or self.settings.tls == "none":
-            return self.tls_context
-        return tls_context(verify=self.settings.verify_tls)
-
     async def _connect(self) -> SMTPClient:
         s = self.settings
+        tls = "none" if self.lmtp else s.tls  # LMTP is local delivery (see validate)
+        if tls != "none" and self.tls_context is None:  # once: it reads the CA bundle
+            self.tls_context = client_tls_context(verify=s.verify_tls)
+        if not self._helo:  # once, off the loop: a reverse DNS lookup may block
+            self._helo = s.local_hostname or await asyncio.to_thread(socket.getfqdn)
         try:
             return await SMTPClient.connect(
                 s.host,
                 s.port,
                 timeout=float(s.timeout),
-                helo=s.local_hostname or socket.getfqdn(),
-                tls=s.tls,
-                tls_context=self._context(),
+                helo=self._helo,
+                tls=tls,
+                tls_context=self.tls_context,
                 username=s.username or "",
                 password=str(s.password) if s.password else "",
                 unix_socket=s.socket,
@@ -152,6 +154,11 @@ class SMTPDestination(Destination):
         except ValueError as exc:
             raise PermanentError(f"{self.where}: {exc}") from None
         if utf8:
+            if "SMTPUTF8" not in client.extensions:  # RFC 6531: only where offered
+                raise TransientError(
+                    f"{self.where} does not offer SMTPUTF8, which the address"
+                    f" <{next(a for a in (mail_from, *recipients) if not a.isascii())}> needs"
+                )
             mail += b" SMTPUTF8"
         if not raw.isascii() and "8BITMIME" in client.extensions:
             mail += b" BODY=8BITMIME"
@@ -183,17 +190,17 @@ class SMTPDestination(Destination):
                 upstream_wide=True,
                 ambiguous=True,
             ) from exc
-        if not self.lmtp:
-            if answers[0].code != 250:
-                raise _reply_error(f"{self.where} refused the message", answers[0])
-            answers = answers * len(accepted)  # SMTP: one answer for every recipient
-        # LMTP: one answer per accepted recipient, in RCPT order (RFC 2033 4.2).
-        delivered = []
-        for rcpt, answer in zip(accepted, answers, strict=True):
-            if answer.code == 250:
-                delivered.append(rcpt)
-            else:
-                refused[rcpt] = _refusal(answer)
+        if self.lmtp:  # one answer per accepted recipient, in RCPT order (RFC 2033 4.2)
+            delivered = []
+            for rcpt, answer in zip(accepted, answers, strict=True):
+                if answer.code == 250:
+                    delivered.append(rcpt)
+                else:
+                    refused[rcpt] = _refusal(answer)
+        elif answers[0].code == 250:
+            delivered = accepted
+        else:
+            raise _reply_error(f"{self.where} refused the message", answers[0])
         raise_for_refusals(self.where, delivered, refused)
         return f"{self.where}: {answers[-1]}"
 
