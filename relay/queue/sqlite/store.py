@@ -410,7 +410,7 @@ class Spool:
                 results.append(self._run_alone(conn, batch[0]))
             else:
                 results.extend(self._run_each(conn, batch))
-            if conn.in_transaction:  # not when a lone write failed and was rolled back
+            if len(batch) > 1 or results[0][1]:  # a lone write that failed: rolled back
                 if self.segments is not None:
                     self.segments.sync()  # the bodies on disk before the rows naming them
                 conn.execute("COMMIT")
@@ -434,7 +434,8 @@ class Spool:
         try:
             return req, True, req.fn(conn)
         except Exception as exc:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back itself (disk full, I/O)
+                conn.execute("ROLLBACK")
             return req, False, exc
 
     @staticmethod
