@@ -194,10 +194,7 @@ async def _json_request(request: web.Request, ctx: WebContext) -> Any:
 
 async def list_messages(request: web.Request) -> web.Response:
     require(request, "read")
-    try:
-        query = message_query(single_params(request))
-    except SubmitError as exc:
-        return error_response(exc)
+    query = message_query(single_params(request))
     return web.json_response(await views.message_page(_ctx(request), query))
 
 
@@ -246,9 +243,9 @@ async def get_stats(request: web.Request) -> web.Response:
     unknown = sorted(set(params) - {"window"})
     window = params.get("window", "1h")
     if unknown:
-        return error_response(invalid(unknown[0], "unknown parameter; stats takes window"))
+        raise invalid(unknown[0], "unknown parameter; stats takes window")
     if window not in views.WINDOWS:
-        return error_response(invalid("window", f"must be one of {', '.join(views.WINDOWS)}"))
+        raise invalid("window", f"must be one of {', '.join(views.WINDOWS)}")
     return web.json_response(await views.stats(_ctx(request), window))
 
 
@@ -304,16 +301,13 @@ async def retry_matching(request: web.Request) -> web.Response:
     on its own timeline; at most `limit` (≤ 1000) per call, `more` says if others match."""
     principal = require(request, "admin")
     ctx = _ctx(request)
-    try:
-        payload = await json_object(request, limit=SMALL_BODY, empty_ok=True)
-        if "before" in payload:
-            raise invalid("before", "a bulk retry has no cursor; narrow it with since/until")
-        limit = payload.pop("limit", BULK_LIMIT)
-        query = message_query({"state": "failed", **payload, "limit": limit}, max_limit=BULK_LIMIT)
-    except SubmitError as exc:
-        return error_response(exc)
+    payload = await json_object(request, limit=SMALL_BODY, empty_ok=True)
+    if "before" in payload:
+        raise invalid("before", "a bulk retry has no cursor; narrow it with since/until")
+    limit = payload.pop("limit", BULK_LIMIT)
+    query = message_query({"state": "failed", **payload, "limit": limit}, max_limit=BULK_LIMIT)
     if query.state not in ("failed", "deferred", "held"):
-        return error_response(invalid("state", "retry takes failed, deferred or held messages"))
+        raise invalid("state", "retry takes failed, deferred or held messages")
     rows = await ctx.queue.find(query)
     retried: list[str] = []
     skipped: dict[str, str] = {}

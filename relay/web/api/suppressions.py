@@ -13,11 +13,10 @@ from aiohttp import web
 
 from relay.queue.base import Suppression, SuppressionStore
 from relay.suppression import check_address, check_scope, operator_entry
-from relay.web.api.compose import SubmitError, invalid
+from relay.web.api.compose import invalid
 from relay.web.api.inputs import (
     MAX_FILTER_TEXT,
     SMALL_BODY,
-    error_response,
     json_object,
     single_params,
 )
@@ -52,19 +51,16 @@ def _limit(params: dict[str, str]) -> int:
 
 async def list_suppressions(request: web.Request) -> web.Response:
     require(request, "read")
-    try:
-        params = single_params(request)
-        unknown = sorted(set(params) - {"search", "after", "limit"})
-        if unknown:
-            raise invalid(unknown[0], "unknown parameter; this takes search, after and limit")
-        limit = _limit(params)
-        search = params.get("search") or None
-        after = params.get("after") or None
-        for name, value in (("search", search), ("after", after)):
-            if value is not None and len(value) > MAX_FILTER_TEXT:
-                raise invalid(name, f"at most {MAX_FILTER_TEXT} characters")
-    except SubmitError as exc:
-        return error_response(exc)
+    params = single_params(request)
+    unknown = sorted(set(params) - {"search", "after", "limit"})
+    if unknown:
+        raise invalid(unknown[0], "unknown parameter; this takes search, after and limit")
+    limit = _limit(params)
+    search = params.get("search") or None
+    after = params.get("after") or None
+    for name, value in (("search", search), ("after", after)):
+        if value is not None and len(value) > MAX_FILTER_TEXT:
+            raise invalid(name, f"at most {MAX_FILTER_TEXT} characters")
     rows = await _store(_ctx(request)).list(contains=search, after=after, limit=limit + 1)
     page = rows[:limit]
     more = len(rows) > limit
@@ -79,22 +75,19 @@ async def list_suppressions(request: web.Request) -> web.Response:
 async def add_suppression(request: web.Request) -> web.Response:
     principal = require(request, "admin")
     ctx = _ctx(request)
-    try:
-        payload = await json_object(request, limit=SMALL_BODY)
-        unknown = sorted(set(payload) - set(FIELDS))
-        if unknown:
-            raise invalid(unknown[0], f"unknown field; give {', '.join(FIELDS)}")
-        if "address" not in payload:
-            raise invalid("address", "required: the address to stop mailing")
-        for name in FIELDS:
-            value = payload.get(name)
-            if name == "expires" and isinstance(value, int | float) and not isinstance(value, bool):
-                continue
-            if value is not None and not isinstance(value, str):
-                raise invalid(name, "must be a string")
-        entry = _entry(payload, source=principal.actor, now=ctx.clock())
-    except SubmitError as exc:
-        return error_response(exc)
+    payload = await json_object(request, limit=SMALL_BODY)
+    unknown = sorted(set(payload) - set(FIELDS))
+    if unknown:
+        raise invalid(unknown[0], f"unknown field; give {', '.join(FIELDS)}")
+    if "address" not in payload:
+        raise invalid("address", "required: the address to stop mailing")
+    for name in FIELDS:
+        value = payload.get(name)
+        if name == "expires" and isinstance(value, int | float) and not isinstance(value, bool):
+            continue
+        if value is not None and not isinstance(value, str):
+            raise invalid(name, "must be a string")
+    entry = _entry(payload, source=principal.actor, now=ctx.clock())
     if ctx.suppressions is not None:
         await ctx.suppressions.add([entry])
     else:
@@ -133,23 +126,20 @@ def _entry(payload: dict[str, Any], *, source: str, now: float) -> Suppression:
 async def remove_suppression(request: web.Request) -> web.Response:
     require(request, "admin")
     ctx = _ctx(request)
+    params = single_params(request)
+    unknown = sorted(set(params) - {"scope"})
+    if unknown:
+        raise invalid(unknown[0], "unknown parameter; this takes scope")
     try:
-        params = single_params(request)
-        unknown = sorted(set(params) - {"scope"})
-        if unknown:
-            raise invalid(unknown[0], "unknown parameter; this takes scope")
+        address = check_address(request.match_info["address"])
+    except ValueError as exc:
+        raise invalid("address", str(exc)) from None
+    scope: str | None = None
+    if "scope" in params:
         try:
-            address = check_address(request.match_info["address"])
+            scope = check_scope(params["scope"])
         except ValueError as exc:
-            raise invalid("address", str(exc)) from None
-        scope: str | None = None
-        if "scope" in params:
-            try:
-                scope = check_scope(params["scope"])
-            except ValueError as exc:
-                raise invalid("scope", str(exc)) from None
-    except SubmitError as exc:
-        return error_response(exc)
+            raise invalid("scope", str(exc)) from None
     if ctx.suppressions is not None:
         removed = await ctx.suppressions.remove(address, scope=scope)
     else:
