@@ -10,6 +10,7 @@ same answers, slower. Editable installs (`make`) leave the module to the Makefil
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sysconfig
@@ -25,6 +26,7 @@ SOURCE = "relay/_wirescan.c"
 
 class ScannerBuildHook(BuildHookInterface[BuilderConfig]):
     PLUGIN_NAME = "custom"
+    _scratch = ""  # where the module was compiled, removed once the wheel is written
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel" or version == "editable":
@@ -32,14 +34,15 @@ class ScannerBuildHook(BuildHookInterface[BuilderConfig]):
         if os.environ.get("RELAY_PURE_PYTHON") == "1":
             self.app.display_info("RELAY_PURE_PYTHON=1: the DATA scanner stays in Python")
             return
-        compiler = shutil.which(os.environ.get("CC", "cc"))
-        if compiler is None:
+        compiler = shlex.split(os.environ.get("CC", "cc"))  # "ccache gcc" is a compiler too
+        if not compiler or shutil.which(compiler[0]) is None:
             self.app.display_warning("no C compiler: the DATA scanner stays in Python")
             return
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-        built = Path(tempfile.mkdtemp(prefix="relay-wirescan-")) / f"_wirescan{suffix}"
+        self._scratch = tempfile.mkdtemp(prefix="relay-wirescan-")
+        built = Path(self._scratch) / f"_wirescan{suffix}"
         command = [
-            compiler,
+            *compiler,
             "-O3",
             "-Wall",
             "-shared",
@@ -58,3 +61,7 @@ class ScannerBuildHook(BuildHookInterface[BuilderConfig]):
         build_data["force_include"][str(built)] = f"relay/_wirescan{suffix}"
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
+
+    def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
