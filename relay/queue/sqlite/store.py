@@ -433,9 +433,10 @@ class Spool:
         assert req.fn is not None  # reclaim requests never reach a commit
         try:
             return req, True, req.fn(conn)
+        except (sqlite3.Error, OSError):
+            raise  # the store failed (disk full, I/O): `_commit` refuses it as StoreError
         except Exception as exc:
-            if conn.in_transaction:  # SQLite may have rolled back itself (disk full, I/O)
-                conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK")
             return req, False, exc
 
     @staticmethod
