@@ -167,6 +167,12 @@ class SMTPUpstream(Upstream):
     async def _transaction(self, client: SMTPClient, envelope: Envelope, data: bytes) -> Accepted:
         host = self.settings.host
         rcpts = envelope.rcpt_tos
+        if envelope.smtputf8 and "SMTPUTF8" not in client.extensions:
+            # RFC 6531: only where offered. Another upstream may take it; this one takes
+            # the rest of the mail as before.
+            raise TransientError(
+                f"{host} does not offer SMTPUTF8, which this message's addresses need"
+            )
         try:
             replies = await client.begin(
                 _mail_command(envelope), [_rcpt_command(envelope, rcpt) for rcpt in rcpts]

@@ -683,3 +683,17 @@ def test_the_client_runs_under_uvloop() -> None:
             return await up.send(ENVELOPE, MESSAGE)
 
     assert uvloop.run(relay_one()).provider_id == "FAKE1"
+
+
+async def test_an_smtputf8_message_is_not_offered_to_a_server_without_it() -> None:
+    """RFC 6531: SMTPUTF8 only where EHLO offers it; the refusal is transient and the
+    message's own (another upstream may take it), and the session stays usable."""
+    script = Script()  # PIPELINING, 8BITMIME, SIZE: no SMTPUTF8
+    async with FakeServer(script) as server, upstream(server.port) as up:
+        with pytest.raises(TransientError, match="does not offer SMTPUTF8") as info:
+            await up.send(Envelope("jörg@example.com", ("a@example.org",), smtputf8=True), MESSAGE)
+        assert not info.value.upstream_wide
+        accepted = await up.send(Envelope("app@example.com", ("a@example.org",)), MESSAGE)
+    assert accepted.provider_id == "FAKE1"
+    assert not [c for c in script.commands if "SMTPUTF8" in c or "jörg" in c]
+    assert script.sessions == 1
