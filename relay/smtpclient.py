@@ -504,9 +504,26 @@ def client_tls_context(*, verify: bool, ca_file: str = "") -> ssl.SSLContext:
     return context
 
 
-def path_bytes(address: str, *, utf8: bool) -> bytes:
+def mail_command(sender: str, *, utf8: bool, body_8bit: bool) -> bytes:
+    """MAIL FROM:<sender> with SMTPUTF8 (RFC 6531) and BODY=8BITMIME (RFC 6152) as asked;
+    ValueError when the address cannot be written in a command line."""
+    line = b"MAIL FROM:<" + _path(sender, utf8=utf8) + b">"
+    if utf8:
+        line += b" SMTPUTF8"
+    if body_8bit:
+        line += b" BODY=8BITMIME"
+    return line
+
+
+def rcpt_command(recipient: str, *, utf8: bool) -> bytes:
+    """RCPT TO:<recipient>; ValueError as for `mail_command`."""
+    return b"RCPT TO:<" + _path(recipient, utf8=utf8) + b">"
+
+
+def _path(address: str, *, utf8: bool) -> bytes:
     """An address for MAIL FROM:<...> or RCPT TO:<...>: UTF-8 only with SMTPUTF8 (RFC
-    6531); ValueError when it cannot be written in a command line at all."""
+    6531); ValueError when it cannot be written in a command line at all (a CRLF in it
+    would be a second command)."""
     try:
         raw = address.encode("utf-8" if utf8 else "ascii")
     except UnicodeEncodeError:

@@ -31,7 +31,8 @@ from relay.smtpclient import (
     SMTPClient,
     SMTPClientError,
     client_tls_context,
-    path_bytes,
+    mail_command,
+    rcpt_command,
 )
 from relay.upstreams.base import Upstream
 from relay.wire import dot_stuff
@@ -241,20 +242,16 @@ def _queue_id(message: str) -> str:
 def _mail_command(envelope: Envelope) -> bytes:
     """MAIL written directly: the address was checked when the message was accepted.
     SMTPUTF8 addresses go as UTF-8 (RFC 6531)."""
-    line = b"MAIL FROM:<" + _address(envelope, envelope.mail_from) + b">"
-    if envelope.smtputf8:
-        line += b" SMTPUTF8"
-    if envelope.body_8bit:
-        line += b" BODY=8BITMIME"
-    return line
+    try:
+        return mail_command(
+            envelope.mail_from, utf8=envelope.smtputf8, body_8bit=envelope.body_8bit
+        )
+    except ValueError as exc:
+        raise PermanentError(str(exc)) from None
 
 
 def _rcpt_command(envelope: Envelope, rcpt: str) -> bytes:
-    return b"RCPT TO:<" + _address(envelope, rcpt) + b">"
-
-
-def _address(envelope: Envelope, address: str) -> bytes:
     try:
-        return path_bytes(address, utf8=envelope.smtputf8)
+        return rcpt_command(rcpt, utf8=envelope.smtputf8)
     except ValueError as exc:
         raise PermanentError(str(exc)) from None

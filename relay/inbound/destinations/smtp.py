@@ -25,7 +25,8 @@ from relay.smtpclient import (
     SMTPClient,
     SMTPClientError,
     client_tls_context,
-    path_bytes,
+    mail_command,
+    rcpt_command,
 )
 from relay.wire import dot_stuff
 
@@ -148,20 +149,17 @@ class SMTPDestination(Destination):
         self, client: SMTPClient, mail_from: str, recipients: Sequence[str], raw: bytes
     ) -> str:
         utf8 = not all(a.isascii() for a in (mail_from, *recipients))
+        body_8bit = not raw.isascii() and "8BITMIME" in client.extensions
         try:
-            mail = b"MAIL FROM:<" + path_bytes(mail_from, utf8=utf8) + b">"
-            rcpts = [b"RCPT TO:<" + path_bytes(r, utf8=utf8) + b">" for r in recipients]
+            mail = mail_command(mail_from, utf8=utf8, body_8bit=body_8bit)
+            rcpts = [rcpt_command(r, utf8=utf8) for r in recipients]
         except ValueError as exc:
             raise PermanentError(f"{self.where}: {exc}") from None
-        if utf8:
-            if "SMTPUTF8" not in client.extensions:  # RFC 6531: only where offered
-                raise TransientError(
-                    f"{self.where} does not offer SMTPUTF8, which the address"
-                    f" <{next(a for a in (mail_from, *recipients) if not a.isascii())}> needs"
-                )
-            mail += b" SMTPUTF8"
-        if not raw.isascii() and "8BITMIME" in client.extensions:
-            mail += b" BODY=8BITMIME"
+        if utf8 and "SMTPUTF8" not in client.extensions:  # RFC 6531: only where offered
+            raise TransientError(
+                f"{self.where} does not offer SMTPUTF8, which the address"
+                f" <{next(a for a in (mail_from, *recipients) if not a.isascii())}> needs"
+            )
         try:
             replies = await client.begin(mail, rcpts)
         except SMTPClientError as exc:
