@@ -395,12 +395,12 @@ class Router:
         """
         health = {s.name: s.current_health() for s in group}
         best = max(health.values())
-
-        def leads(s: UpstreamState) -> bool:
-            return health[s.name] >= best - LEAD_MARGIN * 0.5 ** min(s.setbacks, SETBACK_LIMIT)
-
-        lead = [s for s in group if leads(s)]
-        behind = sorted((s for s in group if not leads(s)), key=lambda s: -health[s.name])
+        lead: list[UpstreamState] = []
+        behind: list[UpstreamState] = []
+        for s in group:
+            margin = LEAD_MARGIN * 0.5 ** min(s.setbacks, SETBACK_LIMIT)
+            (lead if health[s.name] >= best - margin else behind).append(s)
+        behind.sort(key=lambda s: -health[s.name])
         for s in behind:
             if not s.on_trial:
                 s.on_trial, s.trial_passed = True, 0
