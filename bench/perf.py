@@ -34,9 +34,11 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Protocol, TypeVar
 
 from bench.worktree import WorktreeError, worktree
+
+T = TypeVar("T")
 
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -869,6 +871,12 @@ def run_load(
     )
 
 
+def in_turn(items: Sequence[T], run: int) -> list[T]:
+    """The servers of one run, starting one further each run: none always goes first."""
+    shift = run % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
 def throughput(
     servers: Sequence[tuple[Server, Destination]], settings: Settings
 ) -> dict[tuple[int, int, str], list[RunResult]]:
@@ -883,8 +891,7 @@ def throughput(
         )
     for size, sessions in settings.loads():
         for run in range(settings.runs):
-            shift = run % len(servers)
-            for server, dest in [*servers[shift:], *servers[:shift]]:
+            for server, dest in in_turn(servers, run):
                 r = run_load(
                     server,
                     dest,
@@ -1552,8 +1559,7 @@ def latency(servers: Sequence[Server], results: Results, settings: Settings) -> 
             rates.append((server, max_rate / 2))
         else:
             for run in range(settings.runs):
-                shift = run % len(rates)
-                for server, rate in [*rates[shift:], *rates[:shift]]:
+                for server, rate in in_turn(rates, run):
                     result = _latency_once(server, rate, size, settings)
                     log(
                         f"latency {_kb(size)} run {run + 1}/{settings.runs} {server.name} at "
