@@ -45,6 +45,9 @@ def test_a_frozen_cycle_dropped_later_is_kept_until_refreeze() -> None:
 def test_refreeze_keeps_what_is_still_referenced_frozen() -> None:
     kept, ref = cycle()
     heap.freeze()
-    frozen = heap.refreeze()
-    assert ref() is kept.peer and frozen >= 2
-    assert gc.get_freeze_count() == frozen
+    assert heap.refreeze() >= 2
+    assert ref() is kept.peer
+    # frozen objects are left out of the collector's generations; the freeze count itself
+    # is not compared: anything frozen that another thread frees meanwhile lowers it
+    tracked = gc.get_objects()
+    assert not any(o is kept or o is kept.peer for o in tracked)
