@@ -60,19 +60,22 @@ class QueueAdmin:
         log.info("%s held by %s", msg_id, actor)
 
     async def release(self, msg_id: str, *, actor: str) -> list[str]:
+        probing = await self._probe_open_breakers(actor)
         await self.queue.release(msg_id, now=self.clock(), actor=actor)
         log.info("%s released by %s", msg_id, actor)
-        return await self._probe_open_breakers(actor)
+        return probing
 
     async def retry(self, msg_id: str, *, actor: str) -> list[str]:
+        probing = await self._probe_open_breakers(actor)
         await self.queue.retry(msg_id, now=self.clock(), actor=actor)
         log.info("%s queued again by %s", msg_id, actor)
-        return await self._probe_open_breakers(actor)
+        return probing
 
     async def retry_failed(self, *, actor: str) -> tuple[list[str], list[str]]:
+        probing = await self._probe_open_breakers(actor)
         ids = await self.queue.retry_failed(now=self.clock(), actor=actor)
         log.info("%d failed message(s) queued again by %s", len(ids), actor)
-        return ids, await self._probe_open_breakers(actor)
+        return ids, probing
 
     async def delete(self, msg_id: str, *, actor: str) -> None:
         await self.queue.delete(msg_id, actor=actor)
@@ -92,13 +95,17 @@ class QueueAdmin:
         return []
 
     async def flush(self, *, actor: str) -> tuple[list[str], list[str]]:
+        probing = await self._probe_open_breakers(actor)
         ids = await self.queue.flush(now=self.clock(), actor=actor)
         log.info("%d deferred message(s) made due by %s", len(ids), actor)
-        return ids, await self._probe_open_breakers(actor)
+        return ids, probing
 
     async def _probe_open_breakers(self, actor: str) -> list[str]:
         """An operator who retries or flushes wants an attempt now: an upstream whose
-        breaker is open probes at once instead of after its cooldown. The upstreams named."""
+        breaker is open probes at once instead of after its cooldown. The upstreams named.
+
+        Asked before the messages are made due: a dispatcher that picked one up first
+        would find the breaker still open and defer it for another cooldown."""
         rows = await self.upstreams()
         open_now = [name for name, row in rows.items() if row.breaker == "open"]
         if open_now:
