@@ -268,8 +268,9 @@ class SMTPClient:
     ) -> SMTPClient:
         """A session ready for MAIL: greeted, TLS as asked (`none`, `starttls`,
         `opportunistic`: STARTTLS when offered, `implicit`), authenticated when `username`
-        is set. `unix_socket` instead of host and port; `lmtp` greets with LHLO. Closed
-        again on any failure."""
+        is set (never in the clear after an opportunistic STARTTLS that was not offered).
+        `unix_socket` instead of host and port; `lmtp` greets with LHLO. Closed again on
+        any failure."""
         loop = asyncio.get_running_loop()
         implicit = tls == "implicit"
         if tls != "none" and tls_context is None:
@@ -294,11 +295,21 @@ class SMTPClient:
             if greeting.code != 220:
                 raise ReplyError("the server refused the session at its greeting", greeting)
             await client._hello(helo)
-            if tls == "starttls" or (tls == "opportunistic" and "STARTTLS" in client.extensions):
+            starttls = tls == "starttls" or (
+                tls == "opportunistic" and "STARTTLS" in client.extensions
+            )
+            if starttls:
                 assert tls_context is not None
                 await client._starttls(loop, host, tls_context)
                 await client._hello(helo)
             if username:
+                if tls == "opportunistic" and not starttls:
+                    # A STARTTLS stripped on the way would otherwise get the password.
+                    raise NotOffered(
+                        "the server does not offer STARTTLS and the password is not sent"
+                        ' in the clear: enable STARTTLS there, or set tls = "none" to send'
+                        " it anyway"
+                    )
                 await client._login(username, password)
         except BaseException:
             client.close()

@@ -8,6 +8,7 @@ server that fails on command and checks the signature the way a receiver should.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -344,6 +345,45 @@ async def test_smtp_opportunistic_starttls_then_login() -> None:
         with pytest.raises(TransientError, match="authentication failed") as info:
             await dest("wrong").deliver(RAW, PARSED, ["docs@example.com"])
         assert info.value.upstream_wide and len(sink.messages) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_smtp_opportunistic_without_starttls_keeps_the_password() -> None:
+    """A server (or someone between) that does not offer STARTTLS is not sent the
+    password in the clear; the destination says why and what to set."""
+    sink = Sink()
+    tried: list[bytes] = []
+
+    def authenticator(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        tried.append(data.password)
+        return AuthResult(success=True)
+
+    server, port = await serve(
+        lambda: SMTP(
+            sink, hostname="sink.test", authenticator=authenticator, auth_require_tls=False
+        )
+    )
+    try:
+        settings = SMTPDestinationConfig(
+            host="127.0.0.1",
+            port=port,
+            tls="opportunistic",
+            username="scanner",
+            password=Secret("s3cret"),
+            timeout=Duration(5.0),
+        )
+        dest = SMTPDestination("office", settings)
+        with pytest.raises(TransientError, match="not sent in the clear") as info:
+            await dest.deliver(RAW, PARSED, ["docs@example.com"])
+        assert 'set tls = "none"' in str(info.value) and info.value.upstream_wide
+        assert tried == [] and sink.messages == []
+        plain = SMTPDestination("office", dataclasses.replace(settings, tls="none"))
+        await plain.deliver(RAW, PARSED, ["docs@example.com"])  # the operator's choice
+        assert tried == [b"s3cret"] and len(sink.messages) == 1
     finally:
         server.close()
         await server.wait_closed()
