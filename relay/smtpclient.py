@@ -65,6 +65,11 @@ class NotOffered(SMTPClientError):
     """The server does not offer what the configuration asks for (STARTTLS, AUTH)."""
 
 
+class PayloadUnsent(SMTPClientError):
+    """The connection failed before the payload's final "." was written: unlike a failure
+    after it, the server cannot have taken the message."""
+
+
 class ReplyError(SMTPClientError):
     """The server answered a session step (greeting, EHLO, STARTTLS, RSET) with a refusal."""
 
@@ -454,13 +459,19 @@ class SMTPClient:
         """`payload`, for LMTP: the server answers once per accepted recipient, in the
         order of the RCPTs (RFC 2033 4.2); `count` is how many were accepted."""
         reader = self._reader
-        if len(payload) <= WRITE_SLICE:
-            self._write(payload)
-        else:
-            view = memoryview(payload)
-            for start in range(0, len(payload), WRITE_SLICE):
-                self._write(view[start : start + WRITE_SLICE])
-                await reader.drain(self.timeout)
+        try:
+            if len(payload) <= WRITE_SLICE:
+                self._write(payload)
+            else:
+                view = memoryview(payload)
+                for start in range(0, len(payload), WRITE_SLICE):
+                    if start:
+                        await reader.drain(self.timeout)
+                    self._write(view[start : start + WRITE_SLICE])
+        except SMTPClientError as exc:
+            if len(reader.replies) >= count:  # the server's verdict ("552 too big"), then a close
+                return [reader.replies.popleft() for _ in range(count)]
+            raise PayloadUnsent(f"the message's end was never sent: {exc}") from exc
         replies = await reader.wait(count, self.timeout)
         self._busy = False
         return replies

@@ -26,6 +26,7 @@ from relay.outcomes import Accepted, PermanentError, RecipientRefusal, Transient
 from relay.smtpclient import (
     AuthRefused,
     ConnectionLost,
+    PayloadUnsent,
     Reply,
     ReplyTimeout,
     SMTPClient,
@@ -201,6 +202,8 @@ class SMTPUpstream(Upstream):
             raise self._classify(replies.data, f"{host} refused the message")
         try:
             response = await client.payload(dot_stuff(data, crlf_checked=envelope.crlf_only))
+        except PayloadUnsent as exc:
+            raise TransientError(f"{host}: {exc}") from exc
         except ReplyTimeout as exc:
             raise TransientError(
                 f"{host} did not answer after the message was sent; it may have been accepted",

@@ -167,6 +167,9 @@ class Script:
     data_anyway: bool = False  # 354 to DATA even with no recipient accepted
     final_reply: str = "250 2.0.0 Ok: queued as FAKE1"
     after_payload: str = "reply"  # reply | close | silent
+    #: After its 354, the server reads none of the payload: "close" (a reset), or a reply
+    #: it writes before it stops sending and reads the rest away.
+    in_payload: str = ""
     silent_at: str = ""  # a command the server never answers
     #: After this many messages, the next MAIL of a session gets no reply: the connection
     #: is closed (a server timing out an idle connection, seen late by the client).
@@ -331,6 +334,15 @@ class FakeServer:
                 else:
                     replies.append("354 go ahead")
                     await self._flush(writer, replies)
+                    if s.in_payload == "close":
+                        return
+                    if s.in_payload:
+                        replies.append(s.in_payload)
+                        await self._flush(writer, replies)
+                        writer.write_eof()
+                        while await reader.read(1 << 20):
+                            pass
+                        return
                     while not (buffer.startswith(b".\r\n") or b"\r\n.\r\n" in buffer):
                         chunk = await reader.read(65536)
                         if not chunk:
@@ -506,6 +518,25 @@ async def test_no_answer_after_the_payload_is_ambiguous(after_payload: str) -> N
         await _send(script, MESSAGE, timeout=0.5)
     assert lost.value.ambiguous
     assert script.messages == [MESSAGE]
+
+
+#: Larger than loopback's socket buffers: the client is still writing when the server stops.
+HUGE = b"Subject: scan\r\n\r\n" + (b"y" * 78 + b"\r\n") * 300_000
+
+
+async def test_a_connection_lost_before_the_payload_ended_is_not_ambiguous() -> None:
+    script = Script(in_payload="close")
+    with pytest.raises(TransientError, match="the message's end was never sent") as lost:
+        await _send(script, HUGE)
+    assert not lost.value.ambiguous and script.messages == []
+
+
+async def test_a_refusal_in_the_payload_then_a_close_is_the_servers_verdict() -> None:
+    with pytest.raises(
+        PermanentError, match=r"refused the message: 552 5\.3\.4 too big"
+    ) as refused:
+        await _send(Script(in_payload="552 5.3.4 too big"), HUGE)
+    assert not refused.value.ambiguous
 
 
 async def test_no_answer_to_mail_times_out_and_is_not_ambiguous() -> None:

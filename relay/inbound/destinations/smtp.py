@@ -21,6 +21,7 @@ from relay.inbound.parse import ParsedMessage
 from relay.outcomes import PermanentError, RecipientRefusal, TransientError
 from relay.smtpclient import (
     AuthRefused,
+    PayloadUnsent,
     Reply,
     SMTPClient,
     SMTPClientError,
@@ -181,6 +182,8 @@ class SMTPDestination(Destination):
             answers = await client.payload_replies(
                 dot_stuff(raw), len(accepted) if self.lmtp else 1
             )
+        except PayloadUnsent as exc:
+            raise TransientError(f"{self.where}: {exc}", upstream_wide=True) from exc
         except SMTPClientError as exc:
             raise TransientError(
                 f"{self.where}: no answer after the message was sent, it may have been "
