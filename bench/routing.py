@@ -13,7 +13,9 @@ Three upstreams, one traffic source at a steady rate, and a degradation pattern 
 `OutboundWorker.process`: ask for candidates (never an upstream this round already tried),
 take a slot, send, record the outcome; a transient failure moves the message to the next
 candidate at once; with none left the message is deferred by the relay's retry schedule
-(`RetryPolicy` with the default `[retry]`). Only the choice of upstream differs:
+(`RetryPolicy` with the default `[retry]`; the relay's router brings a message that found
+every breaker open back at the first probe when that is sooner, `Router.retry_at`). Only
+the choice of upstream differs:
 
 - relay:  the real `Router` with the default `[routing]` and `[[upstream]]` settings.
 - random: uniform random order over the upstreams not yet tried this round.
@@ -523,6 +525,8 @@ async def simulate(strategy: str, pattern: Pattern, setup: Setup, seed: int) -> 
         at = policy.next_attempt(now=now, created=arrived, deferrals=rounds)
         if at is None:
             raise RuntimeError("a message outlived retry.max_age: the run is too long")
+        if not tried and isinstance(router, Router):  # as `OutboundWorker._finish` does
+            at = router.retry_at(at, now=now)
         loop.call_at(at, spawn, arrived, rounds + 1)
 
     def spawn(arrived: float, rounds: int) -> None:

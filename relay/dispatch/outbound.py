@@ -256,6 +256,8 @@ class OutboundWorker:
             next_at = self.policy.next_attempt(
                 now=now, created=item.window_start, deferrals=rounds - 1, retry_after=retry_after
             )
+            if next_at is not None and last_error is None:  # no attempt: breakers open
+                next_at = self.router.retry_at(next_at, now=now)
             if next_at is None:
                 age_reason = self.policy.gave_up(
                     now=now, created=item.window_start, rounds=rounds, last_error=reason

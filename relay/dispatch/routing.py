@@ -376,6 +376,24 @@ class Router:
                 return self._weighted_order(group)
         return []
 
+    def retry_at(self, scheduled: float, *, now: float) -> float:
+        """When to take up again a message that found no upstream to try (every breaker
+        open): at the first probe, if that comes before `scheduled` (the retry schedule's
+        time). After an outage, waiting mail then moves with the probe that finds an
+        upstream back, not at each message's next step of the schedule (10 minutes and
+        more), which is when an attempt-every-time rule would have found out."""
+        # A probe time already past belongs to an upstream this message cannot use (one
+        # that dropped it, or refused it): any other would have been tried.
+        probes = [
+            t
+            for s in self.states
+            if s.breaker is BreakerState.OPEN
+            and not s.paused
+            and s.weight > 0
+            and (t := s.opened_at + s.cooldown) > now
+        ]
+        return min([scheduled, *probes])
+
     def why_none(self) -> str:
         """Why no upstream can be tried now, naming each one's state and last real error."""
         if not self.states:

@@ -342,6 +342,31 @@ async def test_operator_flush_probes_an_open_breaker_and_deferrals_name_the_real
     assert any("sendgrid breaker closed: an attempt succeeded" in s for s in said)
 
 
+async def test_a_message_that_found_every_breaker_open_comes_back_with_the_probe(
+    make_relay: RelayFactory, sendgrid: FakeSendGrid
+) -> None:
+    """Not at its next step of the retry schedule (an hour here): when the outage ends,
+    the probe's success is what lets the waiting mail go."""
+    relay = await make_relay(
+        upstream=[sendgrid_upstream(sendgrid)],
+        routing={"failures_to_open": 5, "cooldown": "2s"},
+        retry={"schedule": ["1h"], "max_age": "1d", "bounces": False},
+    )
+    sendgrid.fail(401, times=None)  # upstream-wide: the breaker opens at once, for 2 s
+    await send(relay, make_message(subject="tried"))
+    await wait_states(relay, deferred=1)
+    await send(relay, make_message(subject="found the breaker open"))
+    await wait_states(relay, deferred=2)
+    tried, waiting = await relay.queue.search()
+    share = relay.router.state("sendgrid")
+    assert tried.next_attempt > time.time() + 3000  # it was tried: the schedule's hour
+    assert waiting.next_attempt == pytest.approx(share.opened_at + share.cooldown, abs=0.001)
+    sendgrid.reset()  # the provider is back before the probe
+    await wait_states(relay, deferred=1, sent=1)
+    row = await relay.queue.get(waiting.id)
+    assert row is not None and row.state == "sent"
+
+
 class BreakerAtFlush:
     """The queue, noting the shared breaker row at the moment `flush` makes messages due."""
 

@@ -83,6 +83,22 @@ def test_breaker_opens_after_consecutive_failures_half_opens_and_closes() -> Non
     assert breaker(r, "p") is BreakerState.CLOSED and s.cooldown == 10.0
 
 
+def test_a_message_that_found_no_upstream_comes_back_at_the_first_probe() -> None:
+    clock = Clock()
+    r = router(clock, ("a", 1, 1), ("b", 1, 1), ("c", 2, 1))
+    down = TransientError("down", upstream_wide=True)
+    assert r.retry_at(1600.0, now=clock.now) == 1600.0  # nothing open: the schedule
+    r.record_failure(r.state("a"), down, 0.1, message_fault=False)  # probe at 1010
+    clock.now += 4.0
+    r.record_failure(r.state("b"), down, 0.1, message_fault=False)  # probe at 1014
+    assert r.retry_at(1600.0, now=clock.now) == 1010.0
+    assert r.retry_at(1005.0, now=clock.now) == 1005.0  # the schedule's time is sooner
+    r.state("a").paused = True  # an operator's pause: no probe comes of it
+    assert r.retry_at(1600.0, now=clock.now) == 1014.0
+    clock.now = 1020.0  # past b's probe time, and b not tried: one this message cannot use
+    assert r.retry_at(1600.0, now=clock.now) == 1600.0
+
+
 def test_message_faults_do_not_count_against_the_upstream() -> None:
     clock = Clock()
     r = router(clock, ("p", 1, 1))
