@@ -13,9 +13,10 @@ Three upstreams, one traffic source at a steady rate, and a degradation pattern 
 `OutboundWorker.process`: ask for candidates (never an upstream this round already tried),
 take a slot, send, record the outcome; a transient failure moves the message to the next
 candidate at once; with none left the message is deferred by the relay's retry schedule
-(`RetryPolicy` with the default `[retry]`; the relay's router brings a message that found
-every breaker open back at the first probe when that is sooner, `Router.retry_at`). Only
-the choice of upstream differs:
+(`RetryPolicy` with the default `[retry]`). With the relay's router, a message that found
+every breaker open waits as the relay's does: one per probe comes back for it
+(`Router.retry_at`), the rest when a probe succeeds (`wake_after_recoveries`). Only the
+choice of upstream differs:
 
 - relay:  the real `Router` with the default `[routing]` and `[[upstream]]` settings.
 - random: uniform random order over the upstreams not yet tried this round.
@@ -479,6 +480,15 @@ async def simulate(strategy: str, pattern: Pattern, setup: Setup, seed: int) -> 
     envelope = Envelope(mail_from="sender@example.com", rcpt_tos=("rcpt@example.net",))
     done = asyncio.Event()
     running: set[asyncio.Task[None]] = set()
+    # Deferred without an attempt (every breaker open), by arrival: what a probe's success
+    # makes due, as `wake_after_recoveries` does with `Queue.flush(waiting_for_upstream)`.
+    waiting: dict[float, tuple[asyncio.TimerHandle, int]] = {}
+
+    async def wake_after_recoveries(router: Router) -> None:
+        async for _ in router.recoveries():
+            for arrived, (timer, rounds) in list(waiting.items()):
+                timer.cancel()
+                spawn(arrived, rounds)
 
     async def deliver(arrived: float, rounds: int) -> None:
         """One round, as `OutboundWorker.process` runs it; then accepted or deferred."""
@@ -525,15 +535,20 @@ async def simulate(strategy: str, pattern: Pattern, setup: Setup, seed: int) -> 
         at = policy.next_attempt(now=now, created=arrived, deferrals=rounds)
         if at is None:
             raise RuntimeError("a message outlived retry.max_age: the run is too long")
-        if not tried and isinstance(router, Router):  # as `OutboundWorker._finish` does
-            at = router.retry_at(at, now=now)
-        loop.call_at(at, spawn, arrived, rounds + 1)
+        if tried or not isinstance(router, Router):
+            loop.call_at(at, spawn, arrived, rounds + 1)
+        else:  # no attempt: as `OutboundWorker._finish` does
+            timer = loop.call_at(router.retry_at(at, now=now), spawn, arrived, rounds + 1)
+            waiting[arrived] = (timer, rounds + 1)
 
     def spawn(arrived: float, rounds: int) -> None:
+        waiting.pop(arrived, None)
         task = loop.create_task(deliver(arrived, rounds))
         running.add(task)
         task.add_done_callback(running.discard)
 
+    if isinstance(router, Router):
+        tasks.append(loop.create_task(wake_after_recoveries(router)))
     for i in range(setup.messages):
         at = start + i / setup.rate
         loop.call_at(at, spawn, at, 0)

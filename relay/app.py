@@ -23,7 +23,7 @@ from relay.certwatch import CertWatcher
 from relay.checks import check
 from relay.config import Config
 from relay.dispatch.bounces import BounceSender
-from relay.dispatch.outbound import OutboundWorker
+from relay.dispatch.outbound import OutboundWorker, wake_after_recoveries
 from relay.dispatch.retry import RetryPolicy
 from relay.dispatch.routing import BreakerSettings, Router
 from relay.dispatch.scheduler import Scheduler
@@ -160,6 +160,11 @@ class Relay:
                 await self.router.sync()  # start from what the other processes know
             self._tasks.append(asyncio.create_task(self.outbound.run(), name="dispatch"))
             self._tasks.append(asyncio.create_task(self.router.sync_forever(), name="routing"))
+            self._tasks.append(
+                asyncio.create_task(
+                    wake_after_recoveries(self.router, self.queue, self.clock), name="recoveries"
+                )
+            )
             self._tasks.append(asyncio.create_task(self._maintenance(), name="maintenance"))
         if cfg.inbound and self.shard == 0:
             from relay.inbound.service import InboundService

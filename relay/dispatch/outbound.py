@@ -23,7 +23,7 @@ from relay.dispatch.routing import Router
 from relay.dispatch.scheduler import record_outcome
 from relay.message import Claimed, EventType
 from relay.outcomes import Accepted, PermanentError, TransientError, UpstreamError
-from relay.queue.base import Queue, Round
+from relay.queue.base import Queue, Round, StoreError
 from relay.telemetry.core import BOUNCED, FAILED, SENT
 from relay.upstreams.base import Upstream
 
@@ -345,6 +345,24 @@ class OutboundWorker:
             else:
                 state = (BOUNCED if bounced else FAILED) if failure is not None else SENT
                 self.telemetry.finished(item.kind.value, state, now - item.created)
+
+
+async def wake_after_recoveries(
+    router: Router, queue: Queue, clock: Callable[[], float] = time.time
+) -> None:
+    """Runs beside the dispatcher: when a probe here succeeds, the messages deferred
+    because no upstream could be tried are due at once, not at their next retry step."""
+    async for names in router.recoveries():
+        back = ", ".join(names)
+        try:
+            ids = await queue.flush(
+                now=clock(), actor=f"routing ({back} back)", waiting_for_upstream=True
+            )
+        except StoreError as exc:
+            log.warning("%s back, but the mail waiting for it keeps its retry times: %s", back, exc)
+            continue
+        if ids:
+            log.info("%d message(s) waiting for an upstream made due: %s back", len(ids), back)
 
 
 def _log_attempt(msg_id: str, attempt: dict[str, Any]) -> None:

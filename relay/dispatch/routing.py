@@ -44,6 +44,7 @@ from enum import StrEnum
 from relay.outcomes import UpstreamError
 from relay.queue.base import (
     LATENCY_ALPHA,
+    NO_UPSTREAM,
     RoutingStore,
     StoreError,
     UpstreamDelta,
@@ -327,6 +328,9 @@ class Router:
         self._store_failing = False
         self._sync_lock = asyncio.Lock()  # one report at a time, in order
         self._syncs_started = 0
+        self._carried: set[float] = set()  # probe times a deferred message comes back at
+        self._recovered: set[str] = set()  # probes that succeeded since `recoveries` looked
+        self._recovery = asyncio.Event()
 
     def add(
         self,
@@ -378,27 +382,43 @@ class Router:
 
     def retry_at(self, scheduled: float, *, now: float) -> float:
         """When to take up again a message that found no upstream to try (every breaker
-        open): at the first probe, if that comes before `scheduled` (the retry schedule's
-        time). After an outage, waiting mail then moves with the probe that finds an
-        upstream back, not at each message's next step of the schedule (10 minutes and
-        more), which is when an attempt-every-time rule would have found out."""
+        open): `scheduled` (the retry schedule's time), except for one message per probe
+        in this process, which comes back at the first probe if that is sooner: it carries
+        the probe even when no new mail arrives. The others need not wake at every probe
+        of a long outage: the probe's success makes them due (`recoveries`)."""
         # A probe time already past belongs to an upstream this message cannot use (one
         # that dropped it, or refused it): any other would have been tried.
-        probes = [
-            t
-            for s in self.states
-            if s.breaker is BreakerState.OPEN
-            and not s.paused
-            and s.weight > 0
-            and (t := s.opened_at + s.cooldown) > now
-        ]
-        return min([scheduled, *probes])
+        probe = min(
+            (
+                t
+                for s in self.states
+                if s.breaker is BreakerState.OPEN
+                and not s.paused
+                and s.weight > 0
+                and (t := s.opened_at + s.cooldown) > now
+            ),
+            default=None,
+        )
+        self._carried = {t for t in self._carried if t > now}
+        if probe is None or probe >= scheduled or probe in self._carried:
+            return scheduled
+        self._carried.add(probe)
+        return probe
+
+    async def recoveries(self) -> AsyncIterator[list[str]]:
+        """The upstreams whose probe succeeded here, as it happens: the mail deferred while
+        no upstream could be tried is due again (one process flushes it: the prober's)."""
+        while True:
+            await self._recovery.wait()
+            self._recovery.clear()
+            names, self._recovered = sorted(self._recovered), set()
+            yield names
 
     def why_none(self) -> str:
         """Why no upstream can be tried now, naming each one's state and last real error."""
         if not self.states:
             return "no upstream is configured"
-        return "no upstream is available: " + "; ".join(s.why_unusable() for s in self.states)
+        return f"{NO_UPSTREAM}: " + "; ".join(s.why_unusable() for s in self.states)
 
     def _weighted_order(self, group: list[UpstreamState]) -> list[UpstreamState]:
         """The healthiest lead, in weighted-random order; the others follow, best first.
@@ -549,6 +569,8 @@ class Router:
             s.cooldown = self.settings.cooldown
             s.set_breaker(BreakerState.CLOSED, "an attempt succeeded")
             self._news.set()
+            self._recovered.add(s.name)
+            self._recovery.set()
         self._latency(s, latency)
 
     def record_failure(

@@ -126,6 +126,10 @@ class QueueAdmin:
         rows = await self.queue.routing.act([name], action, now=self.clock(), cooldown=cooldown)
         log.warning("upstream %s: %s by %s", name, action, actor)
         await self._adopt()
+        if action in ("reset", "resume"):  # what waited for an upstream goes now
+            ids = await self.queue.flush(now=self.clock(), actor=actor, waiting_for_upstream=True)
+            if ids:
+                log.info("%d message(s) waiting for an upstream made due: %s", len(ids), action)
         return rows[name]
 
     async def _adopt(self) -> None:

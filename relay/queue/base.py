@@ -288,6 +288,10 @@ def bucket_take(tokens: float, stamp: float, *, rate: float, now: float) -> tupl
 
 UpstreamAction = Literal["reset", "pause", "resume", "probe"]
 
+#: How the reason of a round that found no upstream to try begins (the router's `why_none`):
+#: `Queue.flush(waiting_for_upstream=True)` finds those messages by it.
+NO_UPSTREAM = "no upstream is available"
+
 
 def apply_action(
     row: UpstreamShare, action: UpstreamAction, *, now: float, cooldown: float
@@ -820,7 +824,12 @@ class Queue(abc.ABC):
     async def delete(self, msg_id: str, *, actor: str) -> None: ...
 
     @abc.abstractmethod
-    async def flush(self, *, now: float, actor: str) -> list[str]: ...
+    async def flush(
+        self, *, now: float, actor: str, waiting_for_upstream: bool = False
+    ) -> list[str]:
+        """Deferred messages due now (postqueue -f). `waiting_for_upstream`: only those
+        deferred without an attempt because no upstream could be tried (their last error
+        starts with NO_UPSTREAM): an upstream is back."""
 
     # -- shared routing state
 

@@ -22,7 +22,7 @@ import pytest
 from relay.app import Relay
 from relay.dkim import generate_key
 from relay.queue.admin import QueueAdmin
-from relay.queue.base import Queue, UpstreamShare
+from relay.queue.base import NO_UPSTREAM, Queue, UpstreamShare
 from tests.conftest import RelayFactory, mailgun_upstream, make_message, wait_states
 from tests.fakes.providers import FAKE_KEY, FakeMailgun, FakeProvider, FakeSendGrid
 from tests.upstreams.conftest import RICH
@@ -342,11 +342,11 @@ async def test_operator_flush_probes_an_open_breaker_and_deferrals_name_the_real
     assert any("sendgrid breaker closed: an attempt succeeded" in s for s in said)
 
 
-async def test_a_message_that_found_every_breaker_open_comes_back_with_the_probe(
+async def test_mail_that_found_every_breaker_open_goes_when_the_probe_succeeds(
     make_relay: RelayFactory, sendgrid: FakeSendGrid
 ) -> None:
-    """Not at its next step of the retry schedule (an hour here): when the outage ends,
-    the probe's success is what lets the waiting mail go."""
+    """Not at its next step of the retry schedule (an hour here): one waiting message
+    carries the probe, and the probe's success makes the others due."""
     relay = await make_relay(
         upstream=[sendgrid_upstream(sendgrid)],
         routing={"failures_to_open": 5, "cooldown": "2s"},
@@ -355,16 +355,38 @@ async def test_a_message_that_found_every_breaker_open_comes_back_with_the_probe
     sendgrid.fail(401, times=None)  # upstream-wide: the breaker opens at once, for 2 s
     await send(relay, make_message(subject="tried"))
     await wait_states(relay, deferred=1)
-    await send(relay, make_message(subject="found the breaker open"))
-    await wait_states(relay, deferred=2)
-    tried, waiting = await relay.queue.search()
+    for n in range(1, 3):
+        await send(relay, make_message(subject=f"found the breaker open {n}"))
+        await wait_states(relay, deferred=1 + n)
+    tried, carrier, waiting = await relay.queue.search()
     share = relay.router.state("sendgrid")
     assert tried.next_attempt > time.time() + 3000  # it was tried: the schedule's hour
-    assert waiting.next_attempt == pytest.approx(share.opened_at + share.cooldown, abs=0.001)
+    assert carrier.next_attempt == pytest.approx(share.opened_at + share.cooldown, abs=0.001)
+    assert waiting.next_attempt > time.time() + 3000  # no wake-up at every probe
+    assert waiting.last_error is not None and waiting.last_error.startswith(NO_UPSTREAM)
     sendgrid.reset()  # the provider is back before the probe
-    await wait_states(relay, deferred=1, sent=1)
-    row = await relay.queue.get(waiting.id)
-    assert row is not None and row.state == "sent"
+    await wait_states(relay, deferred=1, sent=2)
+    row = await relay.queue.get(tried.id)
+    assert row is not None and row.state == "deferred"  # its own error: the schedule
+    flushed = [e for e in await relay.queue.timeline(waiting.id) if e["type"] == "flushed"]
+    assert [e["by"] for e in flushed] == ["routing (sendgrid back)"]
+
+
+async def test_mail_held_back_by_a_pause_goes_when_the_operator_resumes(
+    make_relay: RelayFactory, sendgrid: FakeSendGrid
+) -> None:
+    relay = await make_relay(
+        upstream=[sendgrid_upstream(sendgrid)],
+        retry={"schedule": ["1h"], "max_age": "1d", "bounces": False},
+    )
+    admin = QueueAdmin(relay.queue, routing_changed=relay.router.refresh)
+    await admin.upstream_action("sendgrid", "pause", actor="ops", cooldown=0)
+    await send(relay, make_message())
+    await wait_states(relay, deferred=1)
+    [row] = await relay.queue.search()
+    assert row.last_error == f"{NO_UPSTREAM}: sendgrid: paused by an operator"
+    await admin.upstream_action("sendgrid", "resume", actor="ops", cooldown=0)
+    await wait_states(relay, sent=1)  # not in an hour
 
 
 class BreakerAtFlush:

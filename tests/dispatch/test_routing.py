@@ -83,7 +83,7 @@ def test_breaker_opens_after_consecutive_failures_half_opens_and_closes() -> Non
     assert breaker(r, "p") is BreakerState.CLOSED and s.cooldown == 10.0
 
 
-def test_a_message_that_found_no_upstream_comes_back_at_the_first_probe() -> None:
+def test_one_message_that_found_no_upstream_comes_back_for_each_probe() -> None:
     clock = Clock()
     r = router(clock, ("a", 1, 1), ("b", 1, 1), ("c", 2, 1))
     down = TransientError("down", upstream_wide=True)
@@ -91,12 +91,26 @@ def test_a_message_that_found_no_upstream_comes_back_at_the_first_probe() -> Non
     r.record_failure(r.state("a"), down, 0.1, message_fault=False)  # probe at 1010
     clock.now += 4.0
     r.record_failure(r.state("b"), down, 0.1, message_fault=False)  # probe at 1014
-    assert r.retry_at(1600.0, now=clock.now) == 1010.0
     assert r.retry_at(1005.0, now=clock.now) == 1005.0  # the schedule's time is sooner
+    assert r.retry_at(1600.0, now=clock.now) == 1010.0  # this one carries a's probe
+    assert r.retry_at(1600.0, now=clock.now) == 1600.0  # the rest wait for its verdict
     r.state("a").paused = True  # an operator's pause: no probe comes of it
     assert r.retry_at(1600.0, now=clock.now) == 1014.0
     clock.now = 1020.0  # past b's probe time, and b not tried: one this message cannot use
     assert r.retry_at(1600.0, now=clock.now) == 1600.0
+
+
+async def test_a_probe_that_succeeds_is_told_to_whoever_waits_for_recoveries() -> None:
+    clock = Clock()
+    r = router(clock, ("a", 1, 1), ("b", 1, 1))
+    recoveries = r.recoveries()
+    r.record_success(r.state("b"), 0.1)  # closed already: nothing came back
+    down = TransientError("down", upstream_wide=True)
+    r.record_failure(r.state("a"), down, 0.1, message_fault=False)
+    clock.now += 10.0
+    assert "a" in names(r) and breaker(r, "a") is BreakerState.HALF_OPEN
+    r.record_success(r.state("a"), 0.1)  # the probe succeeded
+    assert await asyncio.wait_for(anext(recoveries), 1.0) == ["a"]
 
 
 def test_message_faults_do_not_count_against_the_upstream() -> None:

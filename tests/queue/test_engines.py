@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from relay.message import Envelope, EventType, Kind, NewMessage, Status, new_message_id
-from relay.queue.base import Queue, QueueActionError, Round, UpstreamDelta
+from relay.queue.base import NO_UPSTREAM, Queue, QueueActionError, Round, UpstreamDelta
 from relay.queue.postgres.engine import PostgresQueue
 from relay.queue.sqlite.engine import SQLiteQueue
 from tests.fakes.postgres import create_database
@@ -143,6 +143,40 @@ async def test_deferred_work_is_due_at_its_time_and_keeps_pending_recipients(
     assert flushed == [msg.id]
     [again] = await claim(q)
     assert again.envelope.rcpt_tos == ("b@example.org",) and again.attempts == 1
+
+
+async def test_a_flush_for_an_upstream_back_takes_only_mail_that_waited_for_one(
+    make_queue: MakeQueue,
+) -> None:
+    q = await make_queue()
+    waiting, refused = new(), new()
+    for msg in (waiting, refused):
+        await q.insert(msg)
+    later = time.time() + 3600
+    for item in await claim(q):
+        reason = (
+            f"{NO_UPSTREAM}: x: breaker open until 12:00:00Z"
+            if item.id == waiting.id
+            else "x: 451 4.2.2 mailbox full"
+        )
+        rnd = Round(
+            events=[],
+            delivered=[],
+            failed={},
+            new_failures=False,
+            retry=True,
+            pending=item.envelope.rcpt_tos,
+            next_attempt=later,
+            reason=reason,
+            defer_detail={"tried": []},
+        )
+        assert await q.record_round(item, now=time.time(), rounds=1, rnd=rnd)
+    assert await q.flush(now=time.time(), actor="routing", waiting_for_upstream=True) == [
+        waiting.id
+    ]
+    assert [c.id for c in await claim(q)] == [waiting.id]
+    assert types(await q.timeline(waiting.id))[-1] == "flushed"
+    assert await q.flush(now=time.time(), actor="test") == [refused.id]  # the operator's: all
 
 
 async def test_a_lost_lease_writes_nothing(make_queue: MakeQueue) -> None:

@@ -220,10 +220,7 @@ async def test_a_paused_upstream_shows_paused_and_stays_paused_after_a_restart(
     await second.wait_for(lambda: _state_is(second, msg_id, "deferred"))
     status, body = await call(second, "POST", "/upstreams/outbox/resume")
     assert status == 200 and body["upstream"]["paused"] is False
-    await second.router.sync()
-    status, body = await call(second, "POST", "/queue/flush")
-    assert status == 200 and body["flushed"] == [msg_id]
-    await wait_states(second, sent=1)
+    await wait_states(second, sent=1)  # what waited for it is due at once: no flush needed
 
 
 async def _settled(relay: Relay, msg_id: str) -> bool:

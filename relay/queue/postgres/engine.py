@@ -31,6 +31,7 @@ import asyncpg
 
 from relay.message import Claimed, Envelope, EventType, Kind, NewMessage, Status
 from relay.queue.base import (
+    NO_UPSTREAM,
     DeliveryRecord,
     MessageQuery,
     MessageRow,
@@ -608,12 +609,16 @@ class PostgresQueue(Queue):
 
         await self._act(msg_id, run)
 
-    async def flush(self, *, now: float, actor: str) -> list[str]:
+    async def flush(
+        self, *, now: float, actor: str, waiting_for_upstream: bool = False
+    ) -> list[str]:
         async def run(conn: asyncpg.Connection) -> list[str]:
             rows = await conn.fetch(
                 "UPDATE messages SET next_attempt = $1 WHERE state = 'deferred'"
-                " AND next_attempt > $1 RETURNING id, kind",
+                " AND next_attempt > $1 AND ($2 = '' OR left(last_error, length($2)) = $2)"
+                " RETURNING id, kind",
                 now,
+                NO_UPSTREAM if waiting_for_upstream else "",
             )
             await statements.add_events(
                 conn, [(r["id"], EventType.FLUSHED, now, {"by": actor}) for r in rows]

@@ -385,8 +385,14 @@ class SQLiteQueue(Queue):
     async def delete(self, msg_id: str, *, actor: str) -> None:
         await self._on_message(msg_id, lambda c: queries.delete(c, msg_id, actor=actor))
 
-    async def flush(self, *, now: float, actor: str) -> list[str]:
-        ids = await self._each_shard(lambda c: queries.flush(c, now=now, actor=actor))
+    async def flush(
+        self, *, now: float, actor: str, waiting_for_upstream: bool = False
+    ) -> list[str]:
+        ids = await self._each_shard(
+            lambda c: queries.flush(
+                c, now=now, actor=actor, waiting_for_upstream=waiting_for_upstream
+            )
+        )
         if ids:
             self._wake_all()
         return ids

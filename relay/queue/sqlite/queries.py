@@ -35,6 +35,7 @@ from relay.message import (
 )
 from relay.queue.base import (
     IMPORT_COLUMNS,
+    NO_UPSTREAM,
     DeliveryRecord,
     MessageQuery,
     MessageRow,
@@ -645,14 +646,16 @@ def delete(conn: sqlite3.Connection, msg_id: str, *, actor: str) -> None:
     _forget(conn, msg_id)
 
 
-def flush(conn: sqlite3.Connection, *, now: float, actor: str) -> list[str]:
-    """Every deferred message is due now (postqueue -f)."""
-    ids = [
-        r[0]
-        for r in conn.execute(
-            "SELECT id FROM messages WHERE state = 'deferred' AND next_attempt > ?", (now,)
-        )
-    ]
+def flush(
+    conn: sqlite3.Connection, *, now: float, actor: str, waiting_for_upstream: bool = False
+) -> list[str]:
+    """Deferred messages due now (postqueue -f); see `Queue.flush`."""
+    sql = "SELECT id FROM messages WHERE state = 'deferred' AND next_attempt > ?"
+    args: tuple[object, ...] = (now,)
+    if waiting_for_upstream:
+        sql += " AND substr(last_error, 1, ?) = ?"
+        args += (len(NO_UPSTREAM), NO_UPSTREAM)
+    ids = [r[0] for r in conn.execute(sql, args)]
     for msg_id in ids:
         conn.execute("UPDATE messages SET next_attempt = ? WHERE id = ?", (now, msg_id))
         _event(conn, msg_id, now, EventType.FLUSHED, {"by": actor})
