@@ -484,11 +484,19 @@ async def simulate(strategy: str, pattern: Pattern, setup: Setup, seed: int) -> 
     # makes due, as `wake_after_recoveries` does with `Queue.flush(waiting_for_upstream)`.
     waiting: dict[float, tuple[asyncio.TimerHandle, int]] = {}
 
+    # The woken are claimed as the relay's scheduler claims: `retry.concurrency` at a time
+    # (all at once, thousands of rounds would wait in `Router.slot` together).
+    claims = asyncio.Semaphore(retry.concurrency)
+
+    async def deliver_claimed(arrived: float, rounds: int) -> None:
+        async with claims:
+            await deliver(arrived, rounds)
+
     async def wake_after_recoveries(router: Router) -> None:
         async for _ in router.recoveries():
             for arrived, (timer, rounds) in list(waiting.items()):
                 timer.cancel()
-                spawn(arrived, rounds)
+                spawn(arrived, rounds, deliver_claimed)
 
     async def deliver(arrived: float, rounds: int) -> None:
         """One round, as `OutboundWorker.process` runs it; then accepted or deferred."""
@@ -541,9 +549,13 @@ async def simulate(strategy: str, pattern: Pattern, setup: Setup, seed: int) -> 
             timer = loop.call_at(router.retry_at(at, now=now), spawn, arrived, rounds + 1)
             waiting[arrived] = (timer, rounds + 1)
 
-    def spawn(arrived: float, rounds: int) -> None:
+    def spawn(
+        arrived: float,
+        rounds: int,
+        how: Callable[[float, int], Coroutine[Any, Any, None]] = deliver,
+    ) -> None:
         waiting.pop(arrived, None)
-        task = loop.create_task(deliver(arrived, rounds))
+        task = loop.create_task(how(arrived, rounds))
         running.add(task)
         task.add_done_callback(running.discard)
 
