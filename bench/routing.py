@@ -503,6 +503,7 @@ async def simulate(strategy: str, pattern: Pattern, setup: Setup, seed: int) -> 
         tried: set[str] = set()
         failed_here: set[str] = set()
         looked_again = False
+        for_upstream = True  # every attempt failed upstream-wide, or none was made
         while True:
             group = router.candidates(exclude=tried)
             if not group and not tried and not looked_again:
@@ -524,6 +525,7 @@ async def simulate(strategy: str, pattern: Pattern, setup: Setup, seed: int) -> 
                 except UpstreamError as exc:
                     outcome = exc
                 latency = loop.time() - began
+                for_upstream &= isinstance(outcome, UpstreamError) and outcome.upstream_wide
                 if isinstance(outcome, Accepted):
                     router.record_success(state, latency)
                 else:
@@ -543,9 +545,9 @@ async def simulate(strategy: str, pattern: Pattern, setup: Setup, seed: int) -> 
         at = policy.next_attempt(now=now, created=arrived, deferrals=rounds)
         if at is None:
             raise RuntimeError("a message outlived retry.max_age: the run is too long")
-        if tried or not isinstance(router, Router):
+        if not for_upstream or not isinstance(router, Router):
             loop.call_at(at, spawn, arrived, rounds + 1)
-        else:  # no attempt: as `OutboundWorker._finish` does
+        else:  # waiting for an upstream: as `OutboundWorker._finish` does
             timer = loop.call_at(router.retry_at(at, now=now), spawn, arrived, rounds + 1)
             waiting[arrived] = (timer, rounds + 1)
 

@@ -471,7 +471,8 @@ class SMTPClient:
         except SMTPClientError as exc:
             if len(reader.replies) >= count:  # the server's verdict ("552 too big"), then a close
                 return [reader.replies.popleft() for _ in range(count)]
-            raise PayloadUnsent(f"the message's end was never sent: {exc}") from exc
+            said = f" after the server said {reader.replies[0]}" if reader.replies else ""
+            raise PayloadUnsent(f"the message's end was never sent{said}: {exc}") from exc
         replies = await reader.wait(count, self.timeout)
         self._busy = False
         return replies

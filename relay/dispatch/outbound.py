@@ -23,7 +23,8 @@ from relay.dispatch.routing import Router
 from relay.dispatch.scheduler import record_outcome
 from relay.message import Claimed, EventType
 from relay.outcomes import Accepted, PermanentError, TransientError, UpstreamError
-from relay.queue.base import Queue, Round, StoreError
+from relay.queue.admin import wake_waiting
+from relay.queue.base import Queue, Round
 from relay.telemetry.core import BOUNCED, FAILED, SENT
 from relay.upstreams.base import Upstream
 
@@ -105,6 +106,9 @@ class OutboundWorker:
             return why is None
 
         looked_again = False
+        # Every attempt of this round failed upstream-wide (or none was made): once the
+        # round ends, the message waits for an upstream to come back, not for its own sake.
+        waiting = True
         while pending:
             group = self.router.candidates(exclude=tried, accept=accept)
             if not group and tried == excluded and not looked_again:
@@ -146,6 +150,7 @@ class OutboundWorker:
                 # Recorded before the slot is given back, so a half-open probe's verdict
                 # is known to the messages waiting for it.
                 message_fault = isinstance(result, PermanentError) and not result.upstream_wide
+                waiting &= isinstance(result, UpstreamError) and result.upstream_wide
                 if isinstance(result, Accepted):
                     self.router.record_success(state, latency)
                 else:
@@ -213,6 +218,7 @@ class OutboundWorker:
             events=events,
             tried=tried - excluded,
             last_error=last_error,
+            waiting=waiting,
         )
 
     async def _data_for(
@@ -243,20 +249,22 @@ class OutboundWorker:
         events: list[tuple[EventType, float, dict[str, Any]]],
         tried: set[str],
         last_error: UpstreamError | None,
+        waiting: bool,
     ) -> None:
         now = self.clock()
         rounds = item.attempts + 1
         new_failures = dict(failed)
         all_rcpts = item.meta.get("rcpts_original") or list(item.envelope.rcpt_tos)
         next_at: float | None = None
-        # Never just "none available": name each upstream's state and last real error.
-        reason = last_error.reason if last_error else self.router.why_none()
+        # Never just "none available": name each upstream's state and last real error. A
+        # message waiting for an upstream says so (NO_UPSTREAM), and a recovery wakes it.
+        reason = self.router.why_none() if waiting or not last_error else last_error.reason
         if pending:
             retry_after = last_error.retry_after if isinstance(last_error, TransientError) else None
             next_at = self.policy.next_attempt(
                 now=now, created=item.window_start, deferrals=rounds - 1, retry_after=retry_after
             )
-            if next_at is not None and last_error is None:  # no attempt: breakers open
+            if next_at is not None and waiting and retry_after is None:
                 next_at = self.router.retry_at(next_at, now=now)
             if next_at is None:
                 age_reason = self.policy.gave_up(
@@ -347,22 +355,21 @@ class OutboundWorker:
                 self.telemetry.finished(item.kind.value, state, now - item.created)
 
 
+#: After a recovery's wake-up, the rounds that found no upstream just before it may still
+#: be committing their deferrals: a second wake-up this much later takes those too.
+WAKE_AGAIN_AFTER = 2.0
+
+
 async def wake_after_recoveries(
     router: Router, queue: Queue, clock: Callable[[], float] = time.time
 ) -> None:
-    """Runs beside the dispatcher: when a probe here succeeds, the messages deferred
-    because no upstream could be tried are due at once, not at their next retry step."""
+    """Runs beside the dispatcher: when a probe here succeeds, the messages waiting for an
+    upstream (deferred with NO_UPSTREAM) are due at once, not at their next retry step."""
     async for names in router.recoveries():
-        back = ", ".join(names)
-        try:
-            ids = await queue.flush(
-                now=clock(), actor=f"routing ({back} back)", waiting_for_upstream=True
-            )
-        except StoreError as exc:
-            log.warning("%s back, but the mail waiting for it keeps its retry times: %s", back, exc)
-            continue
-        if ids:
-            log.info("%d message(s) waiting for an upstream made due: %s back", len(ids), back)
+        actor = f"routing ({', '.join(names)} back)"
+        await wake_waiting(queue, now=clock(), actor=actor)
+        await asyncio.sleep(WAKE_AGAIN_AFTER)
+        await wake_waiting(queue, now=clock(), actor=actor)
 
 
 def _log_attempt(msg_id: str, attempt: dict[str, Any]) -> None:

@@ -381,26 +381,25 @@ class Router:
         return []
 
     def retry_at(self, scheduled: float, *, now: float) -> float:
-        """When to take up again a message that found no upstream to try (every breaker
-        open): `scheduled` (the retry schedule's time), except for one message per probe
-        in this process, which comes back at the first probe if that is sooner: it carries
-        the probe even when no new mail arrives. The others need not wake at every probe
-        of a long outage: the probe's success makes them due (`recoveries`)."""
+        """When to take up again a message that is waiting for an upstream (every breaker
+        it could use open): `scheduled` (the retry schedule's time), except for one message
+        per probe in this process, which comes back when the breaker lets its probe
+        through, if that is sooner: it carries the probe even when no new mail arrives.
+        The others need not wake at every probe of a long outage: the probe's success
+        makes them due (`recoveries`)."""
         # A probe time already past belongs to an upstream this message cannot use (one
         # that dropped it, or refused it): any other would have been tried.
-        probe = min(
-            (
-                t
-                for s in self.states
-                if s.breaker is BreakerState.OPEN
-                and not s.paused
-                and s.weight > 0
-                and (t := s.opened_at + s.cooldown) > now
-            ),
-            default=None,
+        probes = sorted(
+            t
+            for s in self.states
+            if s.breaker is BreakerState.OPEN
+            and not s.paused
+            and s.weight > 0
+            and now < (t := s.opened_at + s.cooldown) < scheduled
         )
         self._carried = {t for t in self._carried if t > now}
-        if probe is None or probe >= scheduled or probe in self._carried:
+        probe = next((t for t in probes if t not in self._carried), None)
+        if probe is None:
             return scheduled
         self._carried.add(probe)
         return probe
@@ -650,7 +649,6 @@ class Router:
         if self._store_failing:
             log.info("shared routing state reachable again")
             self._store_failing = False
-        self._sync_lock = asyncio.Lock()  # one report at a time, in order
         opened = False
         for s in self.states:
             row = rows.get(s.name)

@@ -30,6 +30,19 @@ class MessageView:
         return {"message": self.message.as_dict(), "timeline": self.timeline}
 
 
+async def wake_waiting(queue: Queue, *, now: float, actor: str) -> list[str]:
+    """Make due the mail deferred while no upstream could be tried (an upstream is back).
+    A failure is logged, not raised: that mail keeps its retry times, nothing is lost."""
+    try:
+        ids = await queue.flush(now=now, actor=actor, waiting_for_upstream=True)
+    except Exception:
+        log.exception("the mail waiting for an upstream keeps its retry times (%s)", actor)
+        return []
+    if ids:
+        log.info("%d message(s) waiting for an upstream made due by %s", len(ids), actor)
+    return ids
+
+
 class QueueAdmin:
     def __init__(
         self,
@@ -127,9 +140,7 @@ class QueueAdmin:
         log.warning("upstream %s: %s by %s", name, action, actor)
         await self._adopt()
         if action in ("reset", "resume"):  # what waited for an upstream goes now
-            ids = await self.queue.flush(now=self.clock(), actor=actor, waiting_for_upstream=True)
-            if ids:
-                log.info("%d message(s) waiting for an upstream made due: %s", len(ids), action)
+            await wake_waiting(self.queue, now=self.clock(), actor=actor)
         return rows[name]
 
     async def _adopt(self) -> None:

@@ -92,11 +92,12 @@ def test_one_message_that_found_no_upstream_comes_back_for_each_probe() -> None:
     clock.now += 4.0
     r.record_failure(r.state("b"), down, 0.1, message_fault=False)  # probe at 1014
     assert r.retry_at(1005.0, now=clock.now) == 1005.0  # the schedule's time is sooner
-    assert r.retry_at(1600.0, now=clock.now) == 1010.0  # this one carries a's probe
-    assert r.retry_at(1600.0, now=clock.now) == 1600.0  # the rest wait for its verdict
     r.state("a").paused = True  # an operator's pause: no probe comes of it
-    assert r.retry_at(1600.0, now=clock.now) == 1014.0
-    clock.now = 1020.0  # past b's probe time, and b not tried: one this message cannot use
+    assert r.retry_at(1600.0, now=clock.now) == 1014.0  # this one carries b's probe
+    r.state("a").paused = False
+    assert r.retry_at(1600.0, now=clock.now) == 1010.0  # and this one a's
+    assert r.retry_at(1600.0, now=clock.now) == 1600.0  # the rest wait for their verdicts
+    clock.now = 1020.0  # past both probe times, not tried: upstreams it cannot use
     assert r.retry_at(1600.0, now=clock.now) == 1600.0
 
 

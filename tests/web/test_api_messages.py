@@ -220,7 +220,9 @@ async def test_a_paused_upstream_shows_paused_and_stays_paused_after_a_restart(
     await second.wait_for(lambda: _state_is(second, msg_id, "deferred"))
     status, body = await call(second, "POST", "/upstreams/outbox/resume")
     assert status == 200 and body["upstream"]["paused"] is False
-    await wait_states(second, sent=1)  # what waited for it is due at once: no flush needed
+    await wait_states(second, timeout=10.0, sent=1)  # due at once, not at its 30 s retry
+    timeline = await second.queue.timeline(msg_id)
+    assert [e["by"] for e in timeline if e["type"] == "flushed"] == ["web:ops"]
 
 
 async def _settled(relay: Relay, msg_id: str) -> bool:
