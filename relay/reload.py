@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from relay import heap
 from relay.checks import check, load_checked
 from relay.config import Config, ConfigError, UpstreamConfig
 from relay.queue import is_postgres
+from relay.queue.admin import wake_waiting
 
 if TYPE_CHECKING:
     import ssl
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from relay.events.service import EventService
     from relay.inbound.service import InboundService
     from relay.inbound.settings import InboundSettings
+    from relay.queue.base import Queue
     from relay.smtp.live import LiveSMTP
     from relay.suppression import SuppressionList
     from relay.upstreams.base import Upstream
@@ -91,6 +94,7 @@ class Relay(Protocol):
     web_tls: ssl.SSLContext | None
     web_access: Access | None
     router: Router
+    queue: Queue
     upstreams: list[Upstream]
     outbound: Scheduler | None
     inbound: InboundService | None
@@ -261,6 +265,10 @@ async def _reload(relay: Relay, new: Config | None) -> ReloadResult:
     relay.config = in_force(old, new)
     if applied:
         relay.track(_refreeze_after(retiring), name="refreeze-heap")
+    if prepared.upstreams and relay.outbound is not None:
+        # A new or mended upstream (a backup added in an outage, a fixed key): the mail
+        # waiting for one need not wait for its next retry step.
+        relay.track(wake_waiting(relay.queue, now=time.time(), actor="reload"), name="reload-wake")
     for warning in new.warnings:
         log.warning("config: %s", warning)
     if applied:
@@ -427,6 +435,7 @@ def _swap_upstreams(relay: Relay, prepared: _Prepared) -> list[asyncio.Task[obje
         previous = before.get(up.name)
         if previous is not None:
             state.inherit(previous)  # a changed upstream keeps its name's health
+            state.probe_now()  # but not an open breaker's verdict on the old settings
             retired.append(previous)
         relay.upstreams.append(upstream)
         log.info("upstream %s %s", up.name, "replaced" if previous else "added")

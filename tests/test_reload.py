@@ -20,6 +20,7 @@ import trustme
 
 from relay import certwatch, heap
 from relay.app import Relay
+from relay.queue.base import NO_UPSTREAM
 from relay.smtp.auth import hash_password
 from tests.conftest import (
     PASSWORD,
@@ -530,6 +531,58 @@ async def test_reload_changes_web_tokens_and_replaces_a_changed_upstream_keeping
     await send("after")
     await second.wait_count(1)
     assert len(first.messages) == 1
+
+
+async def test_a_reload_that_mends_an_upstream_sends_the_mail_waiting_for_it(
+    tmp_path: Path,
+    tls_files: tuple[str, str],
+    sinks: tuple[SMTPSink, SMTPSink],
+    running: list[Relay],
+) -> None:
+    """The smarthost moved; the operator fixes its port and reloads: the waiting mail goes
+    now, not when the breaker's hour or the message's retry step is over."""
+    gone, moved = sinks
+    await gone.stop()
+    hours = {
+        "retry": {"schedule": ["1h"], "max_age": "1d", "bounces": False},
+        "routing": {"cooldown": "1h"},
+    }
+    relay = Relay(
+        relay_config(
+            tmp_path,
+            tls_files=tls_files,
+            upstream=[smtp_upstream(gone.port, name="smarthost")],
+            **hours,
+        )
+    )
+    await relay.start()
+    running.append(relay)
+    await aiosmtplib.send(
+        make_message(subject="stuck"),
+        sender="app@example.com",
+        recipients=["rcpt@example.org"],
+        hostname="127.0.0.1",
+        port=relay.smtp_ports()[0],
+        start_tls=False,
+    )
+    await wait_states(relay, deferred=1)
+    [row] = await relay.queue.search()
+    assert row.last_error is not None and row.last_error.startswith(NO_UPSTREAM)
+    assert relay.router.state("smarthost").breaker.value == "open"
+    result = await relay.reload(
+        relay_config(
+            tmp_path,
+            tls_files=tls_files,
+            upstream=[smtp_upstream(moved.port, name="smarthost")],
+            **hours,
+        )
+    )
+    assert result.ok, result.error
+    await wait_states(relay, timeout=10.0, sent=1)
+    await moved.wait_count(1)
+    assert relay.router.state("smarthost").breaker.value == "closed"
+    timeline = await relay.queue.timeline(row.id)
+    assert [e["by"] for e in timeline if e["type"] == "flushed"] == ["reload"]
 
 
 async def test_what_a_reload_replaced_is_collected_from_the_heap_frozen_at_start(

@@ -186,6 +186,12 @@ class UpstreamState:
         for name in INHERITED:
             setattr(self, name, getattr(old, name))
 
+    def probe_now(self) -> None:
+        """An open breaker lets its probe through at once: what it judged has changed (a
+        reload gave the upstream new settings, a fixed key)."""
+        if self.breaker is BreakerState.OPEN:
+            self.opened_at = self.clock() - self.cooldown
+
     def take_delta(self) -> UpstreamDelta:
         delta, self.delta = self.delta, UpstreamDelta(self.name)
         return delta
