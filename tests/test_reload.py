@@ -543,7 +543,7 @@ async def test_a_reload_that_mends_an_upstream_sends_the_mail_waiting_for_it(
     now, not when the breaker's hour or the message's retry step is over."""
     gone, moved = sinks
     await gone.stop()
-    hours = {
+    hours: dict[str, Any] = {
         "retry": {"schedule": ["1h"], "max_age": "1d", "bounces": False},
         "routing": {"cooldown": "1h"},
     }
