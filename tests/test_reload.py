@@ -20,6 +20,7 @@ import trustme
 
 from relay import certwatch, heap
 from relay.app import Relay
+from relay.config import Config
 from relay.queue.base import NO_UPSTREAM
 from relay.smtp.auth import hash_password
 from tests.conftest import (
@@ -123,6 +124,17 @@ def users(password_hash: str, *extra: tuple[str, str]) -> list[dict[str, Any]]:
     entries = [{"name": USER, "password_hash": password_hash, "allowed_senders": ["*@example.com"]}]
     entries += [{"name": n, "password_hash": h, "allowed_senders": ["*"]} for n, h in extra]
     return entries
+
+
+def smarthost_at(tmp_path: Path, tls_files: tuple[str, str], port: int, **sections: Any) -> Config:
+    """The test config with one smtp upstream named "smarthost", at `port` (a reload that
+    gives the same name another port replaces it)."""
+    return relay_config(
+        tmp_path,
+        tls_files=tls_files,
+        upstream=[smtp_upstream(port, name="smarthost")],
+        **sections,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -470,11 +482,8 @@ async def test_reload_changes_web_tokens_and_replaces_a_changed_upstream_keeping
     first, second = sinks
     tokens = token_entries(tmp_path)
     relay = Relay(
-        relay_config(
-            tmp_path,
-            tls_files=tls_files,
-            upstream=[smtp_upstream(first.port, name="smarthost")],
-            web={"listen": "127.0.0.1:0", "tokens": tokens},
+        smarthost_at(
+            tmp_path, tls_files, first.port, web={"listen": "127.0.0.1:0", "tokens": tokens}
         )
     )
     await relay.start()
@@ -501,10 +510,10 @@ async def test_reload_changes_web_tokens_and_replaces_a_changed_upstream_keeping
     new_token.write_text("ci-token-0123456789abcdef\n")
     kept = [t for t in tokens if t["name"] != "viewer"]
     result = await relay.reload(
-        relay_config(
+        smarthost_at(
             tmp_path,
-            tls_files=tls_files,
-            upstream=[smtp_upstream(second.port, name="smarthost")],  # the same name, moved
+            tls_files,
+            second.port,  # the same name, moved
             web={
                 "listen": "127.0.0.1:0",
                 "tokens": [*kept, {"name": "ci", "token": f"file:{new_token}", "role": "read"}],
@@ -547,14 +556,7 @@ async def test_a_reload_that_mends_an_upstream_sends_the_mail_waiting_for_it(
         "retry": {"schedule": ["1h"], "max_age": "1d", "bounces": False},
         "routing": {"cooldown": "1h"},
     }
-    relay = Relay(
-        relay_config(
-            tmp_path,
-            tls_files=tls_files,
-            upstream=[smtp_upstream(gone.port, name="smarthost")],
-            **hours,
-        )
-    )
+    relay = Relay(smarthost_at(tmp_path, tls_files, gone.port, **hours))
     await relay.start()
     running.append(relay)
     await aiosmtplib.send(
@@ -569,14 +571,7 @@ async def test_a_reload_that_mends_an_upstream_sends_the_mail_waiting_for_it(
     [row] = await relay.queue.search()
     assert row.last_error is not None and row.last_error.startswith(NO_UPSTREAM)
     assert relay.router.state("smarthost").breaker.value == "open"
-    result = await relay.reload(
-        relay_config(
-            tmp_path,
-            tls_files=tls_files,
-            upstream=[smtp_upstream(moved.port, name="smarthost")],
-            **hours,
-        )
-    )
+    result = await relay.reload(smarthost_at(tmp_path, tls_files, moved.port, **hours))
     assert result.ok, result.error
     await wait_states(relay, timeout=10.0, sent=1)
     await moved.wait_count(1)
@@ -592,11 +587,7 @@ async def test_what_a_reload_replaced_is_collected_from_the_heap_frozen_at_start
     running: list[Relay],
 ) -> None:
     first, second = sinks
-    relay = Relay(
-        relay_config(
-            tmp_path, tls_files=tls_files, upstream=[smtp_upstream(first.port, name="smarthost")]
-        )
-    )
+    relay = Relay(smarthost_at(tmp_path, tls_files, first.port))
     await relay.start()
     running.append(relay)
     upstream = relay.router.state("smarthost").upstream
@@ -605,13 +596,7 @@ async def test_what_a_reload_replaced_is_collected_from_the_heap_frozen_at_start
     del upstream
     heap.freeze()  # as `serve` does once started
     try:
-        result = await relay.reload(
-            relay_config(
-                tmp_path,
-                tls_files=tls_files,
-                upstream=[smtp_upstream(second.port, name="smarthost")],
-            )
-        )
+        result = await relay.reload(smarthost_at(tmp_path, tls_files, second.port))
         assert result.ok, result.error
         [refreeze] = [t for t in asyncio.all_tasks() if t.get_name() == "refreeze-heap"]
         await refreeze  # after the replaced upstream was closed
