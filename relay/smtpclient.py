@@ -193,18 +193,13 @@ class _ReplyReader(asyncio.Protocol):
         if len(self.replies) < count:
             waiter = self._loop.create_future()
             self._waiter, self._wanted = waiter, count
-            timer = self._loop.call_later(timeout, _expire, waiter, timeout)
             try:
                 if self.error is None:
-                    await waiter  # done when `count` replies are in, or on an error
-                if len(self.replies) < count:
-                    raise self.error or ConnectionLost("the connection is closed")
-            except ReplyTimeout as exc:
-                self._fail(exc)
-                raise
+                    await self._within(waiter, timeout)  # `count` replies in, or an error
             finally:
-                timer.cancel()
                 self._waiter = None
+            if len(self.replies) < count:
+                raise self.error or ConnectionLost("the connection is closed")
         replies = self.replies
         return [replies.popleft() for _ in range(count)]
 
@@ -213,6 +208,16 @@ class _ReplyReader(asyncio.Protocol):
         if not self._paused:
             return
         self._resumed = waiter = self._loop.create_future()
+        try:
+            await self._within(waiter, timeout)
+        finally:
+            self._resumed = None
+        if self.error is not None:
+            raise self.error
+
+    async def _within(self, waiter: asyncio.Future[None], timeout: float) -> None:
+        """Await `waiter` for at most `timeout`; past it the connection fails for good (a
+        late reply could no longer be told from the next one's)."""
         timer = self._loop.call_later(timeout, _expire, waiter, timeout)
         try:
             await waiter
@@ -221,9 +226,6 @@ class _ReplyReader(asyncio.Protocol):
             raise
         finally:
             timer.cancel()
-            self._resumed = None
-        if self.error is not None:
-            raise self.error
 
 
 @dataclass(frozen=True, slots=True)
