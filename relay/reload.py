@@ -33,8 +33,7 @@ import dataclasses
 import logging
 import os
 import signal
-import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -95,6 +94,7 @@ class Relay(Protocol):
     web_access: Access | None
     router: Router
     queue: Queue
+    clock: Callable[[], float]
     upstreams: list[Upstream]
     outbound: Scheduler | None
     inbound: InboundService | None
@@ -268,7 +268,9 @@ async def _reload(relay: Relay, new: Config | None) -> ReloadResult:
     if prepared.upstreams and relay.outbound is not None:
         # A new or mended upstream (a backup added in an outage, a fixed key): the mail
         # waiting for one need not wait for its next retry step.
-        relay.track(wake_waiting(relay.queue, now=time.time(), actor="reload"), name="reload-wake")
+        relay.track(
+            wake_waiting(relay.queue, now=relay.clock(), actor="reload"), name="reload-wake"
+        )
     for warning in new.warnings:
         log.warning("config: %s", warning)
     if applied:
